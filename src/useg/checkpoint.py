@@ -1,0 +1,85 @@
+"""Safe serialisation of runs: weights and resumable state in safetensors, never pickle.
+
+``model.safetensors`` holds the weights alone; ``last.safetensors`` adds the optimizer state and
+the RNG as tensors, and the loop's scalars as JSON in the file's metadata, so one atomic rename
+replaces the whole resumable state at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import UsegError
+from .io import atomic_path
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """Write the model's weights (state dict) to ``path`` atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Model, optimizer and loop state in one safetensors file (scalars in its JSON metadata)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": osd["param_groups"], "optim_scalars": scalars, "state": state}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"useg": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["useg"])
+    except Exception as e:  # a damaged file must not become a traceback
+        raise UsegError(f"cannot read checkpoint {path} ({e}); start again without --resume") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["optim_scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["state"]
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors state dict, naming any mismatch with the plan's network."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UsegError(f"cannot read {path} ({e}); the file is damaged, retrain or restore it") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or extra or wrong:
+        detail = "; ".join(
+            s for s in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {extra[:3]}" if extra else "",
+                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}" if wrong else "",
+            ) if s
+        )
+        raise UsegError(f"{path} does not match its plan.json ({detail}); the run folder is inconsistent")
+    model.load_state_dict(state)

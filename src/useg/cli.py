@@ -1,0 +1,254 @@
+"""The ``useg`` command: parses arguments and calls the library; nothing else happens here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UsegError
+
+logger = logging.getLogger("useg")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    root = logging.getLogger("useg")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .dataset import check_dataset
+
+    report = check_dataset(a.data, labels=a.labels)
+    print(f"{a.data}: {len(report.cases)} cases, {report.channels} channel(s)")
+    if report.label_map is not None:
+        lm = report.label_map
+        print(f"classes: {lm.num_classes} (mask values {list(lm.values)}, {lm.mode})")
+    for key, value in (report.stats or {}).items():
+        print(f"{key}: {value}")
+    if report.problems:
+        print(f"{len(report.problems)} problem(s):", file=sys.stderr)
+        for p in report.problems:
+            print(f"- {p}", file=sys.stderr)
+        return 2
+    print("no problems found")
+    return 0
+
+
+def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
+    model = {k: getattr(a, k) for k in ("width", "depth", "padding", "up", "dropout") if getattr(a, k) is not None}
+    if a.norm is not None:
+        model["norm"] = None if a.norm == "none" else a.norm
+    train = {k: getattr(a, k) for k in ("epochs", "lr", "optimizer", "loss", "seed", "precision", "workers")
+             if getattr(a, k, None) is not None}
+    if a.iters is not None:
+        train["iters_per_epoch"] = a.iters
+    if a.batch_size is not None:
+        train["batch_size"] = a.batch_size
+    infer = {"tta": True} if getattr(a, "tta", False) else {}
+    return model, train, infer
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .dataset import check_dataset, load_case
+    from .plan import explain, make_plan
+
+    report = check_dataset(a.data, labels=a.labels)
+    if not report.ok:
+        raise UsegError("\n".join(report.problems))
+    shapes = [load_case(c, report.label_map)[0].shape[1:] for c in report.cases]
+    model, train, infer = _overrides(a)
+    plan = make_plan(report.label_map, report.channels, shapes, preset=a.preset,
+                     model=model, train=train, infer=infer, patch_size=a.patch)
+    print(json.dumps(plan.to_dict(), indent=2) if a.json else explain(plan))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import train_folder
+
+    model, train, infer = _overrides(a)
+    result = train_folder(
+        a.data, a.out, preset=a.preset, labels=a.labels, val=a.val, exclude=a.exclude,
+        time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
+        resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
+    )
+    print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.minutes:.1f} min; "
+          f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch}; run in {result.run}")
+    return 0
+
+
+def _inputs(paths: list[str]) -> list[Path]:
+    from .io import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            folder = p / "images" if (p / "images").is_dir() else p
+            found = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsegError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point at image files")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UsegError(f"{p} does not exist; check the path")
+    return files
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .predict import Segmenter
+
+    files = _inputs(a.inputs)
+    seg = Segmenter.load(a.run, device=a.device)
+    if a.tta:
+        import dataclasses
+
+        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
+    with Progress(disable=a.quiet) as progress:
+        task = progress.add_task("predict", total=len(files))
+        written = seg.predict_files(files, a.out, overwrite=a.overwrite,
+                                    progress=lambda _p: progress.advance(task))
+    print(f"wrote {len(written)} mask(s) to {a.out}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .metrics import evaluate_folders, format_table
+
+    summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels)
+    print(format_table(summary))
+    print(f"per-case metrics: {paths[0]} and {paths[1]}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    dice = run_demo(a.out, minutes=a.minutes, quiet=a.quiet, device=a.device)
+    print(f"demo: dice={dice:.2f}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .runtime import info
+
+    for key, value in info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="useg", description="U-Net segmentation for biomedical images.")
+    p.add_argument("--version", action="version", version=f"useg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, device=True):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+        if device:
+            sp.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
+
+    c = sub.add_parser("check", help="list every problem in a data folder")
+    c.add_argument("data", help="folder with images/ and masks/")
+    c.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
+    common(c, device=False)
+    c.set_defaults(fn=cmd_check)
+
+    for name in ("plan", "train"):
+        t = sub.add_parser(name, help="print the plan for a data folder" if name == "plan" else "train a U-Net")
+        t.add_argument("data", help="folder with images/ and masks/")
+        t.add_argument("--preset", default="default", help="named recipe (default)")
+        t.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
+        t.add_argument("--patch", type=_ints, help="training patch, e.g. 256,256")
+        t.add_argument("--width", type=int, help="channels at the first level")
+        t.add_argument("--depth", type=int, help="number of poolings")
+        t.add_argument("--padding", choices=["same", "valid"])
+        t.add_argument("--up", choices=["transpose", "interp"])
+        t.add_argument("--norm", choices=["none", "batch", "instance"])
+        t.add_argument("--dropout", type=float)
+        t.add_argument("--epochs", type=int)
+        t.add_argument("--iters", type=int, help="optimizer steps per epoch")
+        t.add_argument("--batch-size", type=int)
+        t.add_argument("--lr", type=float)
+        t.add_argument("--optimizer", choices=["adamw", "sgd"])
+        t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
+        t.add_argument("--seed", type=int)
+        t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+        t.add_argument("--workers", type=int, help="DataLoader workers (default: from the machine)")
+        t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
+        if name == "plan":
+            t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")
+            common(t, device=False)
+            t.set_defaults(fn=cmd_plan)
+        else:
+            t.add_argument("--out", required=True, help="the run folder to write")
+            t.add_argument("--val", help="validation cases by stem: 3,7 or 25-29 (default: a seeded 20%%)")
+            t.add_argument("--exclude", help="cases kept out entirely (a test set): 25-29")
+            t.add_argument("--time-budget", type=float, help="minutes of training, validation included")
+            t.add_argument("--resume", action="store_true", help="continue the run in --out")
+            t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+            common(t)
+            t.set_defaults(fn=cmd_train)
+
+    pr = sub.add_parser("predict", help="segment images with a trained run")
+    pr.add_argument("run", help="run folder made by 'useg train'")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--out", required=True, help="folder for the masks")
+    pr.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    pr.add_argument("--tta", action="store_true", help="average over flips (slower, a little better)")
+    common(pr)
+    pr.set_defaults(fn=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="compare predicted masks with the truth")
+    ev.add_argument("pred", help="folder of predicted masks")
+    ev.add_argument("truth", help="folder of true masks (or a data folder with masks/)")
+    ev.add_argument("--run", help="the run whose label map decodes the masks (default: inferred from the truth)")
+    ev.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255")
+    ev.add_argument("--out", help="where metrics.csv/json go (default: the prediction folder)")
+    common(ev, device=False)
+    ev.set_defaults(fn=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="train, predict and evaluate on built-in synthetic cells")
+    d.add_argument("--out", default="demo-out", help="folder for data, run, masks and report")
+    d.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    common(d)
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="versions, device, precision and threads")
+    i.set_defaults(fn=cmd_info, quiet=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.fn(args)
+    except UsegError as e:
+        print(f"useg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

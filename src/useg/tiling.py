@@ -1,0 +1,308 @@
+"""Inference on images of any size, with memory bounded by the tile.
+
+Two strategies, one per kind of network:
+
+* :func:`sliding_window` for same-padding networks (output tile == input tile): overlapping
+  tiles blended with a Gaussian importance map, as in nnU-Net (Isensee et al. 2021), because
+  predictions near a tile's border see less context and deserve less weight.
+* :func:`overlap_tile` for valid-padding networks (output tile smaller than the input tile): the
+  U-Net paper's overlap-tile strategy (Ronneberger et al. 2015, Fig. 2): output tiles laid side by
+  side, each predicted from the larger input window centred on it, the context missing at the
+  image border extrapolated by mirroring the image.
+
+``fn`` is any callable mapping a float32 batch ``(B, C, *tile)`` to ``(B, K, *out_tile)``; the
+caller handles device placement of the model and autocast inside it. Tiles are cut with index
+arrays straight from the image, so the mirror-padded image is never materialised: the only
+full-size buffers are the (K, *S) result (and, for the sliding window, the weight sum).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]
+
+
+def tile_starts(size: int, tile: int, step: int) -> list[int]:
+    """Start offsets of windows of ``tile`` covering ``[0, size)``.
+
+    The starts are spread evenly (nnU-Net's choice) so consecutive ones are at most ``step``
+    apart; the first is 0 and the last is flush with the end (``size - tile``).
+
+    Args:
+        size: length of the axis, >= 1.
+        tile: window length, >= 1.
+        step: largest allowed distance between consecutive starts, in [1, tile].
+
+    Returns:
+        Strictly increasing start offsets; ``[0]`` when ``tile >= size``.
+    """
+    for name, value in (("size", size), ("tile", tile), ("step", step)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    size, tile, step = int(size), int(tile), int(step)
+    if step > tile:
+        raise ValueError(f"step {step} > tile {tile} would leave gaps between windows")
+    if tile >= size:
+        return [0]
+    span = size - tile
+    n_gaps = -(-span // step)  # ceil
+    gap = span / n_gaps  # <= step, and >= 1 because span >= n_gaps
+    # floor(x + 0.5) rather than round(): banker's rounding could make two starts equal.
+    return [int(np.floor(gap * i + 0.5)) for i in range(n_gaps + 1)]
+
+
+def gaussian_weights(tile: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """The nnU-Net importance map: a Gaussian centred on the tile, peak 1, no zeros.
+
+    The Gaussian is evaluated analytically around the exact centre ``(t - 1) / 2`` of each axis,
+    so the map is symmetric under flips (mirroring TTA sees the same weights).
+
+    Args:
+        tile: tile size per spatial axis, e.g. (H, W) or (D, H, W).
+        sigma_scale: sigma as a fraction of the tile size on each axis (nnU-Net: 1/8).
+
+    Returns:
+        (*tile) float32 weights in (0, 1], max exactly 1; values that underflow to zero are
+        replaced by the smallest non-zero value so every voxel contributes.
+    """
+    tile = _as_size(tile, "tile")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
+    w = np.ones((), dtype=np.float64)
+    for t in tile:
+        x = np.arange(t, dtype=np.float64) - (t - 1) / 2
+        sigma = t * sigma_scale
+        w = np.multiply.outer(w, np.exp(-(x**2) / (2 * sigma**2)))
+    w = (w / w.max()).astype(np.float32)
+    if (w == 0).any():
+        w[w == 0] = w[w > 0].min()
+    return w
+
+
+def sliding_window(
+    fn: TileFn,
+    image: np.ndarray,
+    tile: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Gaussian-blended sliding-window prediction for same-padding networks.
+
+    Windows of ``tile`` are spaced by ``tile * (1 - overlap)`` (at least 1) and the last one on
+    each axis is flush with the end. An image smaller than the tile along an axis is mirrored
+    (reflect; edge when the axis has a single voxel) up to the tile, centred, and the result is
+    cropped back. Outputs are accumulated as a Gaussian-weighted sum divided by the weight sum.
+
+    Args:
+        fn: maps a (B, C, *tile) float32 tensor to (B, num_classes, *tile).
+        image: (C, *S) array, 2D or 3D spatial.
+        tile: tile size per spatial axis.
+        num_classes: K, channels returned by ``fn``.
+        overlap: fraction of the tile shared by neighbouring windows, in [0, 1).
+        batch_size: tiles per call to ``fn``.
+        device: where each batch is moved before calling ``fn``; results come back to the CPU.
+        progress: optional callable(n_done, n_total) called after each batch.
+
+    Returns:
+        (K, *S) float32 blend of what ``fn`` returned.
+    """
+    spatial = _check_image(image)
+    tile = _as_size(tile, "tile", len(spatial))
+    _check_common(num_classes, batch_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    padded = tuple(max(s, t) for s, t in zip(spatial, tile))
+    before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
+    steps = [max(1, int(t * (1 - overlap))) for t in tile]
+    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
+    weights = gaussian_weights(tile)
+    acc = np.zeros((num_classes, *padded), dtype=np.float32)
+    wsum = np.zeros(padded, dtype=np.float32)
+    starts = list(itertools.product(*grid))
+    logger.debug("sliding window: %d tiles of %s over %s", len(starts), tile, spatial)
+
+    # Padded coordinate p is image coordinate p - before.
+    windows = [[s - b for s, b in zip(start, before)] for start in starts]
+    batches = _run_batches(fn, image, windows, tile, tile, num_classes, batch_size, device, progress)
+    for chunk, out in batches:
+        for window, pred in zip(chunk, out):
+            region = tuple(slice(w + b, w + b + t) for w, b, t in zip(window, before, tile))
+            acc[(slice(None), *region)] += pred * weights
+            wsum[region] += weights
+    acc /= wsum  # every voxel is covered by at least one tile, and weights are > 0
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    return np.ascontiguousarray(acc[(slice(None), *crop)])
+
+
+def overlap_tile(
+    fn: TileFn,
+    image: np.ndarray,
+    in_tile: Sequence[int],
+    out_tile: Sequence[int],
+    num_classes: int,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """The U-Net paper's overlap-tile prediction for valid-padding networks.
+
+    Output tiles of ``out_tile`` are laid side by side (the last one per axis flush with the end,
+    overlapping its neighbour, which it overwrites); each is predicted from the ``in_tile``
+    window centred on it. Context beyond the image border is the image mirrored (numpy
+    ``reflect``: the border voxel is not repeated), repeatedly when the margin
+    ``(in_tile - out_tile) // 2`` exceeds the image, and by edge replication on single-voxel
+    axes. Images smaller than one output tile work: the surplus is mirrored and cropped.
+
+    Args:
+        fn: maps a (B, C, *in_tile) float32 tensor to (B, num_classes, *out_tile).
+        image: (C, *S) array, 2D or 3D spatial.
+        in_tile: network input size per spatial axis.
+        out_tile: network output size per axis; ``in_tile - out_tile`` must be even and >= 0.
+        num_classes: K, channels returned by ``fn``.
+        batch_size: tiles per call to ``fn``.
+        device: where each batch is moved before calling ``fn``; results come back to the CPU.
+        progress: optional callable(n_done, n_total) called after each batch.
+
+    Returns:
+        (K, *S) float32 assembled from what ``fn`` returned.
+    """
+    spatial = _check_image(image)
+    in_tile = _as_size(in_tile, "in_tile", len(spatial))
+    out_tile = _as_size(out_tile, "out_tile", len(spatial))
+    _check_common(num_classes, batch_size)
+    for i, o in zip(in_tile, out_tile):
+        if i < o or (i - o) % 2:
+            raise ValueError(
+                f"in_tile {in_tile} must be >= out_tile {out_tile} with an even difference per axis"
+            )
+    margin = tuple((i - o) // 2 for i, o in zip(in_tile, out_tile))
+    grid = [tile_starts(s, o, o) for s, o in zip(spatial, out_tile)]
+    starts = list(itertools.product(*grid))
+    logger.debug("overlap-tile: %d tiles %s -> %s over %s", len(starts), in_tile, out_tile, spatial)
+    result = np.zeros((num_classes, *spatial), dtype=np.float32)
+    windows = [[s - m for s, m in zip(start, margin)] for start in starts]
+    batches = _run_batches(fn, image, windows, in_tile, out_tile, num_classes, batch_size, device, progress)
+    for chunk, out in batches:
+        for window, pred in zip(chunk, out):
+            start = [w + m for w, m in zip(window, margin)]
+            # An output tile larger than the image sticks out past its end: keep the inside.
+            keep = [min(o, s - st) for o, s, st in zip(out_tile, spatial, start)]
+            dst = tuple(slice(st, st + k) for st, k in zip(start, keep))
+            src = tuple(slice(0, k) for k in keep)
+            result[(slice(None), *dst)] = pred[(slice(None), *src)]
+    return result
+
+
+def mirror_indices(start: int, length: int, size: int) -> np.ndarray:
+    """Indices into an axis of ``size`` for coordinates ``start .. start + length - 1``, mirrored.
+
+    Coordinates outside ``[0, size)`` are reflected about the end voxels (numpy ``reflect``:
+    ``-1 -> 1``, ``size -> size - 2``), repeatedly, i.e. periodically with period
+    ``2 * (size - 1)``; a single-voxel axis maps everything to 0 (edge).
+
+    Args:
+        start: first coordinate (may be negative).
+        length: number of coordinates, >= 0.
+        size: axis length, >= 1.
+
+    Returns:
+        (length,) int64 indices in ``[0, size)``.
+    """
+    if size < 1 or length < 0:
+        raise ValueError(f"need size >= 1 and length >= 0, got size={size}, length={length}")
+    coords = np.arange(start, start + length, dtype=np.int64)
+    if size == 1:
+        return np.zeros(length, dtype=np.int64)
+    period = 2 * (size - 1)
+    j = np.mod(coords, period)
+    return np.where(j >= size, period - j, j)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_batches(
+    fn: TileFn,
+    image: np.ndarray,
+    windows: list[list[int]],
+    in_tile: tuple[int, ...],
+    out_tile: tuple[int, ...],
+    num_classes: int,
+    batch_size: int,
+    device: str | torch.device,
+    progress: Progress | None,
+) -> Iterator[tuple[list[list[int]], np.ndarray]]:
+    """Yield (windows of the batch, (B, K, *out_tile) float32 predictions) batch by batch."""
+    total = len(windows)
+    expected = (num_classes, *out_tile)
+    done = 0
+    with torch.no_grad():
+        for first in range(0, total, batch_size):
+            chunk = windows[first : first + batch_size]
+            batch = np.stack([_cut(image, w, in_tile) for w in chunk])
+            out = fn(torch.from_numpy(batch).to(device))
+            if torch.is_tensor(out):
+                out = out.detach().to("cpu", torch.float32).numpy()
+            else:
+                out = np.asarray(out, np.float32)
+            if out.shape != (len(chunk), *expected):
+                raise ValueError(
+                    f"fn returned shape {tuple(out.shape)} for a batch of {len(chunk)} tiles of {in_tile}; "
+                    f"expected {(len(chunk), *expected)}"
+                )
+            yield chunk, out
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+
+
+def _cut(image: np.ndarray, start: Sequence[int], tile: tuple[int, ...]) -> np.ndarray:
+    """The (C, *tile) float32 window of ``image`` starting at ``start``, mirrored outside it."""
+    spatial = image.shape[1:]
+    if all(0 <= s and s + t <= n for s, t, n in zip(start, tile, spatial)):
+        window = image[(slice(None), *(slice(s, s + t) for s, t in zip(start, tile)))]
+    else:
+        idx = [mirror_indices(s, t, n) for s, t, n in zip(start, tile, spatial)]
+        window = image[(slice(None), *np.ix_(*idx))]
+    return np.ascontiguousarray(window, dtype=np.float32)
+
+
+def _check_image(image: np.ndarray) -> tuple[int, ...]:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array (C, *S), got {type(image).__name__}")
+    if image.ndim < 2 or image.size == 0:
+        raise ValueError(f"image must be a non-empty (C, *S) array, got shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
+        raise ValueError(f"image must be numeric, got dtype {image.dtype}")
+    return tuple(image.shape[1:])
+
+
+def _as_size(size: Sequence[int], name: str, ndim: int | None = None) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in size)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive integers, got {size!r}") from None
+    if not out or any(v < 1 or v != s for v, s in zip(out, size)):
+        raise ValueError(f"{name} must be a sequence of positive integers, got {size!r}")
+    if ndim is not None and len(out) != ndim:
+        raise ValueError(f"{name} {out} has {len(out)} axes but the image has {ndim} spatial axes")
+    return out
+
+
+def _check_common(num_classes: int, batch_size: int) -> None:
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -1,0 +1,382 @@
+"""The training loop: patches -> U-Net -> loss -> optimizer, with validation, checkpoints and resume.
+
+A run folder holds ``plan.json`` (written first), ``model.safetensors`` (best validation Dice),
+``last.safetensors`` (everything needed to resume: model, optimizer, step, RNG, best metric),
+``metrics.jsonl`` (one record per epoch) and ``curves.png``. Every file is written to a temporary
+name and renamed, so a crash at any moment leaves the previous version intact. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runtime
+from .augment import Augmenter
+from .checkpoint import load_checkpoint, save_checkpoint, save_model
+from .dataset import Case, PatchDataset, load_case, normalize
+from .errors import UsegError
+from .io import atomic_path
+from .losses import SegLoss
+from .metrics import confusion, dice
+from .plan import Plan
+from .predict import build_model, predict_probs
+
+logger = logging.getLogger(__name__)
+
+GRAD_CLIP = 12.0  # nnU-Net clips the gradient norm at 12; it tames early AdamW spikes too
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: Path  # the run folder
+    best_dice: float  # best validation foreground Dice (nan without validation)
+    best_epoch: int  # epoch of the saved model
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps taken
+    minutes: float  # wall-clock training time, resumed parts included
+
+
+def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64."""
+    images, labels = [], []
+    for case in cases:
+        image, label = load_case(case, label_map)
+        images.append(normalize(image, normalization))
+        labels.append(label)
+    return images, labels
+
+
+def lr_factor(t: float, schedule: str, warmup: float) -> float:
+    """Learning-rate multiplier at training progress ``t`` in [0, 1].
+
+    Progress is the larger of steps done / steps planned and time spent / time budget, so a
+    time-budgeted run still anneals fully before its budget ends.
+    """
+    t = min(max(t, 0.0), 1.0)
+    if warmup > 0 and t < warmup:
+        return (t + 1e-3) / warmup
+    if schedule == "poly":
+        return (1.0 - t) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose poly, cosine or constant")
+
+
+def make_optimizer(model: torch.nn.Module, plan: Plan) -> torch.optim.Optimizer:
+    t = plan.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                               weight_decay=t.weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {t.optimizer!r}; choose adamw or sgd")
+
+
+def validate(model, images, labels, plan: Plan, device, precision) -> dict:
+    """Foreground Dice (classes pooled over all validation images) and mean cross-entropy."""
+    k = plan.model.num_classes
+    counts = np.zeros((k, 3), dtype=np.int64)
+    ce, n = 0.0, 0
+    model.eval()
+    for image, label in zip(images, labels):
+        probs = predict_probs(model, image, plan, device, precision)
+        counts += confusion(probs.argmax(0), label, k)
+        p_true = np.take_along_axis(probs, label[None], 0)
+        ce += float(-np.log(np.clip(p_true, 1e-8, 1.0)).sum())
+        n += label.size
+    model.train()
+    per_class = [dice(*counts[c]) for c in range(k)]
+    fg = per_class[1:] if k > 1 else per_class
+    return {"val_dice": float(np.mean(fg)), "val_dice_per_class": per_class, "val_loss": ce / max(n, 1)}
+
+
+def _workers(setting: int, device: torch.device) -> int:
+    if setting >= 0:
+        return setting
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # On a small CPU the workers would steal cores from the network; patches are cheap to cut.
+    return 0 if device.type == "cpu" and cpus <= 4 else min(4, cpus // 2)
+
+
+def fit(
+    plan: Plan,
+    train_data: tuple[list[np.ndarray], list[np.ndarray]],
+    val_data: tuple[list[np.ndarray], list[np.ndarray]],
+    run: str | Path,
+    time_budget_min: float | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+) -> TrainResult:
+    """Train the plan's U-Net on in-memory arrays and write the run folder.
+
+    Args:
+        plan: what to train (saved as run/plan.json).
+        train_data: (images (C, *S) float32 normalised, labels (*S) int64) lists.
+        val_data: the same for validation (may be empty: the last model is kept then).
+        run: the run folder.
+        time_budget_min: stop (after validating) once this many minutes have passed.
+        resume: continue from run/last.safetensors.
+        device: "auto", "cpu", "cuda", ...
+        quiet: no progress bar.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    dev = runtime.pick_device(device)
+    prec = runtime.pick_precision(dev, plan.train.precision)
+    runtime.set_threads()
+    torch.manual_seed(plan.train.seed)
+    model = build_model(plan)
+    fmt = runtime.memory_format(plan.model.dims, prec)
+    model = model.to(dev, memory_format=fmt)
+    optimizer = make_optimizer(model, plan)
+    scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
+    loss_fn = SegLoss(plan.train.loss)
+    t = plan.train
+    out_size = model.output_size(plan.data.patch_size)
+    images, labels = train_data
+    ds = PatchDataset(
+        images, labels, plan.data.patch_size, out_size=out_size,
+        length=t.iters_per_epoch * t.batch_size, seed=t.seed,
+        augment=Augmenter(plan.data.augment), fg_fraction=plan.data.fg_fraction,
+    )
+    workers = _workers(t.workers, dev)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=t.batch_size, shuffle=False, drop_last=True, num_workers=workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False,
+    )
+    state = {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
+    last = run / "last.safetensors"
+    if resume:
+        if not last.exists():
+            raise UsegError(f"{last} does not exist; there is nothing to resume, train without --resume")
+        state = load_checkpoint(last, model, optimizer)
+        logger.info("resuming %s at epoch %d (step %d)", run, state["epoch"], state["step"])
+    else:
+        plan.save(run / "plan.json")
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    budget_s = time_budget_min * 60.0 if time_budget_min else None
+    total_steps = t.epochs * t.iters_per_epoch
+    logger.info("training on %s, %s, %d workers, %d train / %d val images",
+                dev, prec.name, workers, len(images), len(val_data[0]))
+
+    progress = _progress(quiet)
+    task = progress.add_task("train", total=total_steps, completed=state["step"], loss=float("nan"),
+                             dice=max(state["best_dice"], 0.0))
+    start = time.perf_counter() - state["seconds"]
+    val_seconds = 0.0
+    model.train()
+    with progress:
+        while state["epoch"] < t.epochs:
+            epoch = state["epoch"]
+            ds.set_epoch(epoch)
+            running, count, stop = torch.zeros((), device=dev), 0, False
+            for batch in loader:
+                elapsed = time.perf_counter() - start
+                frac = state["step"] / total_steps
+                if budget_s:
+                    frac = max(frac, elapsed / budget_s)
+                for g in optimizer.param_groups:
+                    g["lr"] = t.lr * lr_factor(frac, t.schedule, t.warmup)
+                x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
+                y = batch["label"].to(dev, non_blocking=True)
+                w = batch["weight"].to(dev, non_blocking=True) if "weight" in batch else None
+                with runtime.autocast(dev, prec):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y, w)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                scaler.step(optimizer)
+                scaler.update()
+                running += loss.detach()
+                count += 1
+                state["step"] += 1
+                if count % 5 == 0:  # .item() syncs with the device: only now and then
+                    progress.update(task, completed=state["step"], loss=float(running) / count)
+                else:
+                    progress.update(task, completed=state["step"])
+                if budget_s and time.perf_counter() - start + val_seconds > budget_s:
+                    stop = True
+                    break
+            train_loss = float(running) / max(count, 1)
+            record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss,
+                      "lr": optimizer.param_groups[0]["lr"]}
+            if val_data[0]:
+                v0 = time.perf_counter()
+                record.update(validate(model, *val_data, plan, dev, prec))
+                val_seconds = time.perf_counter() - v0
+                if record["val_dice"] > state["best_dice"]:
+                    state["best_dice"], state["best_epoch"] = record["val_dice"], epoch
+                    save_model(model, run / "model.safetensors")
+            else:
+                state["best_epoch"] = epoch
+                save_model(model, run / "model.safetensors")
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.perf_counter() - start
+            record["seconds"] = round(state["seconds"], 2)
+            with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(last, model, optimizer, state)
+            if budget_s and state["seconds"] > 0 and state["epoch"] < t.epochs:
+                # Re-estimate how many steps fit in the budget so the bar's ETA is honest.
+                per_step = state["seconds"] / max(state["step"], 1)
+                fits = int(budget_s / per_step)
+                progress.update(task, total=max(state["step"], min(total_steps, fits)))
+            progress.update(task, loss=train_loss, dice=max(state["best_dice"], 0.0))
+            logger.info("epoch %d: loss %.4f%s", epoch, train_loss,
+                        f", val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
+            if stop:
+                break
+    _plot(run)
+    result = TrainResult(run, state["best_dice"] if val_data[0] else float("nan"), state["best_epoch"],
+                         state["epoch"], state["step"], state["seconds"] / 60.0)
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+    with atomic_path(run / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _plot(run: Path) -> None:
+    from .report import plot_curves
+
+    path = run / "metrics.jsonl"
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if records:
+            plot_curves(records, run / "curves.png")
+
+
+def _progress(quiet: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("val dice {task.fields[dice]:.3f}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        disable=quiet, transient=False,
+    )
+
+
+def parse_names(spec: str | Sequence[str] | None) -> list[str]:
+    """Case names from "25,26" or "25-29" (numeric ranges) or a list; None gives []."""
+    if spec is None:
+        return []
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if sep and lo.isdigit() and hi.isdigit():
+            names.extend(str(i) for i in range(int(lo), int(hi) + 1))
+        else:
+            names.append(part)
+    return names
+
+
+def train_folder(
+    data: str | Path,
+    out: str | Path,
+    *,
+    preset: str = "default",
+    labels: Sequence[int] | None = None,
+    val: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    time_budget_min: float | None = None,
+    patch_size: tuple[int, ...] | None = None,
+    model: dict | None = None,
+    train: dict | None = None,
+    infer: dict | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+) -> TrainResult:
+    """Check a data folder, plan, split and train: what ``useg train`` does.
+
+    Args:
+        data: a folder with images/ and masks/.
+        out: the run folder.
+        preset: the named recipe (see :data:`useg.plan.PRESETS`).
+        labels: the masks' values, when they should not be inferred (e.g. ``[0, 255]``).
+        val: validation case names ("3,7" or "25-29"); default a seeded random share.
+        exclude: case names kept out of training and validation (a held-out test set).
+        time_budget_min: wall-clock budget in minutes.
+        patch_size: training patch (rounded up to a size the network accepts).
+        model, train, infer: overrides of the plan's fields.
+        resume: continue the run in ``out`` with its own plan and split.
+        overwrite: replace an existing run in ``out``.
+        device: "auto", "cpu", "cuda", ...
+        quiet: no progress bar.
+
+    Raises:
+        UsegError: the data has problems (every one is listed), or ``out`` holds another run.
+    """
+    from .dataset import check_dataset, split_cases
+    from .plan import make_plan
+
+    out = Path(out)
+    report = check_dataset(data, labels=labels)
+    if not report.ok:
+        raise UsegError("\n".join(report.problems))
+    by_name = {c.name: c for c in report.cases}
+    split_path = out / "split.json"
+    if resume:
+        plan = Plan.load(out / "plan.json")
+        try:
+            split = json.loads(split_path.read_text(encoding="utf-8"))
+            train_cases = [by_name[n] for n in split["train"]]
+            val_cases = [by_name[n] for n in split["val"]]
+        except (OSError, KeyError, ValueError) as e:
+            raise UsegError(f"{split_path} does not match {data} ({e}); resume with the same data folder") from None
+    else:
+        if (out / "plan.json").exists() and not overwrite:
+            raise UsegError(f"{out} already holds a run; pass --overwrite to replace it or --resume to continue it")
+        held = set(parse_names(exclude))
+        unknown = sorted((held | set(parse_names(val))) - set(by_name))
+        if unknown:
+            raise UsegError(f"case names {unknown} are not in {data}; use image file stems such as {next(iter(by_name))!r}")
+        cases = [c for c in report.cases if c.name not in held]
+        tcfg = dict(train or {})
+        train_cases, val_cases = split_cases(
+            cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
+            val_names=parse_names(val) or None,
+        )
+        plan = None
+    label_map = plan.data.label_map if plan else report.label_map
+    normalization = plan.data.normalization if plan else "zscore"
+    train_data = load_arrays(train_cases, label_map, normalization)
+    val_data = load_arrays(val_cases, label_map, normalization)
+    if plan is None:
+        plan = make_plan(
+            label_map, channels=train_data[0][0].shape[0],
+            image_shapes=[a.shape[1:] for a in train_data[0]], preset=preset,
+            model=model, train=train, infer=infer, patch_size=patch_size,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(split_path) as tmp:
+            Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
+                                             "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
+    return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
+               device=device, quiet=quiet)
+
+
+__all__ = ["train_folder", "parse_names", "TrainResult", "fit", "load_arrays", "lr_factor", "validate"]

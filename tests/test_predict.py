@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from useg.checkpoint import save_model
+from useg.errors import UsegError
+from useg.io import read_image, read_mask
+from useg.labels import LabelMap
+from useg.plan import make_plan
+from useg.predict import Segmenter, build_model
+
+
+def _run(tmp_path, padding="same", dims=2, channels=1, values=(0, 255)):
+    shape = (40, 40) if dims == 2 else (16, 24, 24)
+    plan = make_plan(LabelMap(values, "grey"), channels, [shape],
+                     model={"width": 4, "depth": 2, "padding": padding}, patch_size=(20,) * dims if padding == "valid" else None)
+    plan.save(tmp_path / "plan.json")
+    model = build_model(plan)
+    save_model(model, tmp_path / "model.safetensors")
+    return plan, model
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_predict_any_size_matches_probabilities(tmp_path, padding, dims):
+    _run(tmp_path, padding, dims)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    shape = (37, 53) if dims == 2 else (11, 19, 23)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    probs = seg.predict_proba(x)
+    assert probs.shape == (2, *shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    labels = seg.predict(x[None])
+    assert labels.shape == shape and labels.dtype == np.int64
+    assert np.array_equal(labels, probs.argmax(0))
+
+
+def test_same_padding_tiled_equals_whole_image_forward(tmp_path):
+    plan, model = _run(tmp_path)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    x = np.random.default_rng(1).normal(size=(1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        whole = torch.softmax(model.eval()(torch.from_numpy((x - x.mean()) / x.std())[None]), 1)[0].numpy()
+    np.testing.assert_allclose(seg.predict_proba(x), whole, atol=1e-4)
+
+
+def test_bad_arrays_are_refused(tmp_path):
+    _run(tmp_path, channels=1)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    with pytest.raises(UsegError, match="channels"):
+        seg.predict(np.zeros((3, 32, 32), np.float32))
+    with pytest.raises(UsegError, match="shape"):
+        seg.predict(np.zeros((32,), np.float32))
+    bad = np.zeros((32, 32), np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(UsegError, match="NaN"):
+        seg.predict(bad)
+
+
+def test_load_refuses_missing_and_mismatched_weights(tmp_path):
+    with pytest.raises(UsegError, match="not a run folder"):
+        Segmenter.load(tmp_path / "nope")
+    plan, _ = _run(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(UsegError, match="missing"):
+        Segmenter.load(tmp_path)
+    import dataclasses
+
+    other = dataclasses.replace(plan, model=dataclasses.replace(plan.model, width=8))
+    save_model(build_model(other), tmp_path / "model.safetensors")
+    with pytest.raises(UsegError, match="does not match"):
+        Segmenter.load(tmp_path)
+
+
+def test_predict_files_writes_training_encoding(tmp_path, cells_dir):
+    _run(tmp_path, values=(0, 255))
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    inputs = sorted((cells_dir / "images").iterdir())[:2]
+    out = tmp_path / "pred"
+    written = seg.predict_files(inputs, out)
+    assert [p.name for p in written] == [p.name for p in inputs]
+    raw, mode, _ = read_mask(written[0])
+    assert set(np.unique(raw)) <= {0, 255} and mode == "grey"
+    assert raw.shape == read_image(inputs[0]).spatial_shape
+    with pytest.raises(UsegError, match="already exists"):
+        seg.predict_files(inputs, out)
+    seg.predict_files(inputs, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in inputs)

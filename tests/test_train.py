@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from useg.checkpoint import load_checkpoint, save_checkpoint
+from useg.errors import UsegError
+from useg.labels import LabelMap
+from useg.plan import make_plan
+from useg.predict import Segmenter
+from useg.train import fit, lr_factor, parse_names, train_folder
+
+
+def test_lr_factor_shapes():
+    assert lr_factor(0.0, "poly", 0.0) == 1.0
+    assert lr_factor(1.0, "poly", 0.0) == 0.0
+    assert lr_factor(0.5, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(0.01, "poly", 0.1) < 0.2  # warming up
+    assert lr_factor(0.3, "constant", 0.0) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(0.3, "steps", 0.0)
+
+
+def test_parse_names():
+    assert parse_names("25-27,a") == ["25", "26", "27", "a"]
+    assert parse_names(None) == []
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "last.safetensors", model, opt, {"epoch": 3, "best_dice": 0.5})
+    model2 = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    state = load_checkpoint(tmp_path / "last.safetensors", model2, opt2)
+    assert state == {"epoch": 3, "best_dice": 0.5}
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[0]["lr"] == 0.1
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert torch.equal(s1[0]["exp_avg"], s2[0]["exp_avg"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temp file left
+    (tmp_path / "last.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UsegError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "last.safetensors", model2, opt2)
+
+
+def _tiny(dims: int = 2):
+    rng = np.random.default_rng(0)
+    shape = (32, 32) if dims == 2 else (16, 16, 16)
+    images, labels = [], []
+    for _ in range(3):
+        lab = np.zeros(shape, np.int64)
+        sl = tuple(slice(int(rng.integers(2, 6)), int(rng.integers(10, 14))) for _ in shape)
+        lab[sl] = 1
+        img = (lab * 2.0 + rng.normal(0, 0.3, shape)).astype(np.float32)[None]
+        images.append(img)
+        labels.append(lab)
+    return images, labels
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims):
+    images, labels = _tiny(dims)
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
+                     model={"width": 4, "depth": 2},
+                     train={"epochs": 6, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"})
+    result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    for name in ("plan.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and result.steps == 48
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert result.best_dice > 0.8
+    pred = Segmenter.load(run, precision="fp32").predict(images[2])
+    inter = ((pred == 1) & (labels[2] == 1)).sum()
+    assert 2 * inter / ((pred == 1).sum() + (labels[2] == 1).sum()) == pytest.approx(result.best_dice, abs=1e-6)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    images, labels = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
+                     train={"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "precision": "fp32"})
+    run = tmp_path / "run"
+    fit(plan, (images, labels), ([], []), run, quiet=True)
+    import dataclasses
+
+    longer = dataclasses.replace(plan, train=dataclasses.replace(plan.train, epochs=4))
+    # resume reads the model/optimizer/loop state but keeps going with the given plan
+    result = fit(longer, (images, labels), ([], []), run, resume=True, quiet=True)
+    assert result.epochs == 4 and result.steps == 12
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert math.isnan(result.best_dice)
+
+
+def test_train_folder_refuses_bad_data_and_existing_runs(tmp_path, cells_dir):
+    with pytest.raises(UsegError):
+        train_folder(tmp_path / "nothing", tmp_path / "run", quiet=True)
+    kw = dict(quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
+              train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32"})
+    train_folder(cells_dir, tmp_path / "run", val="cell_000", exclude="cell_005", **kw)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["val"] == ["cell_000"]
+    assert "cell_005" not in split["train"] and len(split["train"]) == 4
+    with pytest.raises(UsegError, match="already holds a run"):
+        train_folder(cells_dir, tmp_path / "run", **kw)
+    with pytest.raises(UsegError, match="not in"):
+        train_folder(cells_dir, tmp_path / "run2", exclude="nope", **kw)
