@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from useg.dataset import normalize
 from useg.checkpoint import load_checkpoint, save_checkpoint
 from useg.errors import UsegError
 from useg.labels import LabelMap
@@ -60,7 +61,7 @@ def _tiny(dims: int = 2):
         sl = tuple(slice(int(rng.integers(2, 6)), int(rng.integers(10, 14))) for _ in shape)
         lab[sl] = 1
         img = (lab * 2.0 + rng.normal(0, 0.3, shape)).astype(np.float32)[None]
-        images.append(img)
+        images.append(normalize(img))  # fit takes normalised arrays, as train_folder gives it
         labels.append(lab)
     return images, labels
 
@@ -70,13 +71,13 @@ def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims):
     images, labels = _tiny(dims)
     plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
                      model={"width": 4, "depth": 2},
-                     train={"epochs": 6, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"})
+                     train={"epochs": 10, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"})
     result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
     for name in ("plan.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "curves.png", "summary.json"):
         assert (run / name).exists(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and result.steps == 48
+    assert len(records) == 10 and result.steps == 80
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert result.best_dice > 0.8
     pred = Segmenter.load(run, precision="fp32").predict(images[2])
