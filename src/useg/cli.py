@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train, predict and evaluate on built-in synthetic cells")
     d.add_argument("--out", default="demo-out", help="folder for data, run, masks and report")
-    d.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    d.add_argument("--minutes", type=float, default=2.0, help="training time budget")
     common(d)
     d.set_defaults(fn=cmd_demo)
 

@@ -131,17 +131,17 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
     channels: dict[int, list[str]] = {}
     shapes = []
     pixel_counts: dict[int, int] = {}
-    raws = {}
     for case in cases:
         try:
             image = read_image(case.image)
         except UsegError as e:
             problems.append(str(e))
-            continue
-        if not np.issubdtype(image.array.dtype, np.integer) and not np.isfinite(image.array).all():
-            problems.append(f"{case.image} contains NaN or infinite values; fix or mask them")
-        channels.setdefault(image.channels, []).append(case.image.name)
-        shapes.append(image.spatial_shape)
+            image = None
+        if image is not None:
+            if not np.issubdtype(image.array.dtype, np.integer) and not np.isfinite(image.array).all():
+                problems.append(f"{case.image} contains NaN or infinite values; fix or mask them")
+            channels.setdefault(image.channels, []).append(case.image.name)
+            shapes.append(image.spatial_shape)
         if case.mask is None:
             continue
         if case.mask.suffix.lower() in JPEG_SUFFIXES:
@@ -153,7 +153,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
         except UsegError as e:
             problems.append(str(e))
             continue
-        if raw.shape != image.spatial_shape:
+        if image is not None and raw.shape != image.spatial_shape:
             problems.append(f"{case.mask} is {'x'.join(map(str, raw.shape))} but its image is "
                             f"{'x'.join(map(str, image.spatial_shape))}; masks must match their images pixel for pixel")
             continue
@@ -163,7 +163,6 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
             pixel_counts[v] = pixel_counts.get(v, 0) + c
         modes[str(case.mask)] = mode
         palette = palette or pal
-        raws[case.name] = None
     if len(channels) > 1:
         common = max(channels, key=lambda c: len(channels[c]))
         for c, names in channels.items():

@@ -13,7 +13,7 @@ from .errors import UsegError
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: str | Path = "demo-out", minutes: float = 3.0, quiet: bool = False,
+def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = False,
              device: str = "auto", n_train: int = 24, n_test: int = 8, seed: int = 0,
              shape: tuple[int, int] = (256, 256), train: dict | None = None, model: dict | None = None) -> float:
     """Run the whole job on built-in data and return the held-out foreground Dice.
@@ -47,7 +47,7 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 3.0, quiet: bool = F
     logger.info("demo data: %d training and %d held-out images in %s", n_train, n_test, out)
     run = out / "run"
     result = train_folder(data, run, time_budget_min=minutes, overwrite=True, device=device, quiet=quiet,
-                          train={"epochs": 1000, **(train or {})}, model=model)
+                          train={"epochs": 1000, "iters_per_epoch": 10, **(train or {})}, model=model)
     seg = Segmenter.load(run, device=device)
     test_images = sorted((test / "images").iterdir())
     pred = out / "pred"
