@@ -1,93 +1,239 @@
 """Joint augmentation of image, labels and weights: pure functions driven by an explicit generator.
 
-Shapes: image (C, *S) float32, label (*S) int, weight (*S) float32 or None; 2D or 3D. Geometric
-transforms move all three together; intensity transforms touch the image only.
+Shapes: image (C, *S) float32, label (*S) int, weight (*S) float32 or None, with S two or three
+spatial sizes. Geometric transforms move all three together; intensity transforms touch the image
+only. Every function returns new C-contiguous arrays and never writes into its inputs (the
+dataset hands in views of its cached images). Elastic deformation is not here yet.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """The augmentation recipe; saved in plan.json, so every field is a JSON-able scalar or pair."""
+
     flip: float = 0.5  # probability of mirroring each spatial axis
-    rot90: bool = True  # random multiples of 90 degrees in planes of equal-length axes
-    p_intensity: float = 0.5  # probability of each intensity change below
-    brightness: float = 0.1  # additive shift, up to this many standard deviations
-    contrast: tuple[float, float] = (0.75, 1.25)  # multiplicative range around the mean
-    gamma: tuple[float, float] = (0.7, 1.5)  # gamma range on the image rescaled to [0, 1]
-    noise_std: float = 0.05  # Gaussian noise std, in units of the (normalised) image
+    rot90: bool = True  # random multiples of 90 degrees in one plane of two equal-length axes
+    intensity: bool = True  # whether to apply the intensity changes below at all
+    p_intensity: float = 0.5  # probability of each intensity change (brightness, contrast, gamma, noise)
+    brightness: float = 0.1  # additive shift drawn from +-this many channel standard deviations
+    contrast: tuple[float, float] = (0.75, 1.25)  # multiplicative range around the channel mean
+    gamma: tuple[float, float] = (0.7, 1.5)  # gamma range on each channel rescaled to [0, 1]
+    noise_std: float = 0.05  # largest Gaussian noise std, in channel standard deviations
+
+    def __post_init__(self) -> None:
+        for name in ("flip", "p_intensity"):
+            _check_p(getattr(self, name), name)
+        _check_range(self.contrast, "contrast")
+        _check_range(self.gamma, "gamma")
+        if self.gamma[0] <= 0:
+            raise ValueError(f"gamma must be positive, got {self.gamma}")
+        if self.brightness < 0 or self.noise_std < 0:
+            raise ValueError(f"brightness and noise_std must be >= 0, got {self.brightness}, {self.noise_std}")
 
 
-def random_flip(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
-                p: float = 0.5) -> Sample:
-    """Mirror each spatial axis with probability ``p``."""
-    for axis in range(label.ndim):
-        if rng.random() < p:
-            image = np.flip(image, axis + 1)
-            label = np.flip(label, axis)
-            weight = np.flip(weight, axis) if weight is not None else None
-    return image, label, weight
+def _check_p(p: float, name: str = "p") -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
 
 
-def random_rot90(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
-                 rng: np.random.Generator) -> Sample:
-    """Rotate by k * 90 degrees in one random plane whose two axes have equal length (shape kept)."""
-    planes = [(a, b) for a in range(label.ndim) for b in range(a + 1, label.ndim) if label.shape[a] == label.shape[b]]
+def _check_range(r: Sequence[float], name: str) -> None:
+    if len(r) != 2 or r[0] > r[1]:
+        raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {r}")
+
+
+def _check_sample(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None) -> None:
+    if label.ndim not in (2, 3):
+        raise ValueError(f"label must have 2 or 3 spatial axes, got shape {label.shape}")
+    if image.ndim != label.ndim + 1 or image.shape[1:] != label.shape:
+        raise ValueError(f"image {image.shape} must be (C, *{label.shape}) to match the label")
+    if weight is not None and weight.shape != label.shape:
+        raise ValueError(f"weight {weight.shape} must have the label's shape {label.shape}")
+
+
+def _spatial_axes(axes: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """Spatial axis indices (0 = first spatial axis, not the channel axis), validated."""
+    if axes is None:
+        return tuple(range(ndim))
+    out = tuple(int(a) for a in axes)
+    if any(not 0 <= a < ndim for a in out) or len(set(out)) != len(out):
+        raise ValueError(f"axes must be distinct spatial axes in 0..{ndim - 1}, got {axes}")
+    return out
+
+
+def _copy(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.array(a, order="C", copy=True)
+
+
+def _flip_views(image, label, weight, rng, axes, p) -> Sample:
+    chosen = tuple(a for a in axes if rng.random() < p)
+    if not chosen:
+        return image, label, weight
+    return (np.flip(image, tuple(a + 1 for a in chosen)), np.flip(label, chosen),
+            None if weight is None else np.flip(weight, chosen))
+
+
+def _rot90_views(image, label, weight, rng, axes) -> Sample:
+    planes = [(a, b) for i, a in enumerate(axes) for b in axes[i + 1:] if label.shape[a] == label.shape[b]]
     if not planes:
         return image, label, weight
     a, b = planes[int(rng.integers(len(planes)))]
     k = int(rng.integers(4))
-    image = np.rot90(image, k, axes=(a + 1, b + 1))
-    label = np.rot90(label, k, axes=(a, b))
-    weight = np.rot90(weight, k, axes=(a, b)) if weight is not None else None
-    return image, label, weight
+    if k == 0:
+        return image, label, weight
+    return (np.rot90(image, k, axes=(a + 1, b + 1)), np.rot90(label, k, axes=(a, b)),
+            None if weight is None else np.rot90(weight, k, axes=(a, b)))
 
 
-def random_intensity(image: np.ndarray, rng: np.random.Generator, p: float = 0.5, brightness: float = 0.1,
+def random_flip(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
+                axes: Sequence[int] | None = None, p: float = 0.5) -> Sample:
+    """Mirror each spatial axis independently with probability ``p``, the same way for all three.
+
+    Args:
+        image: (C, *S) array.
+        label: (*S) int array.
+        weight: (*S) float array, or None.
+        rng: the generator.
+        axes: spatial axes that may flip (0 = first spatial axis); None means all.
+        p: probability per axis.
+
+    Returns:
+        (image, label, weight) as new contiguous arrays of the input shapes and dtypes.
+    """
+    _check_sample(image, label, weight)
+    _check_p(p)
+    out = _flip_views(image, label, weight, rng, _spatial_axes(axes, label.ndim), p)
+    return _copy(out[0]), _copy(out[1]), _copy(out[2])
+
+
+def random_rot90(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
+                 axes: Sequence[int] | None = None) -> Sample:
+    """Rotate by k * 90 degrees (k uniform in 0..3) in one random plane of two equal-length axes.
+
+    Only planes whose two axes have the same length are used, so shapes are kept; with none,
+    the sample comes back unchanged (as copies).
+
+    Args:
+        image: (C, *S) array.
+        label: (*S) int array.
+        weight: (*S) float array, or None.
+        rng: the generator.
+        axes: spatial axes the plane may use (0 = first spatial axis); None means all.
+
+    Returns:
+        (image, label, weight) as new contiguous arrays of the input shapes and dtypes.
+    """
+    _check_sample(image, label, weight)
+    out = _rot90_views(image, label, weight, rng, _spatial_axes(axes, label.ndim))
+    return _copy(out[0]), _copy(out[1]), _copy(out[2])
+
+
+def random_intensity(image: np.ndarray, rng: np.random.Generator, brightness: float = 0.1,
                      contrast: tuple[float, float] = (0.75, 1.25), gamma: tuple[float, float] = (0.7, 1.5),
-                     noise_std: float = 0.05) -> np.ndarray:
-    """Brightness, contrast, gamma and noise, each applied with probability ``p`` (image only)."""
-    image = image.astype(np.float32, copy=True)
+                     noise_std: float = 0.05, p: float = 0.5) -> np.ndarray:
+    """Brightness, contrast, gamma and noise, each applied with probability ``p`` (image only).
+
+    One random draw per change is shared by all channels; each channel uses its own statistics
+    (mean, std, min, max), so channels with different ranges are treated alike.
+
+    Args:
+        image: (C, *S) array.
+        rng: the generator.
+        brightness: additive shift uniform in +-brightness channel stds.
+        contrast: factor range; values are scaled around the channel mean.
+        gamma: exponent range, applied to each channel rescaled to [0, 1] and mapped back, so
+            the channel's min and max are kept (as nnU-Net's gamma transform does).
+        noise_std: Gaussian noise with std uniform in [0, noise_std] channel stds.
+        p: probability of each of the four changes.
+
+    Returns:
+        A new float32 (C, *S) contiguous array.
+    """
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image must be (C, H, W) or (C, D, H, W), got shape {image.shape}")
+    _check_p(p)
+    _check_range(contrast, "contrast")
+    _check_range(gamma, "gamma")
+    if gamma[0] <= 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    out = np.array(image, dtype=np.float32, order="C", copy=True)
+    spatial = tuple(range(1, out.ndim))
+    shape = (-1,) + (1,) * (out.ndim - 1)
     if rng.random() < p:
-        image += np.float32(rng.uniform(-brightness, brightness) * (image.std() + 1e-8))
+        out += np.float32(rng.uniform(-brightness, brightness)) * out.std(axis=spatial).reshape(shape)
     if rng.random() < p:
-        mean = image.mean()
-        image = (image - mean) * np.float32(rng.uniform(*contrast)) + mean
+        mean = out.mean(axis=spatial).reshape(shape)
+        out = (out - mean) * np.float32(rng.uniform(*contrast)) + mean
     if rng.random() < p:
-        # gamma on [0, 1] then back to the original range, so the range is kept (nnU-Net does the same)
-        lo, hi = float(image.min()), float(image.max())
-        if hi > lo:
-            image = ((image - lo) / (hi - lo)) ** np.float32(rng.uniform(*gamma)) * (hi - lo) + lo
+        lo, hi = out.min(axis=spatial).reshape(shape), out.max(axis=spatial).reshape(shape)
+        span = hi - lo
+        flat = span <= 0  # a constant channel has no range to reshape
+        unit = (out - lo) / np.where(flat, 1.0, span)
+        out = np.where(flat, out, unit ** np.float32(rng.uniform(*gamma)) * span + lo)
     if rng.random() < p and noise_std > 0:
-        image += rng.normal(0.0, noise_std, image.shape).astype(np.float32)
-    return image.astype(np.float32, copy=False)
+        sigma = np.float32(rng.uniform(0.0, noise_std)) * out.std(axis=spatial).reshape(shape)
+        out += rng.standard_normal(out.shape, dtype=np.float32) * sigma
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def augment_sample(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
                    config: AugmentConfig = AugmentConfig()) -> Sample:
-    """All of the configured transforms, in a fixed order; returns contiguous arrays."""
+    """Apply the configured transforms in a fixed order: flips, rot90, intensity.
+
+    Args:
+        image: (C, *S) array.
+        label: (*S) int array.
+        weight: (*S) float array, or None.
+        rng: the generator; the same state gives the same result.
+        config: the recipe.
+
+    Returns:
+        (image float32, label, weight) as new contiguous arrays of the input shapes.
+    """
+    _check_sample(image, label, weight)
+    axes = tuple(range(label.ndim))
+    sample = (image, label, weight)
     if config.flip > 0:
-        image, label, weight = random_flip(image, label, weight, rng, config.flip)
+        sample = _flip_views(*sample, rng, axes, config.flip)
     if config.rot90:
-        image, label, weight = random_rot90(image, label, weight, rng)
-    if config.p_intensity > 0:
-        image = random_intensity(image, rng, config.p_intensity, config.brightness, config.contrast,
-                                 config.gamma, config.noise_std)
-    weight = np.ascontiguousarray(weight) if weight is not None else None
-    return np.ascontiguousarray(image), np.ascontiguousarray(label), weight
+        sample = _rot90_views(*sample, rng, axes)
+    image, label, weight = sample
+    if config.intensity and config.p_intensity > 0:
+        image = random_intensity(image, rng, config.brightness, config.contrast, config.gamma,
+                                 config.noise_std, config.p_intensity)
+    else:
+        image = np.array(image, dtype=np.float32, order="C", copy=True)
+    # the geometric steps returned views; one copy here makes them contiguous and independent
+    return image, _copy(label), _copy(weight)
 
 
 class Augmenter:
-    """:func:`augment_sample` with a fixed config, picklable into DataLoader workers."""
+    """:func:`augment_sample` with a fixed config, picklable into DataLoader workers.
+
+    Args:
+        config: the recipe.
+
+    Call with ``(image (C, *S), label (*S), weight (*S) or None, rng)``; returns the same triple.
+    """
 
     def __init__(self, config: AugmentConfig = AugmentConfig()):
         self.config = config
 
-    def __call__(self, image, label, weight, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
+                 rng: np.random.Generator) -> Sample:
         return augment_sample(image, label, weight, rng, self.config)
+
+    def __repr__(self) -> str:
+        return f"Augmenter({self.config!r})"

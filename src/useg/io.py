@@ -1,17 +1,22 @@
 """Reading and writing images and masks: one image = a channels-first array + its geometry.
 
 The contract every format keeps: :func:`read_image` returns an :class:`Image` (array
-``(C, *spatial)`` as stored, spacing, affine, format details needed to write back), and
-:func:`write_mask` writes class labels with that image's geometry, to a temporary name that is
-renamed when complete. Files that cannot be read raise :class:`UsegError` naming the file.
+``(C, *spatial)`` as stored, spacing, affine, what writing back needs), and :func:`write_mask`
+writes class labels with that image's geometry, to a temporary name renamed when complete.
+Files that cannot be read raise :class:`UsegError` naming the file.
+
+Spacing is in millimetres per pixel when the file states a physical unit (PNG/JPEG dpi, TIFF
+inch or centimetre resolution, ImageJ's micron/nm/mm unit) and in the file's own unit when it
+states none (``meta["spacing_unit"] == ""``); it is 1.0 where the file says nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,31 +26,50 @@ import numpy as np
 from PIL import Image as PILImage
 
 from .errors import UsegError
-from .labels import LabelMap
+from .labels import LabelMap, pack_rgb
 
 logger = logging.getLogger(__name__)
 
-PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-TIFF_SUFFIXES = {".tif", ".tiff"}
+PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES
-MASK_SUFFIXES = {".png", ".bmp"} | TIFF_SUFFIXES | {".jpg", ".jpeg"}  # JPEG listed to be refused clearly
-JPEG_SUFFIXES = {".jpg", ".jpeg"}
-# Pillow's default bomb limit (~89 Mpx) is below a large histology tile; 1 Gpx still stops a bomb.
-PILImage.MAX_IMAGE_PIXELS = 1 << 30
+MASK_SUFFIXES = IMAGE_SUFFIXES  # JPEG is listed so that JPEG masks are found and refused clearly
+MAX_PIXELS = 1 << 30  # 1 Gpx: above a whole-slide tile, still stops a decompression bomb
+_PIL_DEFAULT_LIMIT = 89_478_485
+if PILImage.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # raise Pillow's 89 Mpx default, keep a user's own choice
+    PILImage.MAX_IMAGE_PIXELS = MAX_PIXELS
+_TO_MM = {2: 25.4, 3: 10.0}  # TIFF ResolutionUnit inch, centimetre
+_UNIT_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0, "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3,
+               "\\u00b5m": 1e-3, "nm": 1e-6, "inch": 25.4}
 
 
 @dataclass
 class Image:
-    array: np.ndarray  # (C, *spatial), dtype as stored
-    spacing: tuple[float, ...] = ()  # physical size of a pixel per spatial axis; 1.0 when unknown
-    affine: np.ndarray | None = None  # 4x4 voxel-to-world matrix (NIfTI); None for 2D formats
-    path: Path | None = None  # where it was read from
-    format: str = "png"  # "png", "tiff", "jpeg", "bmp"
-    meta: dict = field(default_factory=dict)  # what writing back needs (e.g. TIFF resolution)
+    """An image and its geometry.
+
+    Attributes:
+        array: (C, H, W) or (C, D, H, W), dtype as stored.
+        spacing: pixel size per spatial axis (see the module note for the unit); 1.0 when unknown.
+        affine: 4x4 voxel-to-world matrix (NIfTI); None for 2D formats.
+        path: where it was read from.
+        format: "png", "tiff", "jpeg", "bmp".
+        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...] = ()
+    affine: np.ndarray | None = None
+    path: Path | None = None
+    format: str = "png"
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.spacing:
-            self.spacing = (1.0,) * (self.array.ndim - 1)
+        if self.array.ndim < 3:
+            raise ValueError(f"Image.array must be channels first (C, H, W) or (C, D, H, W), got {self.array.shape}")
+        self.spacing = tuple(float(s) for s in self.spacing) or (1.0,) * self.dims
+        if len(self.spacing) != self.dims:
+            raise ValueError(f"spacing {self.spacing} needs one value per spatial axis of {self.spatial_shape}")
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -64,13 +88,13 @@ class Image:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
 
-    Readers never see a half-written file, and a crash leaves the previous version intact.
+    Readers never see a half-written file and a crash leaves the previous version intact. The
+    temporary name is hidden (leading dot) and ends in ``path``'s suffix, so writers that pick a
+    format by suffix still work. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,109 +103,161 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def _unreadable(path: Path, err: Exception) -> UsegError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "truncated" in reason.lower() or isinstance(err, (EOFError,)):
-        fix = "the file is truncated; copy or export it again"
-    elif isinstance(err, PILImage.DecompressionBombError):
-        fix = "it is larger than useg's limit of 1 Gpx; tile it first"
-    else:
-        fix = "check that it is a valid image file"
-    return UsegError(f"cannot read {path} ({reason}); {fix}")
+def _unreadable(path: Path, err: BaseException) -> UsegError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "truncated" in reason.lower() or isinstance(err, EOFError):
+        return UsegError(f"cannot read {path}: the file is truncated; copy or export it again")
+    if isinstance(err, (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning)):
+        return UsegError(f"cannot read {path}: it has more pixels than useg's limit of "
+                         f"{PILImage.MAX_IMAGE_PIXELS} ({reason}); tile or downscale it first")
+    if isinstance(err, PILImage.UnidentifiedImageError):
+        return UsegError(f"cannot read {path}: it is not an image Pillow recognises (damaged or another "
+                         "format behind the suffix); re-export it as PNG or TIFF")
+    return UsegError(f"cannot read {path}: {reason}; check that it is a valid image file or re-export it")
 
 
-def _read_pil(path: Path) -> tuple[np.ndarray, PILImage.Image]:
+def _read_pil(path: Path) -> PILImage.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            im = PILImage.open(path)
-            im.load()
+            with PILImage.open(path) as im:
+                im.load()
+                return im.copy() if im.mode != "P" else im.copy()
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
-    except (OSError, SyntaxError, ValueError, EOFError, PILImage.DecompressionBombError,
-            PILImage.DecompressionBombWarning) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
         raise _unreadable(path, e) from None
-    return np.asarray(im), im
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+def _pil_array(im: PILImage.Image) -> np.ndarray:
+    """A Pillow image -> (H, W) or (H, W, 3) array, dtype as stored; alpha dropped, palette as RGB."""
+    if im.mode == "1":
+        return np.asarray(im.convert("L"))
+    if im.mode in ("L", "I", "F") or im.mode.startswith("I;16"):
+        return np.asarray(im).astype(np.asarray(im).dtype.newbyteorder("="), copy=False)
+    if im.mode in ("LA", "La"):
+        return np.asarray(im.getchannel(0))
+    if im.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
+        return np.asarray(im)[..., :3]
+    return np.asarray(im.convert("RGB"))  # P, PA, CMYK, YCbCr, LAB, HSV
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple, dict]:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            arr = tif.asarray()
-            meta = {}
+            series = tif.series[0]
+            if math.prod(series.shape) > 4 * MAX_PIXELS:
+                raise UsegError(f"{path} holds {math.prod(series.shape)} values, more than useg reads at once; "
+                                "crop or tile it first")
+            arr = series.asarray()
             page = tif.pages[0]
             tags = page.tags
+            meta: dict = {}
             if "XResolution" in tags and "YResolution" in tags:
-                meta["resolution"] = (tags["XResolution"].value, tags["YResolution"].value)
-                meta["resolution_unit"] = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 1
+                meta["resolution"] = (_ratio(tags["XResolution"].value), _ratio(tags["YResolution"].value))
+                meta["resolution_unit"] = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+            extra = tif.imagej_metadata or (tif.shaped_metadata or [{}])[0] or {}
+            for key in ("unit", "spacing"):
+                if key in extra:
+                    meta[f"imagej_{key}"] = extra[key]
+            return arr, series.axes, tuple(page.extrasamples or ()), meta
+    except UsegError:
+        raise
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
+    except MemoryError:
+        raise
     except Exception as e:  # tifffile raises many types for damaged files
         raise _unreadable(path, e) from None
-    return arr, meta
 
 
-def _tiff_spacing(meta: dict) -> tuple[float, float] | None:
+def _ratio(value) -> float:
+    if isinstance(value, tuple):
+        return value[0] / value[1] if value[1] else 0.0
+    return float(value)
+
+
+def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) -> np.ndarray:
+    """TIFF array -> (C, *spatial): the file's axes decide where known, the shape otherwise."""
+    alpha = len(extrasamples) > 0 and int(extrasamples[-1]) in (1, 2)  # associated / unassociated alpha
+    if arr.ndim == 2:
+        return arr[None]
+    if axes.endswith("S"):  # channels last (RGB, RGBA)
+        if alpha:
+            arr = arr[..., :-1]
+        return np.moveaxis(arr, -1, 0) if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
+    if arr.ndim == 3:
+        if axes[0] in "CS":
+            return arr
+        if axes[0] in "ZIT":
+            return arr[None]
+        if arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+            return np.moveaxis(arr[..., :3] if arr.shape[-1] == 4 and alpha else arr, -1, 0)
+        return arr if arr.shape[0] <= 4 else arr[None]
+    if arr.ndim == 4 and axes[:2] in ("ZC", "IC", "TC"):
+        return np.swapaxes(arr, 0, 1)
+    if arr.ndim == 4 and axes[0] in "CS":
+        return arr
+    raise UsegError(f"{path} has shape {arr.shape} (axes {axes}), which is not one image or volume; "
+                    "save one (C, D, H, W) image per file")
+
+
+def _tiff_spacing(meta: dict, dims: int) -> tuple[tuple[float, ...] | None, str]:
+    """Spacing (z, y, x)/(y, x) in mm when the unit is known, with its unit name."""
+    unit = str(meta.get("imagej_unit", "")).strip().lower()
     res = meta.get("resolution")
-    if not res:
-        return None
-    try:
-        xr = res[0][0] / res[0][1] if isinstance(res[0], tuple) else float(res[0])
-        yr = res[1][0] / res[1][1] if isinstance(res[1], tuple) else float(res[1])
-        if xr > 0 and yr > 0:
-            return (1.0 / yr, 1.0 / xr)  # pixels per unit -> unit per pixel, (row, column) order
-    except (TypeError, ZeroDivisionError):
-        pass
-    return None
+    if meta.get("resolution_unit") in _TO_MM:
+        factor, name = _TO_MM[meta["resolution_unit"]], "mm"
+    elif unit in _UNIT_TO_MM:
+        factor, name = _UNIT_TO_MM[unit], "mm"
+    else:
+        factor, name = 1.0, ""
+    if not res or res[0] <= 0 or res[1] <= 0:
+        return None, name
+    yx = (factor / res[1], factor / res[0])  # pixels per unit -> mm per pixel, (row, column) order
+    if dims == 3:
+        z = float(meta.get("imagej_spacing", 0) or 0)
+        return (z * factor if z > 0 else 1.0, *yx), name
+    return yx, name
 
 
 def read_image(path: str | Path) -> Image:
-    """Read an image as channels-first array + geometry.
+    """Read an image as a channels-first array with its geometry.
 
-    PNG/JPEG/BMP through Pillow: grey (L, I;16, I) -> 1 channel, RGB -> 3, RGBA -> 3 (alpha
-    dropped), LA -> 1, palette -> RGB. TIFF through tifffile: (H, W) -> (1, H, W); (H, W, 3|4)
-    -> (C, H, W); (C, H, W) with C <= 4 kept; other 3-D stacks -> (1, D, H, W). Spacing comes
-    from TIFF resolution tags (unit per pixel, in the file's resolution unit) and is 1.0 otherwise.
+    PNG/JPEG/BMP through Pillow: grey (L, I;16, I, F) -> 1 channel keeping the dtype, RGB -> 3,
+    RGBA -> 3 (alpha dropped), LA -> 1, palette -> RGB. TIFF through tifffile: (H, W) -> (1, H, W);
+    (H, W, 3|4) channels last -> (C, H, W) (alpha dropped); (C, H, W) with C <= 4 kept; other
+    3-D stacks, or stacks the file marks as Z, -> (1, D, H, W). Spacing: see the module note.
 
     Raises:
-        UsegError: missing, unreadable, truncated or unsupported files, naming the file.
+        UsegError: missing, unreadable, truncated, too large or unsupported files, naming the file.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        arr, meta = _read_tiff(path)
-        if arr.ndim == 2:
-            arr = arr[None]
-        elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
-            arr = np.moveaxis(arr[..., :3], -1, 0)
-        elif arr.ndim == 3 and arr.shape[0] <= 4:
-            pass
-        elif arr.ndim == 3:
-            arr = arr[None]
-        else:
-            raise UsegError(f"{path} has shape {arr.shape}, which is not an image or a volume; save one image per file")
-        spacing = _tiff_spacing(meta) if arr.ndim == 3 else None
+        arr, axes, extrasamples, meta = _read_tiff(path)
+        arr = _tiff_layout(arr, axes, extrasamples, path)
+        spacing, meta["spacing_unit"] = _tiff_spacing(meta, arr.ndim - 1)
         return Image(np.ascontiguousarray(arr), spacing or (), None, path, "tiff", meta)
     if suffix in PIL_SUFFIXES:
-        arr, im = _read_pil(path)
-        mode = im.mode
-        if mode == "P":
-            arr = np.asarray(im.convert("RGB"))
-        elif mode in ("RGBA", "LA"):
-            arr = arr[..., :-1]
-        elif mode in ("CMYK", "YCbCr", "HSV"):
-            arr = np.asarray(im.convert("RGB"))
-        elif mode == "1":
-            arr = arr.astype(np.uint8) * 255
-        if arr.ndim == 2:
-            arr = arr[None]
-        elif arr.ndim == 3:
-            arr = np.moveaxis(arr, -1, 0)
-        fmt = {".jpg": "jpeg", ".jpeg": "jpeg"}.get(suffix, suffix[1:])
-        return Image(np.ascontiguousarray(arr), (), None, path, fmt, {})
-    raise UsegError(f"{path} has an unsupported format {suffix or '(no suffix)'}; use one of "
+        im = _read_pil(path)
+        arr = _pil_array(im)
+        arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+        meta, spacing = {}, ()
+        dpi = im.info.get("dpi")
+        if dpi and float(dpi[0]) > 0 and float(dpi[1]) > 0:
+            meta["dpi"] = (float(dpi[0]), float(dpi[1]))
+            spacing = (25.4 / float(dpi[1]), 25.4 / float(dpi[0]))
+            meta["spacing_unit"] = "mm"
+        fmt = "jpeg" if suffix in JPEG_SUFFIXES else suffix[1:]
+        return Image(np.ascontiguousarray(arr), spacing, None, path, fmt, meta)
+    if not path.exists():
+        raise UsegError(f"{path} does not exist; check the path")
+    raise UsegError(f"{path} has an unsupported format {suffix or '(no suffix)'}; convert it to one of "
                     f"{', '.join(sorted(IMAGE_SUFFIXES))}")
 
 
@@ -189,89 +265,139 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
     """Read a mask's stored values.
 
     Returns:
-        (raw values (H, W) int, mode, palette): mode "grey"; "palette" for palette PNGs (raw =
-        palette indices, the flat 768-value palette returned); "rgb" for colour masks, packed as
-        r<<16 | g<<8 | b (an RGB mask whose channels are equal is "grey").
+        (raw, mode, palette): raw (H, W) (or (D, H, W) from TIFF stacks) integer values; mode
+        "grey"; "palette" for palette PNGs (raw = palette indices, the flat 768-entry palette
+        returned); "rgb" for colour masks, packed into int32 ``r << 16 | g << 8 | b`` (a colour
+        mask whose three channels are equal is "grey").
 
     Raises:
-        UsegError: JPEG masks (lossy compression changes label values) and unreadable files.
+        UsegError: JPEG masks (lossy compression changes label values), non-integer values,
+            several channels that are not a colour, and unreadable files.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    palette = None
     if suffix in JPEG_SUFFIXES:
-        raise UsegError(f"{path} is a JPEG mask; lossy compression changes label values, save masks as PNG or TIFF")
+        raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, save masks as PNG or TIFF")
     if suffix in TIFF_SUFFIXES:
-        arr, _ = _read_tiff(path)
-        palette = None
-        mode = "grey"
+        arr, axes, extrasamples, _ = _read_tiff(path)
+        arr = _tiff_layout(arr, axes, extrasamples, path)
+        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
     elif suffix in PIL_SUFFIXES:
-        arr, im = _read_pil(path)
-        mode, palette = "grey", None
-        if im.mode == "P":
-            mode = "palette"
-            pal = im.getpalette() or []
+        im = _read_pil(path)
+        if im.mode in ("P", "PA"):
+            arr = np.asarray(im.getchannel(0) if im.mode == "PA" else im)
+            pal = list(im.getpalette() or [])[:768]
             palette = tuple(pal + [0] * (768 - len(pal)))
-        elif im.mode in ("RGBA", "LA"):
-            arr = arr[..., :-1]
-            if arr.shape[-1] == 1:
-                arr = arr[..., 0]
-        elif im.mode == "1":
-            arr = arr.astype(np.uint8)
+        else:
+            arr = _pil_array(im)
+    elif not path.exists():
+        raise UsegError(f"{path} does not exist; check the path")
     else:
         raise UsegError(f"{path} has an unsupported mask format {suffix or '(no suffix)'}; save masks as PNG or TIFF")
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3].astype(np.int32)
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            arr = rgb[..., 0]
+    if palette is not None:
+        return arr.astype(np.int64 if arr.dtype != np.uint8 else np.uint8), "palette", palette
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., 0]
         else:
-            return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2], "rgb", None
+            return pack_rgb(arr), "rgb", None
+    elif arr.ndim == 3 and suffix not in TIFF_SUFFIXES or arr.ndim > 3:
+        raise UsegError(f"{path} has {arr.shape[-1]} channels; save masks with one channel (or RGB colours)")
     if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise UsegError(f"{path} holds non-integer mask values; masks must store whole class labels")
-        arr = arr.astype(np.int64)
-    return arr, mode, palette
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8)
+        elif not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise UsegError(f"{path} holds non-integer mask values; save whole class values (no interpolation)")
+        else:
+            arr = arr.astype(np.int64)
+    return arr, "grey", None
+
+
+def _tiff_geometry(like: Image) -> dict:
+    """tifffile keyword arguments that keep ``like``'s resolution (and ImageJ z spacing)."""
+    meta = like.meta
+    if "resolution" in meta:
+        return {"resolution": tuple(meta["resolution"]), "resolutionunit": meta.get("resolution_unit", 2)}
+    if "dpi" in meta:
+        return {"resolution": tuple(meta["dpi"]), "resolutionunit": 2}
+    if any(s != 1.0 for s in like.spacing[-2:]):  # spacing set by hand: write it in mm -> pixels per cm
+        return {"resolution": (10.0 / like.spacing[-1], 10.0 / like.spacing[-2]), "resolutionunit": 3}
+    return {}
+
+
+def _write_tiff(tmp: Path, arr: np.ndarray, like: Image | None, rgb: bool) -> None:
+    """Write (H, W), (H, W, 3) (rgb), (C, H, W) or (D, H, W)/(C, D, H, W) volumes to ``tmp``."""
+    import tifffile
+
+    kw = _tiff_geometry(like) if like is not None else {}
+    if rgb:
+        tifffile.imwrite(tmp, arr, photometric="rgb", **kw)
+    elif arr.ndim == 2:
+        tifffile.imwrite(tmp, arr, photometric="minisblack", **kw)
+    elif like is not None and like.dims == 3 or arr.ndim == 4:
+        axes = "ZYX" if arr.ndim == 3 else "CZYX"
+        md = {"axes": axes}
+        if like is not None and like.dims == 3 and like.spacing[0] != 1.0:
+            md["spacing"] = like.spacing[0] if like.meta.get("spacing_unit") != "mm" else like.spacing[0]
+        if like is not None and like.meta.get("imagej_unit"):
+            md["unit"] = like.meta["imagej_unit"]
+            if "imagej_spacing" in like.meta:
+                md["spacing"] = like.meta["imagej_spacing"]
+        tifffile.imwrite(tmp, arr, photometric="minisblack", metadata=md, **kw)
+    else:  # (C, H, W) channels: one page, C samples
+        tifffile.imwrite(tmp, arr, photometric="minisblack", planarconfig="separate", metadata={"axes": "SYX"}, **kw)
 
 
 def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: LabelMap | None = None) -> Path:
     """Write class labels with ``like``'s geometry, encoded through ``label_map``, atomically.
 
     Args:
-        path: destination; the suffix picks the format (.png, .tif/.tiff).
-        labels: (*spatial) class indices, shape equal to ``like.spatial_shape``.
-        like: the image the labels belong to (geometry and resolution are copied).
+        path: destination; the suffix picks the format (.png, .tif/.tiff). Palette PNG when
+            ``label_map.mode == "palette"``, 16-bit when values exceed 255.
+        labels: (*spatial) integer class indices, shape equal to ``like.spatial_shape``.
+        like: the image the labels belong to (resolution and spacing are copied).
         label_map: the training masks' encoding; None writes the labels as they are.
 
     Returns:
-        ``path``.
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: shape mismatch, non-integer labels, an unsupported suffix, or values the
+            format cannot hold.
     """
     path = Path(path)
+    suffix = path.suffix.lower()
     labels = np.asarray(labels)
+    if suffix not in TIFF_SUFFIXES and suffix != ".png":
+        raise ValueError(f"cannot write a mask as {suffix or 'a file without suffix'!r}; use .png or .tif")
     if labels.shape != like.spatial_shape:
         raise ValueError(f"labels {labels.shape} do not match the image's shape {like.spatial_shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if label_map is not None:
         stored = label_map.encode(labels)
     else:
-        top = int(labels.max()) if labels.size else 0
-        stored = labels.astype(np.uint8 if top <= 255 else np.uint16)
-    suffix = path.suffix.lower()
+        lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+        if lo < 0:
+            raise ValueError(f"labels must be non-negative, got {lo}")
+        stored = labels.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.int32)
+    palette = label_map is not None and label_map.mode == "palette"
+    rgb = label_map is not None and label_map.mode == "rgb"
+    if suffix == ".png":
+        if labels.ndim != 2:
+            raise ValueError(f"PNG holds 2D masks; write the {labels.ndim}D labels as .tif")
+        if stored.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"PNG holds values up to 65535; write masks with larger values as .tif ({path})")
     with atomic_path(path) as tmp:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            kw = {}
-            if "resolution" in like.meta:
-                kw["resolution"] = like.meta["resolution"]
-                kw["resolutionunit"] = like.meta.get("resolution_unit", 1)
-            tifffile.imwrite(tmp, stored, photometric="rgb" if stored.ndim == 3 else "minisblack", **kw)
-        elif suffix in (".png", ".bmp"):
-            if label_map is not None and label_map.mode == "palette":
-                im = PILImage.frombytes("P", stored.shape[::-1], stored.astype(np.uint8).tobytes())
-                im.putpalette(list(label_map.palette or _grey_palette()))
-            else:
-                im = PILImage.fromarray(stored)
-            im.save(tmp, format="PNG" if suffix == ".png" else "BMP")
+            _write_tiff(tmp, stored, like, rgb)
         else:
-            raise ValueError(f"cannot write a mask as {suffix!r}; use .png or .tif")
+            im = PILImage.fromarray(stored)
+            if palette:
+                im.putpalette(list(label_map.palette or _grey_palette()))  # an L image becomes P
+            kw = {"dpi": like.meta["dpi"]} if "dpi" in like.meta else {}
+            im.save(tmp, format="PNG", **kw)
     return path
 
 
@@ -280,16 +406,43 @@ def _grey_palette() -> list[int]:
 
 
 def write_image(path: str | Path, image: Image | np.ndarray) -> Path:
-    """Write an image ((C, H, W) or (H, W) array, or an :class:`Image`) as PNG or TIFF, atomically."""
-    path = Path(path)
-    arr = image.array if isinstance(image, Image) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
-        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
+    """Write an image atomically: PNG/JPEG (1 or 3 channels, 4 as RGBA; uint8, or uint16 grey) or TIFF (any).
 
-            tifffile.imwrite(tmp, arr)
-        else:
-            PILImage.fromarray(arr).save(tmp, format="PNG")
+    Args:
+        path: destination; the suffix picks the format.
+        image: an :class:`Image` (its resolution is kept) or an array (H, W), (C, H, W) or
+            (C, D, H, W) (TIFF only).
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    like = image if isinstance(image, Image) else None
+    arr = np.asarray(image.array if isinstance(image, Image) else image)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"write_image needs (H, W), (C, H, W) or (C, D, H, W), got {arr.shape}")
+    if like is None:
+        like = Image(arr)
+    if suffix in TIFF_SUFFIXES:
+        c = arr.shape[0]
+        out = arr[0] if c == 1 else np.moveaxis(arr, 0, -1) if c == 3 and arr.ndim == 3 else arr
+        with atomic_path(path) as tmp:
+            _write_tiff(tmp, out, like, rgb=c == 3 and arr.ndim == 3)
+        return path
+    if suffix not in PIL_SUFFIXES:
+        raise ValueError(f"cannot write an image as {suffix!r}; use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
+    if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
+        raise ValueError(f"{suffix} holds 2D images with 1, 3 or 4 channels, got {arr.shape}; write it as .tif")
+    if arr.dtype != np.uint8 and not (arr.dtype == np.uint16 and arr.shape[0] == 1 and suffix == ".png"):
+        raise ValueError(f"{suffix} holds uint8 (or 16-bit grey PNG) images, got {arr.dtype}; write it as .tif")
+    out = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+    fmt = {".png": "PNG", ".bmp": "BMP"}.get(suffix, "JPEG")
+    kw = {"dpi": like.meta["dpi"]} if "dpi" in like.meta else {}
+    if fmt == "JPEG":
+        kw["quality"] = 95
+    with atomic_path(path) as tmp:
+        PILImage.fromarray(np.ascontiguousarray(out)).save(tmp, format=fmt, **kw)
     return path

@@ -8,6 +8,8 @@ encodes predictions back, so a 0/255 training set gives 0/255 predictions.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,89 +18,166 @@ import numpy as np
 
 from .errors import UsegError
 
+logger = logging.getLogger(__name__)
+
 MODES = ("grey", "palette", "rgb")
 MAX_CLASSES = 32  # more distinct values than this is a grey image or an interpolated mask
 
 
 @dataclass(frozen=True)
 class LabelMap:
-    values: tuple[int, ...]  # stored value of class k at index k, ascending
-    mode: str = "grey"  # "grey", "palette" (PNG palette indices) or "rgb" (r<<16 | g<<8 | b)
-    palette: tuple[int, ...] | None = None  # flat 768-entry RGB palette of palette PNGs
+    """The stored mask value of every class.
+
+    Attributes:
+        values: stored value of class k at index k, distinct and ascending (class 0 = smallest).
+        mode: "grey" (one-channel values), "palette" (palette-PNG indices) or "rgb" (colours
+            packed as ``r << 16 | g << 8 | b``).
+        palette: flat 768-entry RGB palette, to write palette PNGs back (palette mode only).
+    """
+
+    values: tuple[int, ...]
+    mode: str = "grey"
+    palette: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        values = tuple(int(v) for v in self.values)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if not self.values or list(self.values) != sorted(set(self.values)):
-            raise ValueError(f"values must be distinct and ascending, got {self.values}")
+        if not values or list(values) != sorted(set(values)):
+            raise ValueError(f"values must be distinct and ascending, got {values}")
+        top = {"palette": 255, "rgb": 0xFFFFFF}.get(self.mode)
+        if top is not None and (values[0] < 0 or values[-1] > top):
+            raise ValueError(f"{self.mode} values must lie in [0, {top}], got {values}")
+        palette = self.palette
+        if palette is not None:
+            palette = tuple(int(v) for v in palette)
+            if len(palette) != 768:
+                raise ValueError(f"palette must hold 768 entries (256 RGB colours), got {len(palette)}")
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "palette", palette)
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K (the network's output channels)."""
         return len(self.values)
 
     def decode(self, raw: np.ndarray, path: str | Path | None = None) -> np.ndarray:
-        """Stored values (*S) -> class indices (*S) int64.
+        """Stored values -> class indices.
+
+        Args:
+            raw: (*S) stored values as :func:`useg.io.read_mask` returns them; in rgb mode an
+                (*S, 3) uint8 colour array is packed first.
+            path: the file the values came from, named in the error.
+
+        Returns:
+            (*S) int64 class indices in [0, K).
 
         Raises:
-            UsegError: a value that is not in the map, naming the file and the values.
+            UsegError: a value that is not in the map, naming the file, the values and the fix.
         """
+        raw = np.asarray(raw)
+        if self.mode == "rgb" and raw.ndim >= 3 and raw.shape[-1] == 3 and raw.dtype == np.uint8:
+            raw = pack_rgb(raw)
         values = np.asarray(self.values, dtype=np.int64)
-        raw = np.asarray(raw).astype(np.int64, copy=False)
-        idx = np.searchsorted(values, raw)
-        idx_clipped = np.minimum(idx, len(values) - 1)
-        bad = values[idx_clipped] != raw
+        raw = raw.astype(np.int64, copy=False)
+        idx = np.minimum(np.searchsorted(values, raw), len(values) - 1)
+        bad = values[idx] != raw
         if bad.any():
-            unknown = sorted(set(np.unique(raw[bad]).tolist()))
             where = str(path) if path is not None else "the mask"
             raise UsegError(
-                f"{where} has mask values {_fmt(unknown[:8], self.mode)} outside the label map "
-                f"{_fmt(list(self.values), self.mode)}; re-save it with the training set's values or pass --labels"
+                f"{where} has mask values {_fmt(np.unique(raw[bad]).tolist(), self.mode)} outside the "
+                f"label map {_fmt(list(self.values), self.mode)}; re-save it with the training masks' "
+                "values or pass --labels"
             )
-        return idx_clipped
+        return idx
 
     def encode(self, classes: np.ndarray) -> np.ndarray:
-        """Class indices (*S) -> stored values: uint8/uint16/int32 (grey, palette) or (*S, 3) uint8 (rgb)."""
+        """Class indices -> stored values.
+
+        Args:
+            classes: (*S) integer class indices in [0, K).
+
+        Returns:
+            (*S) uint8 when the values fit, else uint16 or int32 (grey, palette); (*S, 3) uint8
+            colours (rgb).
+        """
         classes = np.asarray(classes)
+        if not (np.issubdtype(classes.dtype, np.integer) or classes.dtype == bool):
+            raise ValueError(f"class indices must be integers, got dtype {classes.dtype}")
         if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
-            raise ValueError(f"class indices must be in [0, {self.num_classes}), got {classes.min()}..{classes.max()}")
+            raise ValueError(f"class indices must lie in [0, {self.num_classes}), got {classes.min()}..{classes.max()}")
         stored = np.asarray(self.values, dtype=np.int64)[classes]
         if self.mode == "rgb":
             return np.stack([(stored >> 16) & 255, (stored >> 8) & 255, stored & 255], axis=-1).astype(np.uint8)
-        top = max(self.values)
-        dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.int32
-        return stored.astype(dtype)
+        lo, hi = self.values[0], self.values[-1]
+        if lo >= 0 and hi <= 255:
+            return stored.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return stored.astype(np.uint16)
+        return stored.astype(np.int32 if -(2**31) <= lo and hi < 2**31 else np.int64)
 
     def to_dict(self) -> dict:
+        """JSON-able form; :meth:`from_dict` rebuilds an equal map."""
         return {"values": list(self.values), "mode": self.mode,
                 "palette": list(self.palette) if self.palette is not None else None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LabelMap:
+        """Inverse of :meth:`to_dict`."""
+        if "values" not in d:
+            raise ValueError(f"a label map needs 'values', got keys {sorted(d)}")
         pal = d.get("palette")
-        return cls(tuple(int(v) for v in d["values"]), d.get("mode", "grey"),
-                   tuple(int(v) for v in pal) if pal is not None else None)
+        return cls(tuple(d["values"]), d.get("mode", "grey"), tuple(pal) if pal is not None else None)
 
 
-def _fmt(values: Sequence[int], mode: str) -> str:
-    if mode == "rgb":
-        return "{" + ", ".join(f"#{v:06x}" for v in values) + "}"
-    return "{" + ", ".join(str(v) for v in values) + "}"
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(*S, 3) colours -> (*S) int32 ``r << 16 | g << 8 | b``."""
+    rgb = np.asarray(rgb).astype(np.int32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _fmt(values: Sequence[int], mode: str, limit: int = 8) -> str:
+    values = sorted(values)
+    shown = [f"#{v:06x}" if mode == "rgb" else str(v) for v in values[:limit]]
+    if len(values) > limit:
+        shown.append(f"... ({len(values)} values)")
+    return "{" + ", ".join(shown) + "}"
+
+
+def _evenly_spaced(values: list[int]) -> bool:
+    """Values on a grid 0, s, 2s, ..., top (within rounding, so 0/127/255 counts) using at least
+    half of the grid's levels, so one stray value cannot pass as a 30-level grey scale."""
+    if values[0] < 0 or len(values) > MAX_CLASSES:
+        return False
+    arr = np.asarray(values, dtype=np.float64)
+    top = values[-1]
+    for n in range(1, MAX_CLASSES):  # n steps, n + 1 levels
+        step = top / n
+        if step < 4:  # a one-unit tolerance would accept anything on a grid this fine
+            break
+        if np.all(np.abs(arr - np.round(arr / step) * step) < 1) and 2 * len(values) >= n + 1:
+            return True
+    return False
 
 
 def plausible(values: set[int], mode: str) -> bool:
-    """Whether a set of stored values is a known kind of label encoding."""
+    """Whether a set of stored values is a known kind of label encoding.
+
+    Known kinds: a single value; a binary set {0, v}; ids below 32 (gaps allowed); evenly spaced
+    greys (0, s, 2s, ...); palette indices (at most 256); at most 32 rgb colours.
+    """
     if not values:
         return False
-    if mode in ("palette", "rgb"):
+    if mode == "palette":
+        return min(values) >= 0 and max(values) <= 255
+    if mode == "rgb":
         return len(values) <= MAX_CLASSES
     v = sorted(values)
-    if len(v) <= 2 and v[0] == 0:
-        return True  # binary {0, x} (0/1, 0/255, ...) or a single class
-    if v[-1] < MAX_CLASSES:
-        return True  # label ids, gaps allowed
-    step = v[1] if v[0] == 0 else 0
-    # evenly spaced greys (0, 85, 170, 255): every value a multiple of the smallest non-zero one
-    return step > 0 and len(v) <= MAX_CLASSES and all(x % step == 0 for x in v)
+    if len(v) == 1 or (len(v) == 2 and v[0] == 0):
+        return True
+    if v[0] >= 0 and v[-1] < MAX_CLASSES:
+        return True
+    return _evenly_spaced(v)
 
 
 def infer_label_map(
@@ -109,9 +188,12 @@ def infer_label_map(
 ) -> tuple[LabelMap, list[str]]:
     """The label map of a training set from each mask file's set of stored values.
 
-    Without ``explicit`` values, the union of all files' values is used when it is a plausible
-    encoding; otherwise the values found in the fewest files are dropped until it is, and every
-    file holding a dropped value is reported (antialiased edges, a stray brush stroke).
+    Without ``explicit`` values the union of all files' values is kept when it is a
+    :func:`plausible` encoding. Otherwise suspicious values (found in fewer than half of the
+    files, or in one file only) are dropped, rarest first, until it is; values then seen only in
+    files already reported are dropped too, so one antialiased mask among id masks cannot add
+    classes. Every file holding a dropped value is reported. Common values that still form no
+    known encoding are kept when there are at most 32 of them and reported otherwise.
 
     Args:
         value_sets: mask file name -> its set of stored values.
@@ -120,39 +202,55 @@ def infer_label_map(
         explicit: the user's values (``--labels 0,255``); any other value is a problem.
 
     Returns:
-        (label map, problems): one sentence per problem, naming the file.
+        (label map, problems): one sentence per problem, naming the file and the fix.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    pal = tuple(int(x) for x in palette) if palette is not None and mode == "palette" else None
     problems: list[str] = []
-    union = set().union(*value_sets.values()) if value_sets else set()
     if explicit is not None:
-        allowed = set(int(v) for v in explicit)
+        allowed = sorted({int(v) for v in explicit})
+        if not allowed:
+            raise ValueError("explicit label values must not be empty")
         for name, vals in value_sets.items():
-            extra = vals - allowed
+            extra = set(vals) - set(allowed)
             if extra:
-                problems.append(f"{name} has mask values {_fmt(sorted(extra)[:8], mode)} that are not in --labels "
-                                f"{_fmt(sorted(allowed), mode)}; fix the mask or add them to --labels")
-        keep = allowed
-    else:
-        counts = {v: sum(v in s for s in value_sets.values()) for v in union}
-        keep = set(union)
-        # drop the rarest values first, keeping 0 (background) to the end
-        for v in sorted(union, key=lambda x: (counts[x], x != 0, -x)):
+                problems.append(f"{name} has mask values {_fmt(extra, mode)} that are not in --labels "
+                                f"{_fmt(allowed, mode)}; fix the mask or add the values to --labels")
+        return LabelMap(tuple(allowed), mode, pal), problems
+
+    n_files = len(value_sets)
+    counts = Counter(v for vals in value_sets.values() for v in set(vals))
+    keep = set(counts)
+    if not keep:
+        return LabelMap((0,), mode, pal), problems
+    suspicious = {v for v, c in counts.items() if 2 * c < n_files or (c == 1 and n_files > 1)}
+    dropped: set[int] = set()
+    if not plausible(keep, mode):
+        # rarest first; among equally rare values the background 0 goes last
+        for v in sorted(suspicious, key=lambda x: (counts[x], x == 0, -x)):
             if plausible(keep, mode):
                 break
             keep.discard(v)
-        if not keep:
-            keep = union
-        dropped = union - keep
-        if dropped:
-            for name, vals in value_sets.items():
-                bad = vals & dropped
-                if bad:
-                    problems.append(
-                        f"{name} has mask values {_fmt(sorted(bad)[:8], mode)} that no label encoding explains "
-                        f"(the other masks use {_fmt(sorted(keep)[:8], mode)}); re-save it without "
-                        "antialiasing or interpolation, or pass --labels"
-                    )
-    if not keep:
-        keep = {0}
-    pal = tuple(int(x) for x in palette) if palette is not None and mode == "palette" else None
+            dropped.add(v)
+        flagged = {name for name, vals in value_sets.items() if set(vals) & dropped}
+        for v in sorted(keep & suspicious, key=lambda x: (counts[x], -x)):
+            only_in_flagged = all(name in flagged for name, vals in value_sets.items() if v in vals)
+            if only_in_flagged and len(keep) > 1 and plausible(keep - {v}, mode):
+                keep.discard(v)
+                dropped.add(v)
+    for name, vals in value_sets.items():
+        bad = set(vals) & dropped
+        if bad:
+            problems.append(f"{name} has mask values {_fmt(bad, mode)} that no label encoding explains "
+                            f"(the other masks use {_fmt(keep, mode)}); re-save it without antialiasing "
+                            "or interpolation, or pass --labels")
+    if not plausible(keep, mode):
+        if len(keep) > MAX_CLASSES:
+            busiest = sorted(value_sets, key=lambda k: -len(value_sets[k]))[:3]
+            problems.append(f"the masks share {len(keep)} distinct values {_fmt(keep, mode)}, more than "
+                            f"{MAX_CLASSES} classes (e.g. {', '.join(busiest)}); they look like grey images or "
+                            "resized masks: re-save them with nearest-neighbour resizing or pass --labels")
+        else:
+            logger.info("mask values %s form no known encoding; using them as %d classes", sorted(keep), len(keep))
     return LabelMap(tuple(sorted(keep)), mode, pal), problems

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from useg.augment import AugmentConfig, Augmenter, augment_sample, random_flip, random_intensity, random_rot90
+
+OFF = AugmentConfig(flip=0.0, rot90=False, intensity=False, p_intensity=0.0)
+GEOMETRY = AugmentConfig(flip=0.5, rot90=True, intensity=False)
+
+SHAPES = [(13, 17), (9, 9), (5, 9, 9), (7, 7, 7), (5, 7, 9)]
+
+
+@pytest.fixture(params=SHAPES, ids=lambda s: "x".join(map(str, s)))
+def sample(request):
+    """An image whose channels are the label (so geometry can be checked pixel by pixel)."""
+    label = np.random.default_rng(0).integers(0, 4, request.param)
+    image = np.stack([label, -2 * label]).astype(np.float32)
+    return image, label, (label + 1).astype(np.float32)
+
+
+def _check_together(i, l, w):
+    np.testing.assert_array_equal(i[0], l)
+    np.testing.assert_array_equal(i[1], -2 * l)
+    np.testing.assert_array_equal(w, l + 1)
+
+
+def _fresh(out, inputs):
+    for a, b in zip(out, inputs):
+        if a is None:
+            continue
+        assert a.flags.c_contiguous and all(s > 0 for s in a.strides)
+        assert not np.shares_memory(a, b)
+
+
+def test_identity_when_everything_is_off(sample):
+    out = augment_sample(*sample, np.random.default_rng(1), OFF)
+    for a, b in zip(out, sample):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype or a.dtype == np.float32
+    _fresh(out, sample)
+
+
+def test_zero_probabilities_are_identity_even_when_enabled(sample):
+    cfg = AugmentConfig(flip=0.0, rot90=False, intensity=True, p_intensity=0.0)
+    for a, b in zip(augment_sample(*sample, np.random.default_rng(2), cfg), sample):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_geometry_moves_image_label_and_weight_together(sample):
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        out = random_rot90(*random_flip(*sample, rng), rng)
+        _check_together(*out)
+        assert out[0].shape == sample[0].shape and out[1].shape == sample[1].shape
+        _fresh(out, sample)
+        _check_together(*augment_sample(*sample, np.random.default_rng(seed), GEOMETRY))
+
+
+def test_full_augmentation_keeps_labels_shapes_and_is_seeded(sample):
+    image, label, weight = sample
+    a = Augmenter()(image, label, weight, np.random.default_rng(5))
+    b = Augmenter()(image, label, weight, np.random.default_rng(5))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert set(np.unique(a[1])) <= set(np.unique(label))
+    assert a[0].shape == image.shape and a[0].dtype == np.float32
+    assert a[1].shape == label.shape and a[1].dtype == label.dtype
+    assert a[2].shape == weight.shape and a[2].dtype == np.float32
+    _fresh(a, sample)
+    outs = [Augmenter()(image, label, weight, np.random.default_rng(s))[0] for s in range(6)]
+    assert any(not np.array_equal(o, image) for o in outs)
+    assert any(not np.array_equal(o, outs[0]) for o in outs[1:])  # different seeds, different samples
+
+
+def test_inputs_are_never_written(sample):
+    copies = [a.copy() for a in sample]
+    augment_sample(*sample, np.random.default_rng(0), AugmentConfig(flip=1.0, p_intensity=1.0))
+    random_intensity(sample[0], np.random.default_rng(0), p=1.0)
+    for a, b in zip(sample, copies):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_flip_with_p1_mirrors_exactly_the_given_axes():
+    label = np.arange(3 * 5 * 7).reshape(3, 5, 7)
+    image = label[None].astype(np.float32)
+    _, l, w = random_flip(image, label, None, np.random.default_rng(0), p=1.0)
+    np.testing.assert_array_equal(l, label[::-1, ::-1, ::-1])
+    assert w is None
+    _, l, _ = random_flip(image, label, None, np.random.default_rng(0), axes=(1,), p=1.0)
+    np.testing.assert_array_equal(l, label[:, ::-1])
+    _, l, _ = random_flip(image, label, None, np.random.default_rng(0), p=0.0)
+    np.testing.assert_array_equal(l, label)
+
+
+def test_rot90_reaches_all_four_rotations():
+    label = np.arange(25).reshape(5, 5)
+    seen = set()
+    for seed in range(40):
+        _, l, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
+        seen.add(next(k for k in range(4) if np.array_equal(l, np.rot90(label, k))))
+    assert seen == {0, 1, 2, 3}
+
+
+def test_rot90_skips_unequal_planes_and_respects_axes():
+    label = np.arange(6).reshape(2, 3)
+    for seed in range(5):
+        _, l, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
+        np.testing.assert_array_equal(l, label)
+    # in (5, 7, 7) only the last two axes are equal; restricted to axes (0, 1) nothing may turn
+    label3 = np.arange(5 * 7 * 7).reshape(5, 7, 7)
+    for seed in range(5):
+        _, l, _ = random_rot90(label3[None], label3, None, np.random.default_rng(seed), axes=(0, 1))
+        np.testing.assert_array_equal(l, label3)
+
+
+def test_gamma_keeps_each_channel_min_and_max():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(0, 1, (11, 13)), rng.uniform(5, 9, (11, 13))]).astype(np.float32)
+    out = random_intensity(image, np.random.default_rng(3), brightness=0.0, contrast=(1.0, 1.0),
+                           gamma=(0.5, 0.5), noise_std=0.0, p=1.0)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out.min(axis=(1, 2)), image.min(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.max(axis=(1, 2)), image.max(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, image)  # gamma 0.5 brightens the middle of the range
+    assert (out >= image - 1e-5).all()
+
+
+def test_intensity_p0_is_identity_and_p1_changes_3d():
+    image = np.random.default_rng(0).normal(0, 1, (1, 5, 7, 9)).astype(np.float32)
+    np.testing.assert_array_equal(random_intensity(image, np.random.default_rng(0), p=0.0), image)
+    out = random_intensity(image, np.random.default_rng(0), p=1.0)
+    assert out.shape == image.shape and not np.allclose(out, image)
+
+
+def test_constant_image_survives_intensity():
+    image = np.full((1, 6, 6), 3.0, np.float32)
+    out = random_intensity(image, np.random.default_rng(0), p=1.0)
+    assert np.isfinite(out).all()
+
+
+def test_augmenter_pickles_and_config_is_json_able(sample):
+    aug = pickle.loads(pickle.dumps(Augmenter(GEOMETRY)))
+    assert aug.config == GEOMETRY
+    a = aug(*sample, np.random.default_rng(4))
+    b = augment_sample(*sample, np.random.default_rng(4), GEOMETRY)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert json.loads(json.dumps(dataclasses.asdict(AugmentConfig())))["gamma"] == [0.7, 1.5]
+
+
+def test_bad_arguments_are_refused():
+    image, label = np.zeros((1, 4, 4), np.float32), np.zeros((4, 4), np.int64)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="image"):
+        random_flip(np.zeros((1, 4, 5), np.float32), label, None, rng)
+    with pytest.raises(ValueError, match="weight"):
+        augment_sample(image, label, np.zeros((3, 3), np.float32), rng)
+    with pytest.raises(ValueError, match="axes"):
+        random_flip(image, label, None, rng, axes=(2,))
+    with pytest.raises(ValueError, match="probability"):
+        random_flip(image, label, None, rng, p=1.5)
+    with pytest.raises(ValueError, match="contrast"):
+        AugmentConfig(contrast=(1.2, 0.8))
+    with pytest.raises(ValueError, match="flip"):
+        AugmentConfig(flip=-0.1)
