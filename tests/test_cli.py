@@ -3,7 +3,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image as PILImage
 
 from useg.cli import main

@@ -1,56 +1,141 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from useg.errors import UsegError
-from useg.labels import LabelMap, infer_label_map, plausible
+from useg.labels import LabelMap, infer_label_map, pack_rgb, plausible
+
+
+def _binary_sets(n=5):
+    return {f"masks/m{i}.png": {0, 255} for i in range(n)}
 
 
 def test_binary_255_with_a_stray_value_is_reported():
-    sets = {f"m{i}.png": {0, 255} for i in range(5)}
-    sets["m3.png"] = {0, 7, 255}
+    sets = _binary_sets()
+    sets["masks/a.png"] = {0, 7, 255}
     lm, problems = infer_label_map(sets)
-    assert lm.values == (0, 255)
-    assert len(problems) == 1 and "m3.png" in problems[0] and "{7}" in problems[0]
+    assert lm.values == (0, 255) and lm.mode == "grey"
+    assert len(problems) == 1
+    assert problems[0].startswith("masks/a.png has mask values {7}") and "{0, 255}" in problems[0]
+    assert "--labels" in problems[0]
 
 
-@pytest.mark.parametrize("values", [{0, 1}, {0, 255}, {0, 1, 2, 5}, {0, 85, 170, 255}, {0, 64, 128, 192}])
+@pytest.mark.parametrize("stray", [1, 5, 8, 15, 128])
+def test_stray_values_that_fit_a_grid_are_still_caught(stray):
+    # {0, 1, 255} or {0, 15, 255} are multiples of the smallest step but use a few of many levels
+    sets = _binary_sets()
+    sets["masks/a.png"] = {0, stray, 255}
+    lm, problems = infer_label_map(sets)
+    if stray == 128:  # 0/128/255 is a genuine 3-level grey encoding
+        assert lm.values == (0, 128, 255) and not problems
+    else:
+        assert lm.values == (0, 255) and len(problems) == 1 and f"{{{stray}}}" in problems[0]
+
+
+def test_ids_case_and_an_antialiased_file_adds_no_classes():
+    sets = {f"m{i}": {0, 1, 2} for i in range(8)}
+    sets["rare"] = {0, 1, 2, 3}  # a rare but genuine class in a clean file
+    lm, problems = infer_label_map(sets)
+    assert lm.values == (0, 1, 2, 3) and not problems
+    sets["blurred"] = set(range(256))
+    lm, problems = infer_label_map(sets)
+    assert lm.values == (0, 1, 2, 3)
+    assert len(problems) == 1 and problems[0].startswith("blurred has mask values {4, 5,")
+
+
+@pytest.mark.parametrize("values", [{0, 1}, {0, 255}, {0, 1, 2, 5}, {0, 85, 170, 255}, {0, 64, 128, 192},
+                                    {0, 127, 255}, {0, 63, 127, 191, 255}, {0, 85, 255}])
 def test_plausible_encodings_are_accepted(values):
-    lm, problems = infer_label_map({"a": values, "b": {0}})
+    lm, problems = infer_label_map({"a": values, "b": {0}, "c": set(values)})
     assert not problems and lm.values == tuple(sorted(values))
 
 
-def test_grey_image_as_mask_is_not_plausible():
+def test_even_greys_with_a_stray_value():
+    sets = {f"m{i}": {0, 85, 170, 255} for i in range(4)}
+    sets["x"] = {0, 85, 90, 170, 255}
+    lm, problems = infer_label_map(sets)
+    assert lm.values == (0, 85, 170, 255)
+    assert len(problems) == 1 and problems[0].startswith("x has mask values {90}")
+
+
+def test_palette_indices_are_plausible_up_to_256():
+    pal = tuple(range(256)) * 3
+    sets = {"a": {0, 1, 2}, "b": {0, 2, 200}}
+    lm, problems = infer_label_map(sets, "palette", palette=pal)
+    assert lm.values == (0, 1, 2, 200) and lm.mode == "palette" and lm.palette == pal and not problems
+    assert plausible(set(range(256)), "palette") and not plausible(set(range(256)), "grey")
+
+
+def test_rgb_colours():
+    red, green, blue = 0xFF0000, 0x00FF00, 0x0000FF
+    sets = {f"m{i}": {0, red, green} for i in range(4)}
+    sets["odd"] = {0, red, green, blue}
+    lm, problems = infer_label_map(sets, "rgb")
+    assert lm.values == tuple(sorted({0, red, green, blue})) and not problems
+    sets["jpeg_like"] = {0, red, green} | set(range(1, 40))  # 39 near-black colours
+    lm, problems = infer_label_map(sets, "rgb")
+    assert lm.values == tuple(sorted({0, red, green, blue}))
+    assert len(problems) == 1 and problems[0].startswith("jpeg_like has mask values {#000001")
+
+
+def test_grey_image_as_mask_is_reported():
     assert not plausible(set(range(0, 256, 3)) | {1}, "grey")
     lm, problems = infer_label_map({"a": set(range(200)), "b": {0, 255}, "c": {0, 255}})
-    assert problems and "a" in problems[0]
+    assert lm.values == (0, 255)
+    assert len(problems) == 1 and problems[0].startswith("a has mask values")
+    # every mask a grey image: nothing is rare, too many values is reported once
+    lm, problems = infer_label_map({"a": set(range(100)), "b": set(range(100))})
+    assert len(problems) == 1 and "100 distinct values" in problems[0]
 
 
 def test_explicit_labels():
-    lm, problems = infer_label_map({"a": {0, 255}, "b": {0, 128}}, explicit=[0, 255])
+    lm, problems = infer_label_map({"a": {0, 255}, "b": {0, 128}}, explicit=[255, 0, 0])
     assert lm.values == (0, 255)
-    assert len(problems) == 1 and problems[0].startswith("b has mask values {128}")
+    assert len(problems) == 1 and problems[0].startswith("b has mask values {128} that are not in --labels")
+    lm, problems = infer_label_map({"a": {0, 1}}, explicit=[0, 1, 2])  # a class absent from a subset is fine
+    assert lm.values == (0, 1, 2) and not problems
+    with pytest.raises(ValueError):
+        infer_label_map({"a": {0}}, explicit=[])
 
 
-@pytest.mark.parametrize("lm", [LabelMap((0, 255)), LabelMap((0, 1, 2), "palette", tuple(range(768))),
-                                LabelMap((0, 0x00FF00, 0xFF0000), "rgb"), LabelMap((0, 1000))])
+@pytest.mark.parametrize("lm", [LabelMap((0, 255)), LabelMap((0, 1, 2), "palette", tuple(range(256)) * 3),
+                                LabelMap((0, 0x00FF00, 0xFF0000), "rgb"), LabelMap((0, 1000)),
+                                LabelMap((-1, 0, 3))])
 def test_decode_encode_round_trip(lm, rng):
     classes = rng.integers(0, lm.num_classes, (7, 9))
     stored = lm.encode(classes)
     if lm.mode == "rgb":
         assert stored.shape == (7, 9, 3) and stored.dtype == np.uint8
-        stored = (stored[..., 0].astype(np.int64) << 16) | (stored[..., 1].astype(np.int64) << 8) | stored[..., 2]
+        np.testing.assert_array_equal(lm.decode(stored), classes)  # colours are packed on decode
+        stored = pack_rgb(stored)
     else:
-        assert stored.dtype == (np.uint8 if max(lm.values) <= 255 else np.uint16)
+        expect = np.int32 if min(lm.values) < 0 else np.uint8 if max(lm.values) <= 255 else np.uint16
+        assert stored.dtype == expect
     np.testing.assert_array_equal(lm.decode(stored), classes)
-    assert LabelMap.from_dict(lm.to_dict()) == lm
+    again = LabelMap.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert again == lm and hash(again) == hash(lm)
 
 
-def test_decode_names_file_and_values():
-    with pytest.raises(UsegError, match=r"masks/x.png has mask values \{3\}"):
+def test_decode_names_file_values_and_fix():
+    with pytest.raises(UsegError, match=r"masks/x.png has mask values \{3\} outside .*--labels"):
         LabelMap((0, 255)).decode(np.array([[0, 3], [255, 0]]), path="masks/x.png")
+    with pytest.raises(UsegError, match=r"\{#0000ff\}"):
+        LabelMap((0, 0xFF0000), "rgb").decode(np.array([0, 0xFF, 0xFF0000]))
+
+
+@pytest.mark.parametrize("bad", [dict(values=(255, 0)), dict(values=()), dict(values=(0, 0)),
+                                 dict(values=(0, 1), mode="hsv"), dict(values=(0, 300), mode="palette"),
+                                 dict(values=(0, 1), mode="palette", palette=(0,) * 10)])
+def test_label_map_validation(bad):
     with pytest.raises(ValueError):
+        LabelMap(**bad)
+
+
+def test_encode_rejects_out_of_range_classes():
+    with pytest.raises(ValueError, match="class indices"):
         LabelMap((0, 255)).encode(np.array([2]))
     with pytest.raises(ValueError):
-        LabelMap((255, 0))
+        LabelMap((0, 255)).encode(np.array([0.5]))

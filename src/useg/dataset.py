@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from .errors import UsegError
-from .io import IMAGE_SUFFIXES, JPEG_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
 from .labels import LabelMap, infer_label_map
 
 logger = logging.getLogger(__name__)
 
-MASK_STEM_SUFFIXES = ("_mask", "_label", "_labels", "_seg")
+MASK_STEM_SUFFIXES = ("_mask", "_label", "_labels", "_seg")  # mask stem = image stem + one of these
+FG_SAMPLES_PER_CLASS = 10_000  # foreground locations kept per class and image (nnU-Net keeps as many)
 
 
 @dataclass(frozen=True)
@@ -33,42 +34,50 @@ class Case:
 
 
 def natural_key(text: str) -> list:
-    """Sort key putting "2" before "10"."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+    """Sort key putting "2" before "10" (case-insensitive otherwise)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text)]
 
 
-def _files(folder: Path, suffixes: set[str]) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
-                   and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Path], list[Path]]:
+    """(files with a known suffix in natural order, other visible files) of a folder."""
+    files, other = [], []
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            (files if p.suffix.lower() in suffixes else other).append(p)
+    return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
 
 def _mask_stem(stem: str) -> str:
     for suffix in MASK_STEM_SUFFIXES:
-        if stem.endswith(suffix) and len(stem) > len(suffix):
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
     return stem
 
 
-def _pair(root: Path) -> tuple[list[Case], list[str]]:
-    """Cases and pairing problems of a data folder."""
-    root = Path(root)
-    problems: list[str] = []
+def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
+    """Cases, pairing problems and ignored (non-image) files of a data folder."""
     if not root.is_dir():
-        return [], [f"{root} is not a folder; give a folder with images/ and masks/"]
+        return [], [f"{root} is not a folder; give a folder with images/ and masks/"], []
     img_dir = root / "images" if (root / "images").is_dir() else root
-    images = _files(img_dir, IMAGE_SUFFIXES)
+    images, ignored = _listing(img_dir, IMAGE_SUFFIXES)
     if not images:
-        return [], [f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the images in {root}/images"]
+        return [], [f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                    f"put the images in {root / 'images'}"], ignored
+    problems: list[str] = []
     by_stem: dict[str, Path] = {}
     for p in images:
         if p.stem in by_stem:
-            problems.append(f"{p} and {by_stem[p.stem].name} share the stem {p.stem!r}; keep one of them")
+            problems.append(f"{p} and {by_stem[p.stem].name} share the name {p.stem!r}; keep one of them")
         else:
             by_stem[p.stem] = p
     masks: dict[str, Path] = {}
     mask_dir = root / "masks"
-    if mask_dir.is_dir():
-        for p in _files(mask_dir, MASK_SUFFIXES):
+    if img_dir != root and mask_dir.is_dir():
+        mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
+        ignored += other
+        if not mask_files:
+            problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
+        for p in mask_files:
             stem = p.stem if p.stem in by_stem else _mask_stem(p.stem)
             if stem in masks:
                 problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
@@ -77,22 +86,25 @@ def _pair(root: Path) -> tuple[list[Case], list[str]]:
         for stem, p in masks.items():
             if stem not in by_stem:
                 problems.append(f"{p} has no image {stem}.* in {img_dir}; add the image or remove the mask")
-        for stem, p in by_stem.items():
-            if stem not in masks:
-                problems.append(f"{p} has no mask {stem}.png in {mask_dir}; add its mask or move the image out")
+        if mask_files:
+            for stem, p in by_stem.items():
+                if stem not in masks:
+                    problems.append(f"{p} has no mask {stem}.png in {mask_dir}; add its mask or move the image out")
     cases = [Case(stem, p, masks.get(stem)) for stem, p in by_stem.items()]
-    return cases, problems
+    return cases, problems, ignored
 
 
 def discover(root: str | Path) -> list[Case]:
-    """The cases of a data folder (images/ paired with masks/ by stem, natural order).
+    """The cases of a data folder: ``root/images/*`` paired with ``root/masks/*`` by stem.
 
-    A folder without images/ is a folder of images to predict (cases without masks).
+    A mask may carry a ``_mask`` / ``_label`` suffix on its image's stem. Cases come in natural
+    order (2 before 10). A folder without images/ is a folder of images to predict (cases
+    without masks); images without masks get ``mask=None``. :func:`check_dataset` reports the rest.
 
     Raises:
-        UsegError: when the folder holds no images.
+        UsegError: the folder does not exist or holds no images.
     """
-    cases, problems = _pair(Path(root))
+    cases, problems, _ = _pair(Path(root))
     if not cases:
         raise UsegError(problems[0])
     return cases
@@ -100,36 +112,57 @@ def discover(root: str | Path) -> list[Case]:
 
 @dataclass
 class CheckReport:
-    cases: list[Case]  # paired cases (mask may be None when masks/ is missing)
-    problems: list[str]  # one sentence each, naming the file and the fix
-    label_map: LabelMap | None = None  # the masks' encoding, when masks were readable
-    channels: int | None = None  # image channels (when consistent)
-    stats: dict = field(default_factory=dict)  # sizes, class frequencies
+    """What :func:`check_dataset` found.
+
+    Attributes:
+        cases: paired cases (mask None where it is missing).
+        problems: one sentence each, naming the file and the fix; empty when the data is usable.
+        label_map: the masks' encoding, when masks were readable.
+        channels: image channels, when every readable image has the same count.
+        stats: JSON-able summary (counts, sizes, dtypes, pixel share per mask value, ignored files).
+    """
+
+    cases: list[Case]
+    problems: list[str]
+    label_map: LabelMap | None = None
+    channels: int | None = None
+    stats: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def _majority(groups: dict) -> object:
+    return max(groups, key=lambda k: len(groups[k]))
+
+
 def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> CheckReport:
     """Read every file of a training folder once and list every problem.
 
+    Problems: missing or empty folders, images without masks and masks without images,
+    duplicate names, unreadable files, JPEG masks, image/mask size mismatches, inconsistent
+    channel counts or dimensions, palettes that disagree, unknown mask values (see
+    :func:`useg.labels.infer_label_map`) and a single class only.
+
     Args:
         root: a folder with images/ and masks/.
-        labels: the masks' stored values, when they should not be inferred.
+        labels: the masks' stored values (``--labels``), when they should not be inferred.
 
     Returns:
         A :class:`CheckReport`; ``report.ok`` is False when anything must be fixed.
     """
     root = Path(root)
-    cases, problems = _pair(root)
+    cases, problems, ignored = _pair(root)
     if cases and not (root / "masks").is_dir():
-        problems.append(f"{root} has no masks/ folder; put one mask per image in {root}/masks")
+        problems.append(f"{root} has no masks/ folder; put the images in {root / 'images'} "
+                        f"and one mask per image in {root / 'masks'}")
     value_sets: dict[str, set[int]] = {}
-    modes: dict[str, str] = {}
-    palette = None
-    channels: dict[int, list[str]] = {}
-    shapes = []
+    modes: dict[str, list[str]] = {}
+    palettes: dict[str, tuple[int, ...]] = {}
+    channels: dict[int, list[Path]] = {}
+    dims: dict[int, list[Path]] = {}
+    shapes, dtypes = [], set()
     pixel_counts: dict[int, int] = {}
     for case in cases:
         try:
@@ -139,14 +172,12 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
             image = None
         if image is not None:
             if not np.issubdtype(image.array.dtype, np.integer) and not np.isfinite(image.array).all():
-                problems.append(f"{case.image} contains NaN or infinite values; fix or mask them")
-            channels.setdefault(image.channels, []).append(case.image.name)
+                problems.append(f"{case.image} contains NaN or infinite values; replace them before training")
+            channels.setdefault(image.channels, []).append(case.image)
+            dims.setdefault(image.dims, []).append(case.image)
             shapes.append(image.spatial_shape)
+            dtypes.add(str(image.array.dtype))
         if case.mask is None:
-            continue
-        if case.mask.suffix.lower() in JPEG_SUFFIXES:
-            problems.append(f"{case.mask} is a JPEG mask; lossy compression changes label values, "
-                            "save masks as PNG or TIFF")
             continue
         try:
             raw, mode, pal = read_mask(case.mask)
@@ -161,61 +192,97 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
         value_sets[str(case.mask)] = set(values.tolist())
         for v, c in zip(values.tolist(), counts.tolist()):
             pixel_counts[v] = pixel_counts.get(v, 0) + c
-        modes[str(case.mask)] = mode
-        palette = palette or pal
-    if len(channels) > 1:
-        common = max(channels, key=lambda c: len(channels[c]))
-        for c, names in channels.items():
-            if c != common:
-                problems.append(f"{', '.join(names[:3])} have {c} channel(s) but most images have {common}; "
-                                "convert them to the same channels")
+        modes.setdefault(mode, []).append(str(case.mask))
+        if pal is not None:
+            palettes[str(case.mask)] = pal
+    for groups, what, fix in ((channels, "channel(s)", "convert them to the same channels"),
+                              (dims, "spatial dimensions", "train 2D and 3D data separately")):
+        if len(groups) > 1:
+            common = _majority(groups)
+            for c, paths in groups.items():
+                problems.extend(f"{p} has {c} {what} but most images have {common}; {fix}"
+                                for p in paths if c != common)
     label_map = None
     if value_sets:
-        kinds = set(modes.values())
-        if len(kinds) > 1:
-            common = max(kinds, key=lambda k: sum(m == k for m in modes.values()))
-            for name, m in modes.items():
-                if m != common:
-                    problems.append(f"{name} is a {m} mask but most masks are {common}; save all masks the same way")
-            mode = common
-        else:
-            mode = kinds.pop()
-        label_map, label_problems = infer_label_map(value_sets, mode, palette, explicit=labels)
+        mode = _majority(modes)
+        for m, names in modes.items():
+            problems.extend(f"{n} is a {m} mask but most masks are {mode}; save all masks the same way"
+                            for n in names if m != mode)
+        kept = {n: v for n, v in value_sets.items() if n in modes[mode]}
+        palette = palettes[modes[mode][0]] if mode == "palette" else None
+        label_map, label_problems = infer_label_map(kept, mode, palette, explicit=labels)
         problems.extend(label_problems)
+        if mode == "palette":
+            problems.extend(_palette_problems(palettes, kept, label_map))
         if label_map.num_classes < 2:
-            problems.append(f"every mask in {root}/masks holds only the value {label_map.values[0]}; "
-                            "a segmentation needs at least two classes")
-    stats = {}
+            problems.append(f"every mask in {root / 'masks'} holds only the value {label_map.values[0]}; "
+                            "a segmentation needs at least two classes, check the masks or pass --labels")
+    stats: dict = {"cases": len(cases), "labelled": sum(c.mask is not None for c in cases)}
     if shapes:
-        stats["image sizes"] = f"{min(shapes)} .. {max(shapes)}"
+        stats["dims"] = sorted(dims)
+        stats["image sizes"] = f"{'x'.join(map(str, min(shapes)))} .. {'x'.join(map(str, max(shapes)))}"
+        stats["image dtypes"] = sorted(dtypes)
     if pixel_counts:
         total = sum(pixel_counts.values())
-        stats["pixel share per mask value"] = ", ".join(f"{v}: {c / total:.3f}" for v, c in sorted(pixel_counts.items()))
+        stats["pixel share per mask value"] = {str(v): round(c / total, 4) for v, c in sorted(pixel_counts.items())}
+    if ignored:
+        stats["ignored files"] = [str(p) for p in ignored]
+        logger.info("ignoring %d files that are not images: %s", len(ignored), ", ".join(p.name for p in ignored[:5]))
     nchan = next(iter(channels)) if len(channels) == 1 else None
     return CheckReport(cases, problems, label_map, nchan, stats)
 
 
+def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_map: LabelMap) -> list[str]:
+    """Masks whose palette gives a used index another colour than the label map's palette."""
+    ref = label_map.palette
+    if ref is None:
+        return []
+    out = []
+    for name in names:
+        pal = palettes[name]
+        differ = [v for v in label_map.values if pal[3 * v: 3 * v + 3] != ref[3 * v: 3 * v + 3]]
+        if differ:
+            out.append(f"{name} gives palette indices {differ[:8]} other colours than the other masks; "
+                       "re-save the masks with one palette, or as RGB colours")
+    return out
+
+
 def load_case(case: Case, label_map: LabelMap | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image (C, *S) float32 and labels (*S) int64 (None without a mask or label map)."""
+    """Read one case.
+
+    Returns:
+        (image (C, *S) float32, labels (*S) int64 class indices, or None without a mask or map).
+
+    Raises:
+        UsegError: unreadable files, unknown mask values, a mask of another size than its image.
+    """
     image = read_image(case.image)
     labels = None
     if case.mask is not None and label_map is not None:
         labels = label_map.decode(read_mask(case.mask)[0], path=case.mask)
+        if labels.shape != image.spatial_shape:
+            raise UsegError(f"{case.mask} is {'x'.join(map(str, labels.shape))} but {case.image} is "
+                            f"{'x'.join(map(str, image.spatial_shape))}; masks must match their images pixel for pixel")
     return image.array.astype(np.float32), labels
 
 
 def normalize(array: np.ndarray, method: str = "zscore") -> np.ndarray:
-    """Per image and channel z-score ``(x - mean) / std`` (nnU-Net's default for non-CT), float32.
+    """Per image and channel z-score ``(x - mean) / max(std, 1e-8)`` (nnU-Net's non-CT default).
 
     Args:
-        array: (C, *S).
-        method: "zscore" or "none".
+        array: (C, *S) image.
+        method: "zscore" or "none" (cast to float32 only).
+
+    Returns:
+        (C, *S) float32.
     """
     x = np.asarray(array, dtype=np.float32)
     if method == "none":
         return x
     if method != "zscore":
         raise ValueError(f"unknown normalization {method!r}; choose zscore or none")
+    if x.ndim < 2:
+        raise ValueError(f"normalize needs a channels-first array (C, *S), got shape {x.shape}")
     axes = tuple(range(1, x.ndim))
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x.std(axis=axes, keepdims=True, dtype=np.float64)
@@ -224,24 +291,35 @@ def normalize(array: np.ndarray, method: str = "zscore") -> np.ndarray:
 
 def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
                 val_names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
-    """Deterministic train/validation split (at least one case each side when there are two or more).
+    """Deterministic train/validation split, both in the input order.
 
     Args:
         cases: all labelled cases.
-        val_fraction: share for validation when ``val_names`` is None.
+        val_fraction: share for validation when ``val_names`` is None, in [0, 1); with two or
+            more cases and a positive fraction each side gets at least one case.
         seed: the shuffle seed.
         val_names: explicit validation case names.
+
+    Raises:
+        UsegError: a name in ``val_names`` that is no case, or names that leave no training case.
     """
     cases = list(cases)
     if val_names:
         names = set(val_names)
-        return [c for c in cases if c.name not in names], [c for c in cases if c.name in names]
-    if len(cases) < 2 or val_fraction <= 0:
+        unknown = names - {c.name for c in cases}
+        if unknown:
+            raise UsegError(f"validation cases {sorted(unknown)[:5]} are not in the data; use names of its images")
+        train, val = [c for c in cases if c.name not in names], [c for c in cases if c.name in names]
+        if not train:
+            raise UsegError("every case is a validation case; leave at least one for training")
+        return train, val
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if len(cases) < 2 or val_fraction == 0:
         return cases, []
     n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
-    order = np.random.default_rng(seed).permutation(len(cases))
-    val = set(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
+    chosen = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
+    return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
 def mirror_index(start: int, size: int, dim: int) -> np.ndarray:
@@ -264,16 +342,30 @@ def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.
 class PatchDataset(torch.utils.data.Dataset):
     """Random training patches with foreground oversampling, reproducible per (seed, epoch, index).
 
+    Item i of epoch e draws everything from ``np.random.default_rng([seed, e, i])``, so it is
+    the same in any worker process and differs between epochs. With probability
+    ``fg_fraction`` the output window is centred on a foreground pixel: a foreground class
+    present in the image is chosen uniformly, then one of its pixels (as nnU-Net does, so rare
+    classes are seen); otherwise the output window lies uniformly inside the image. The input
+    window adds the context margin ``(patch_size - out_size) / 2`` around it and is mirrored
+    where it leaves the image (the U-Net paper's overlap-tile extrapolation), so images smaller
+    than the patch work.
+
     Args:
-        images: (C, *S) float32 normalised images.
-        labels: (*S) int64 class labels.
-        patch_size: network input size.
-        out_size: network output size (smaller with valid padding); labels are centre-cropped to it.
+        images: (C, *S) float32 normalised images, S two or three sizes.
+        labels: (*S) int64 class labels, one per image.
+        patch_size: network input size (len(S) values).
+        out_size: network output size (smaller with valid convolutions); labels and weights are
+            centre-cropped to it. None: same as ``patch_size``.
         length: patches per epoch.
         seed: base seed.
-        augment: callable(image, label, weight, rng) -> (image, label, weight), same sizes.
-        weights: optional (*S) float32 per-pixel loss weights.
-        fg_fraction: share of patches centred on a random foreground (label > 0) pixel.
+        augment: ``augment(image, label, weight, rng) -> (image, label, weight)`` on the full
+            patch (weight may be None), sizes unchanged.
+        weights: optional (*S) float32 per-pixel loss weights, one per image.
+        fg_fraction: share of patches centred on a foreground (label > 0) pixel.
+
+    Items are dicts of tensors: ``image`` (C, *patch) float32, ``label`` (*out) int64 and, when
+    weights are given, ``weight`` (*out) float32.
     """
 
     def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], patch_size: Sequence[int],
@@ -281,33 +373,49 @@ class PatchDataset(torch.utils.data.Dataset):
                  augment: Callable | None = None, weights: list[np.ndarray] | None = None,
                  fg_fraction: float = 0.33):
         if not images or len(images) != len(labels):
-            raise ValueError("images and labels must be non-empty lists of the same length")
-        self.images, self.labels, self.weights = images, labels, weights
+            raise ValueError(f"images and labels must be non-empty lists of one length, got {len(images)} and {len(labels)}")
+        if weights is not None and len(weights) != len(images):
+            raise ValueError(f"weights must hold one array per image, got {len(weights)} for {len(images)}")
         self.patch_size = tuple(int(p) for p in patch_size)
-        self.out_size = tuple(int(p) for p in (out_size or patch_size))
-        self.length, self.seed, self.augment, self.fg_fraction = length, seed, augment, fg_fraction
+        self.out_size = tuple(int(p) for p in (out_size if out_size is not None else patch_size))
+        nd = len(self.patch_size)
+        if nd not in (2, 3) or len(self.out_size) != nd or min(self.patch_size) < 1 or min(self.out_size) < 1:
+            raise ValueError(f"patch_size and out_size must be 2 or 3 positive sizes, got {patch_size}, {out_size}")
+        if any(o > p for o, p in zip(self.out_size, self.patch_size)):
+            raise ValueError(f"out_size {self.out_size} must not exceed patch_size {self.patch_size}")
+        for k, (img, lab) in enumerate(zip(images, labels)):
+            if img.ndim != nd + 1 or lab.shape != img.shape[1:]:
+                raise ValueError(f"image {k} {img.shape} and label {lab.shape} must be (C, *S) and S with {nd} sizes")
+            if weights is not None and weights[k].shape != lab.shape:
+                raise ValueError(f"weight {k} {weights[k].shape} must have its label's shape {lab.shape}")
+        if not 0 <= fg_fraction <= 1 or length < 1:
+            raise ValueError(f"fg_fraction must lie in [0, 1] and length be positive, got {fg_fraction}, {length}")
+        self.images, self.labels, self.weights = images, labels, weights
+        self.length, self.seed, self.augment, self.fg_fraction = int(length), int(seed), augment, fg_fraction
         self.epoch = 0
-        # foreground coordinates per image, found once (sampling them each time would dominate)
-        self._fg = [np.flatnonzero(lab > 0) for lab in labels]
+        # foreground locations per image and class, found once (searching per item would dominate)
+        self._fg = [_class_locations(lab, np.random.default_rng([self.seed, k])) for k, lab in enumerate(labels)]
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Select the epoch whose patches ``__getitem__`` draws."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         k = int(rng.integers(len(self.images)))
         image, label = self.images[k], self.labels[k]
         shape = label.shape
-        if self._fg[k].size and rng.random() < self.fg_fraction:
-            centre = np.unravel_index(self._fg[k][rng.integers(self._fg[k].size)], shape)
+        fg = self._fg[k]
+        if fg and rng.random() < self.fg_fraction:
+            locations = fg[int(rng.integers(len(fg)))]
+            centre = np.unravel_index(locations[rng.integers(locations.size)], shape)
             out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
         else:  # uniform inside the image; an image smaller than the output is centred and mirrored
             out_start = [int(rng.integers(d - o + 1)) if d >= o else (d - o) // 2
                          for d, o in zip(shape, self.out_size)]
-        # the input window adds the context margin that valid convolutions consume
         margin = [(p - o) // 2 for p, o in zip(self.patch_size, self.out_size)]
         start = [s - m for s, m in zip(out_start, margin)]
         img = _window(image, start, self.patch_size)
@@ -321,3 +429,16 @@ class PatchDataset(torch.utils.data.Dataset):
         if w is not None:
             out["weight"] = torch.from_numpy(np.ascontiguousarray(w[crop], dtype=np.float32))
         return out
+
+
+def _class_locations(label: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Flat indices of each foreground class present, at most FG_SAMPLES_PER_CLASS each (random subset)."""
+    out = []
+    for c in np.unique(label):
+        if c <= 0:
+            continue
+        idx = np.flatnonzero(label == c)
+        if idx.size > FG_SAMPLES_PER_CLASS:
+            idx = np.sort(rng.choice(idx, FG_SAMPLES_PER_CLASS, replace=False))
+        out.append(idx)
+    return out

@@ -108,8 +108,8 @@ def _unreadable(path: Path, err: BaseException) -> UsegError:
     if "truncated" in reason.lower() or isinstance(err, EOFError):
         return UsegError(f"cannot read {path}: the file is truncated; copy or export it again")
     if isinstance(err, (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning)):
-        return UsegError(f"cannot read {path}: it has more pixels than useg's limit of "
-                         f"{PILImage.MAX_IMAGE_PIXELS} ({reason}); tile or downscale it first")
+        return UsegError(f"cannot read {path}: it has more pixels than the limit of {PILImage.MAX_IMAGE_PIXELS} "
+                         "that guards against decompression bombs; tile or downscale it first")
     if isinstance(err, PILImage.UnidentifiedImageError):
         return UsegError(f"cannot read {path}: it is not an image Pillow recognises (damaged or another "
                          "format behind the suffix); re-export it as PNG or TIFF")
@@ -122,7 +122,7 @@ def _read_pil(path: Path) -> PILImage.Image:
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
                 im.load()
-                return im.copy() if im.mode != "P" else im.copy()
+                return im.copy()
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
     except MemoryError:
@@ -189,7 +189,7 @@ def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) ->
     if axes.endswith("S"):  # channels last (RGB, RGBA)
         if alpha:
             arr = arr[..., :-1]
-        return np.moveaxis(arr, -1, 0) if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
+        return np.moveaxis(arr, -1, 0)
     if arr.ndim == 3:
         if axes[0] in "CS":
             return arr
@@ -206,19 +206,21 @@ def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) ->
                     "save one (C, D, H, W) image per file")
 
 
-def _tiff_spacing(meta: dict, dims: int) -> tuple[tuple[float, ...] | None, str]:
-    """Spacing (z, y, x)/(y, x) in mm when the unit is known, with its unit name."""
-    unit = str(meta.get("imagej_unit", "")).strip().lower()
-    res = meta.get("resolution")
+def _mm_factor(meta: dict) -> tuple[float, str]:
+    """Millimetres per unit of a TIFF's resolution (and ImageJ z spacing), and the unit's name."""
     if meta.get("resolution_unit") in _TO_MM:
-        factor, name = _TO_MM[meta["resolution_unit"]], "mm"
-    elif unit in _UNIT_TO_MM:
-        factor, name = _UNIT_TO_MM[unit], "mm"
-    else:
-        factor, name = 1.0, ""
-    if not res or res[0] <= 0 or res[1] <= 0:
-        return None, name
-    yx = (factor / res[1], factor / res[0])  # pixels per unit -> mm per pixel, (row, column) order
+        return _TO_MM[meta["resolution_unit"]], "mm"
+    unit = str(meta.get("imagej_unit", "")).strip().lower()
+    if unit in _UNIT_TO_MM:
+        return _UNIT_TO_MM[unit], "mm"
+    return 1.0, ""
+
+
+def _tiff_spacing(meta: dict, dims: int) -> tuple[tuple[float, ...], str]:
+    """Spacing (z, y, x) or (y, x): mm when the unit is known, 1.0 where the file says nothing."""
+    factor, name = _mm_factor(meta)
+    res = meta.get("resolution")
+    yx = (factor / res[1], factor / res[0]) if res and res[0] > 0 and res[1] > 0 else (1.0, 1.0)
     if dims == 3:
         z = float(meta.get("imagej_spacing", 0) or 0)
         return (z * factor if z > 0 else 1.0, *yx), name
@@ -242,7 +244,7 @@ def read_image(path: str | Path) -> Image:
         arr, axes, extrasamples, meta = _read_tiff(path)
         arr = _tiff_layout(arr, axes, extrasamples, path)
         spacing, meta["spacing_unit"] = _tiff_spacing(meta, arr.ndim - 1)
-        return Image(np.ascontiguousarray(arr), spacing or (), None, path, "tiff", meta)
+        return Image(np.ascontiguousarray(arr), spacing, None, path, "tiff", meta)
     if suffix in PIL_SUFFIXES:
         im = _read_pil(path)
         arr = _pil_array(im)
@@ -276,13 +278,18 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    palette = None
+    palette, colour = None, False
     if suffix in JPEG_SUFFIXES:
         raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, save masks as PNG or TIFF")
     if suffix in TIFF_SUFFIXES:
         arr, axes, extrasamples, _ = _read_tiff(path)
         arr = _tiff_layout(arr, axes, extrasamples, path)
-        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+        if arr.shape[0] == 1:
+            arr = arr[0]
+        elif arr.shape[0] == 3 and arr.ndim == 3:
+            arr, colour = np.moveaxis(arr, 0, -1), True
+        else:
+            raise UsegError(f"{path} has {arr.shape[0]} channels; save masks with one channel (or as RGB colours)")
     elif suffix in PIL_SUFFIXES:
         im = _read_pil(path)
         if im.mode in ("P", "PA"):
@@ -291,19 +298,18 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
             palette = tuple(pal + [0] * (768 - len(pal)))
         else:
             arr = _pil_array(im)
+            colour = arr.ndim == 3
     elif not path.exists():
         raise UsegError(f"{path} does not exist; check the path")
     else:
         raise UsegError(f"{path} has an unsupported mask format {suffix or '(no suffix)'}; save masks as PNG or TIFF")
     if palette is not None:
-        return arr.astype(np.int64 if arr.dtype != np.uint8 else np.uint8), "palette", palette
-    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return arr, "palette", palette
+    if colour:
         if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
             arr = arr[..., 0]
         else:
             return pack_rgb(arr), "rgb", None
-    elif arr.ndim == 3 and suffix not in TIFF_SUFFIXES or arr.ndim > 3:
-        raise UsegError(f"{path} has {arr.shape[-1]} channels; save masks with one channel (or RGB colours)")
     if not np.issubdtype(arr.dtype, np.integer):
         if arr.dtype == bool:
             arr = arr.astype(np.uint8)
@@ -315,7 +321,7 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
 
 
 def _tiff_geometry(like: Image) -> dict:
-    """tifffile keyword arguments that keep ``like``'s resolution (and ImageJ z spacing)."""
+    """tifffile keyword arguments that keep ``like``'s in-plane resolution."""
     meta = like.meta
     if "resolution" in meta:
         return {"resolution": tuple(meta["resolution"]), "resolutionunit": meta.get("resolution_unit", 2)}
@@ -336,14 +342,14 @@ def _write_tiff(tmp: Path, arr: np.ndarray, like: Image | None, rgb: bool) -> No
     elif arr.ndim == 2:
         tifffile.imwrite(tmp, arr, photometric="minisblack", **kw)
     elif like is not None and like.dims == 3 or arr.ndim == 4:
-        axes = "ZYX" if arr.ndim == 3 else "CZYX"
-        md = {"axes": axes}
-        if like is not None and like.dims == 3 and like.spacing[0] != 1.0:
-            md["spacing"] = like.spacing[0] if like.meta.get("spacing_unit") != "mm" else like.spacing[0]
-        if like is not None and like.meta.get("imagej_unit"):
-            md["unit"] = like.meta["imagej_unit"]
-            if "imagej_spacing" in like.meta:
-                md["spacing"] = like.meta["imagej_spacing"]
+        md: dict = {"axes": "ZYX" if arr.ndim == 3 else "CZYX"}
+        if like is not None:
+            unit = like.meta.get("imagej_unit")
+            factor, _ = _mm_factor({"resolution_unit": kw.get("resolutionunit"), "imagej_unit": unit})
+            if unit:
+                md["unit"] = unit
+            if like.spacing[0] != 1.0:  # the reader multiplies z by the same factor as y and x
+                md["spacing"] = like.spacing[0] / factor
         tifffile.imwrite(tmp, arr, photometric="minisblack", metadata=md, **kw)
     else:  # (C, H, W) channels: one page, C samples
         tifffile.imwrite(tmp, arr, photometric="minisblack", planarconfig="separate", metadata={"axes": "SYX"}, **kw)

@@ -227,8 +227,11 @@ def infer_label_map(
     suspicious = {v for v, c in counts.items() if 2 * c < n_files or (c == 1 and n_files > 1)}
     dropped: set[int] = set()
     if not plausible(keep, mode):
-        # rarest first; among equally rare values the background 0 goes last
-        for v in sorted(suspicious, key=lambda x: (counts[x], x == 0, -x)):
+        # rarest first; among equally rare values first those from the noisiest file (an
+        # antialiased mask holds many rare values, a genuine rare class one), the background last
+        noise = {v: max(len(set(vals) & suspicious) for vals in value_sets.values() if v in vals)
+                 for v in suspicious}
+        for v in sorted(suspicious, key=lambda x: (counts[x], -noise[x], x == 0, -x)):
             if plausible(keep, mode):
                 break
             keep.discard(v)

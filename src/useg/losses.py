@@ -141,7 +141,9 @@ class SegLoss(nn.Module):
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind, self.ignore_index, self.include_background = kind, ignore_index, include_background
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss (float32 scalar); ``weight`` scales the cross-entropy term only."""
         if self.kind == "ce":
             return weighted_cross_entropy(logits, target, weight, self.ignore_index)
         if self.kind == "dice":
@@ -149,4 +151,5 @@ class SegLoss(nn.Module):
         return dice_ce_loss(logits, target, weight, self.ignore_index, include_background=self.include_background)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, ignore_index={self.ignore_index}, include_background={self.include_background}"
+        return (f"kind={self.kind!r}, ignore_index={self.ignore_index}, "
+                f"include_background={self.include_background}")

@@ -11,8 +11,8 @@ Shape rules (the pure helpers below implement them):
 
 - ``"same"`` padding: every spatial size must be a multiple of ``2**depth``; output = input.
 - ``"valid"`` padding: each 3x3 conv loses 2 px, so each :class:`DoubleConv` loses 4; every size
-  entering a pooling must be even and every size must stay positive. With depth d the valid
-  inputs are ``n = 12 * 2**d - 4 + k * 2**d`` (k >= 0) and the output is ``n - 12 * 2**d + 8``
+  entering a pooling must be even and every size must stay positive. With depth d >= 2 the
+  valid inputs are ``n = 12 * 2**d - 4 + k * 2**d`` (k >= 0) and the output is ``n - 12 * 2**d + 8``
   (572 -> 388 for d = 4; 132x132x116 -> 44x44x28 for the 3D U-Net of Cicek et al. 2016, d = 3).
 """
 
@@ -249,7 +249,8 @@ def check_size(size: tuple[int, ...], depth: int, padding: str) -> None:
     _check_args(depth, padding)
     if any(_output_1d(int(s), depth, padding) is None for s in size):
         rule = (f"a multiple of {2**depth}" if padding == "same"
-                else f"{12 * 2**depth - 4} + a multiple of {2**depth}, so that every pooled size is even")
+                else f"at least {_next_valid_1d(1, depth, padding)} and even at every pooling "
+                     f"after the 4 px each conv pair loses")
         raise ValueError(f"input size {tuple(size)} is not valid for depth {depth} with {padding} padding "
                          f"(each size must be {rule}); the nearest larger valid size is "
                          f"{valid_input_size(size, depth, padding)}")

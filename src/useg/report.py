@@ -11,12 +11,13 @@ import html
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+
+from .io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,9 @@ CLASS_COLOURS = np.array([[0, 0, 0], [230, 57, 70], [42, 157, 143], [233, 196, 1
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Call ``write(tmp)`` on a temporary file beside ``path``, renamed to ``path`` when complete."""
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from .io import write_image
 
 logger = logging.getLogger(__name__)
 
@@ -199,21 +199,6 @@ def make_blobs_3d(shape: tuple[int, int, int] = (32, 48, 48), n_blobs: int | Non
     return image.astype(np.float32), instances
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Write a PNG under a temporary name and rename it, so readers never see half a file."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_cells_dataset(root: str | Path, n_images: int = 24, shape: tuple[int, int] = (256, 256),
                         seed: int = 0) -> Path:
     """Write a cells dataset under ``root``.
@@ -239,9 +224,9 @@ def write_cells_dataset(root: str | Path, n_images: int = 24, shape: tuple[int, 
     for i in range(int(n_images)):
         image, inst = make_cells(shape, rng=np.random.default_rng([int(seed), i]))
         name = f"cell_{i:03d}.png"
-        _write_png(root / "images" / name, image)
-        _write_png(root / "masks" / name, semantic_from_instances(inst) * np.uint8(255))
-        _write_png(root / "instances" / name, inst.astype(np.uint16))
+        write_image(root / "images" / name, image)
+        write_image(root / "masks" / name, semantic_from_instances(inst) * np.uint8(255))
+        write_image(root / "instances" / name, inst.astype(np.uint16))
     for sub in ("images", "masks", "instances"):
         for stale in (root / sub).iterdir():
             if _NAME.fullmatch(stale.name) and stale.name not in names:
