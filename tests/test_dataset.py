@@ -4,10 +4,21 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image as PILImage
 
-from useg.dataset import PatchDataset, check_dataset, discover, natural_key, normalize, split_cases
+from useg.dataset import (
+    Case,
+    PatchDataset,
+    check_dataset,
+    discover,
+    load_case,
+    natural_key,
+    normalize,
+    split_cases,
+)
 from useg.errors import UsegError
+from useg.labels import LabelMap
 
 
 def _write(path, arr):
@@ -24,23 +35,40 @@ def _data(root, names=("2", "10", "1"), shape=(12, 10)):
     return root
 
 
-def test_pairing_natural_order_and_suffixes(tmp_path):
-    root = _data(tmp_path)
+def test_pairing_natural_order_suffixes_and_missing_partners(tmp_path):
+    root = _data(tmp_path, names=("2", "10", "1", "img3"))
     (root / "masks" / "10.png").rename(root / "masks" / "10_mask.png")
+    (root / "masks" / "img3.png").rename(root / "masks" / "img3_label.png")
+    (root / "masks" / "2.png").unlink()
+    _write(root / "masks" / "7.png", np.zeros((4, 4), np.uint8))
+    (root / "images" / "notes.txt").write_text("not an image")
     cases = discover(root)
-    assert [c.name for c in cases] == ["1", "2", "10"]
-    assert cases[2].mask.name == "10_mask.png"
-    assert sorted(["a10", "a2", "a1"], key=natural_key) == ["a1", "a2", "a10"]
+    assert [c.name for c in cases] == ["1", "2", "10", "img3"]
+    assert cases[2].mask.name == "10_mask.png" and cases[3].mask.name == "img3_label.png"
+    assert cases[1].mask is None and cases[0].image.name == "1.png"
+    problems = check_dataset(root).problems
+    assert any("2.png has no mask" in p for p in problems)
+    assert any("7.png has no image" in p for p in problems)
+    assert sorted(["a10", "a2", "a1", "B3"], key=natural_key) == ["a1", "a2", "a10", "B3"]
+
+
+def test_folder_without_images_subfolder_is_for_prediction(tmp_path):
+    _write(tmp_path / "x10.png", np.zeros((4, 4), np.uint8))
+    _write(tmp_path / "x9.tif", np.zeros((4, 4), np.uint8))
+    cases = discover(tmp_path)
+    assert [(c.name, c.mask) for c in cases] == [("x9", None), ("x10", None)]
 
 
 def test_check_ok(tmp_path):
     report = check_dataset(_data(tmp_path))
     assert report.ok, report.problems
     assert report.label_map.values == (0, 255) and report.channels == 1
+    assert report.stats["cases"] == 3 and report.stats["labelled"] == 3
+    assert report.stats["pixel share per mask value"]["255"] == pytest.approx(16 / 120, abs=1e-3)
 
 
 def test_check_lists_every_problem_with_the_file(tmp_path):
-    root = _data(tmp_path, names=("a", "b", "c", "d", "e", "f"))
+    root = _data(tmp_path, names=("a", "b", "c", "d", "e", "f", "g", "h"))
     (root / "masks" / "a.png").unlink()  # image without mask
     _write(root / "masks" / "zz.png", np.zeros((12, 10), np.uint8))  # mask without image
     _write(root / "masks" / "b.png", np.zeros((12, 11), np.uint8))  # size mismatch
@@ -50,68 +78,168 @@ def test_check_lists_every_problem_with_the_file(tmp_path):
     _write(root / "masks" / "d.png", m)  # unknown value
     _write(root / "images" / "e.png", np.zeros((12, 10, 3), np.uint8))  # channels differ
     (root / "masks" / "f.png").rename(root / "masks" / "f.jpg")  # JPEG mask
-    (root / "images" / "f.png").write_bytes(b"\x89PNG broken")  # unreadable image
+    (root / "images" / "g.png").write_bytes(b"\x89PNG broken")  # unreadable image
+    (root / "masks" / "h.png").write_bytes(b"\x89PNG broken")  # unreadable mask
     report = check_dataset(root)
-    text = "\n".join(report.problems)
-    for name in ("a.png", "zz.png", "b.png", "c.tif", "d.png", "e.png", "f.png"):
-        assert name in text, (name, text)
-    assert "JPEG" in text or "f.jpg" in text
-    assert not report.ok
+    expected = {"a.png has no mask", "zz.png has no image", "b.png is 12x11 but its image is 12x10",
+                "c.tif and c.png share the name", "d.png has mask values {7}", "e.png has 3 channel(s)",
+                "f.jpg is a JPEG mask", "g.png: it is not an image", "h.png: it is not an image"}
+    for snippet in expected:
+        assert sum(snippet in p for p in report.problems) == 1, (snippet, report.problems)
+    assert len(report.problems) == len(expected), report.problems
+    assert not report.ok and report.label_map.values == (0, 255)
 
 
-def test_check_empty_and_single_class(tmp_path):
+def test_check_empty_missing_and_single_class(tmp_path):
     assert "holds no images" in check_dataset(tmp_path).problems[0]
     assert "not a folder" in check_dataset(tmp_path / "nope").problems[0]
-    with pytest.raises(UsegError):
+    with pytest.raises(UsegError, match="holds no images"):
         discover(tmp_path)
+    _write(tmp_path / "noimg" / "images" / "a.png", np.zeros((5, 5), np.uint8))
+    (tmp_path / "noimg" / "masks").mkdir()
+    expected = f"{tmp_path / 'noimg' / 'masks'} holds no masks; put one mask per image there, named like its image"
+    assert check_dataset(tmp_path / "noimg").problems == [expected]
+    shutil.rmtree(tmp_path / "noimg" / "masks")
+    assert "has no masks/ folder" in check_dataset(tmp_path / "noimg").problems[0]
     root = tmp_path / "one"
     _write(root / "images" / "a.png", np.zeros((5, 5), np.uint8))
     _write(root / "masks" / "a.png", np.zeros((5, 5), np.uint8))
     assert any("at least two classes" in p for p in check_dataset(root).problems)
 
 
+def test_check_mixed_dims_and_palettes(tmp_path):
+    import tifffile
+
+    root = _data(tmp_path, names=("a", "b", "c"))
+    tifffile.imwrite(root / "images" / "c.png.tif", np.zeros((6, 12, 10), np.uint8))  # a volume among images
+    report = check_dataset(root)
+    assert any("c.png.tif has 3 spatial dimensions" in p for p in report.problems)
+    root = tmp_path / "pal"
+    for name, colours in (("a", [0, 0, 0, 255, 0, 0]), ("b", [0, 0, 0, 255, 0, 0]), ("c", [0, 0, 0, 0, 255, 0])):
+        _write(root / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
+        im = PILImage.fromarray(np.eye(4, dtype=np.uint8))
+        im.putpalette(colours + [0] * 762)
+        (root / "masks").mkdir(exist_ok=True)
+        im.save(root / "masks" / f"{name}.png")
+    report = check_dataset(root)
+    assert report.label_map.mode == "palette" and report.label_map.values == (0, 1)
+    assert len(report.problems) == 1 and "c.png gives palette indices [1]" in report.problems[0]
+
+
+def test_load_case_and_explicit_labels(tmp_path):
+    root = _data(tmp_path, names=("a",))
+    case = discover(root)[0]
+    image, labels = load_case(case, LabelMap((0, 255)))
+    assert image.dtype == np.float32 and image.shape == (1, 12, 10)
+    assert labels.dtype == np.int64 and labels.sum() == 16
+    assert load_case(case, None)[1] is None
+    with pytest.raises(UsegError, match=r"a\.png has mask values \{255\}"):
+        load_case(case, LabelMap((0, 1)))
+    report = check_dataset(root, labels=[0, 1])
+    assert report.label_map.values == (0, 1) and "not in --labels" in report.problems[0]
+
+
 def test_normalize_and_split():
     x = np.random.default_rng(0).normal(5, 3, (2, 9, 11)).astype(np.float32)
+    x[1] *= 10
     z = normalize(x)
+    assert z.dtype == np.float32
     np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(axis=(1, 2)), 1, atol=1e-4)
     assert normalize(np.ones((1, 3, 3))).max() == 0  # constant image: no division by zero
-    from useg.dataset import Case
-
+    np.testing.assert_array_equal(normalize(x, "none"), x)
+    with pytest.raises(ValueError):
+        normalize(x, "minmax")
     cases = [Case(str(i), None) for i in range(10)]
     tr, va = split_cases(cases, 0.2, seed=1)
-    assert len(va) == 2 and not {c.name for c in tr} & {c.name for c in va}
+    assert len(va) == 2 and len(tr) == 8 and not {c.name for c in tr} & {c.name for c in va}
     assert split_cases(cases, 0.2, seed=1) == (tr, va)
+    assert split_cases(cases, 0.2, seed=2) != (tr, va)
+    assert [len(s) for s in split_cases(cases[:2], 0.01)] == [1, 1]
+    assert [len(s) for s in split_cases(cases[:3], 0.9)] == [1, 2]
     tr, va = split_cases(cases, val_names=["3"])
     assert [c.name for c in va] == ["3"] and len(tr) == 9
     assert split_cases(cases[:1]) == (cases[:1], [])
+    with pytest.raises(UsegError, match="not in the data"):
+        split_cases(cases, val_names=["nope"])
+    with pytest.raises(ValueError):
+        split_cases(cases, 1.0)
+
+
+def _volume(shape, rng, channels=2):
+    images = [rng.normal(size=(channels, *shape)).astype(np.float32)]
+    labels = [(rng.random(shape) > 0.7).astype(np.int64)]
+    return images, labels
 
 
 @pytest.mark.parametrize("shape,patch,out", [((30, 41), (16, 16), None), ((30, 41), (28, 28), (12, 12)),
-                                             ((7, 9), (16, 16), None), ((9, 20, 17), (8, 8, 8), None)])
+                                             ((31, 17), (20, 15), (4, 7)), ((7, 9), (16, 16), None),
+                                             ((5, 6), (24, 24), (8, 8)), ((9, 20, 17), (8, 8, 8), None),
+                                             ((9, 20, 17), (12, 12, 12), (4, 4, 4)), ((3, 5, 4), (8, 8, 8), None)])
 def test_patch_dataset_shapes_and_reproducibility(shape, patch, out):
     rng = np.random.default_rng(0)
-    images = [rng.normal(size=(2, *shape)).astype(np.float32)]
-    labels = [(rng.random(shape) > 0.7).astype(np.int64)]
+    images, labels = _volume(shape, rng)
     ds = PatchDataset(images, labels, patch, out_size=out, length=5, seed=3,
                       weights=[np.ones(shape, np.float32)])
     item = ds[1]
-    assert item["image"].shape == (2, *patch)
-    assert item["label"].shape == tuple(out or patch) and item["weight"].shape == tuple(out or patch)
-    assert np.array_equal(ds[1]["image"], item["image"])
-    ds.set_epoch(1)
-    if all(s >= p for s, p in zip(shape, patch)):  # smaller images are always centred
-        assert not np.array_equal(ds[1]["image"], item["image"])
+    out = tuple(out or patch)
+    assert item["image"].shape == (2, *patch) and item["image"].dtype == torch.float32
+    assert item["label"].shape == out and item["label"].dtype == torch.int64
+    assert item["weight"].shape == out and item["weight"].dtype == torch.float32
+    assert torch.equal(ds[1]["image"], item["image"]) and torch.equal(ds[1]["label"], item["label"])
+    assert torch.equal(PatchDataset(images, labels, patch, out_size=out, length=5, seed=3)[1]["image"], item["image"])
+    assert "weight" not in PatchDataset(images, labels, patch, out_size=out, length=5)[0]
+    if all(s >= p for s, p in zip(shape, patch)):  # smaller images are always centred when not on foreground
+        ds.set_epoch(1)
+        assert not torch.equal(ds[1]["image"], item["image"])
+        ds.set_epoch(0)
+        assert not torch.equal(ds[2]["image"], item["image"])
 
 
-def test_patch_labels_align_with_image_and_foreground_oversampling():
-    shape = (40, 50)
+@pytest.mark.parametrize("shape,patch,out", [((40, 50), (12, 12), (8, 8)), ((13, 16, 18), (10, 9, 8), (6, 5, 4))])
+def test_patches_align_and_foreground_oversampling(shape, patch, out):
     label = np.zeros(shape, np.int64)
-    label[30:34, 40:44] = 1
+    label[tuple(slice(s - 6, s - 3) for s in shape)] = 1
     image = label[None].astype(np.float32) * 10  # the image equals its label
-    ds = PatchDataset([image], [label], (12, 12), out_size=(8, 8), length=20, fg_fraction=1.0)
+    weight = label.astype(np.float32) + 0.5
+    ds = PatchDataset([image], [label], patch, out_size=out, length=20, fg_fraction=1.0, weights=[weight])
+    margin = tuple(slice((p - o) // 2, (p - o) // 2 + o) for p, o in zip(patch, out))
     for i in range(20):
         item = ds[i]
         assert item["label"].sum() > 0
-        inner = item["image"][0, 2:10, 2:10].numpy()
-        np.testing.assert_array_equal(inner / 10, item["label"].numpy())
+        np.testing.assert_array_equal(item["image"][0][margin].numpy() / 10, item["label"].numpy())
+        np.testing.assert_array_equal(item["weight"].numpy(), item["label"].numpy() + 0.5)
+    never = PatchDataset([image], [label], patch, out_size=out, length=30, fg_fraction=0.0)
+    assert sum(int(never[i]["label"].sum() > 0) for i in range(30)) < 15
+
+
+def test_rare_classes_are_centred_as_often_as_common_ones():
+    label = np.zeros((60, 60), np.int64)
+    label[:, 30:] = 1  # a common class
+    label[5, 5] = 2  # one pixel of a rare class
+    ds = PatchDataset([np.zeros((1, 60, 60), np.float32)], [label], (4, 4), length=200, fg_fraction=1.0)
+    hits = sum(int((ds[i]["label"] == 2).any()) for i in range(200))
+    assert 60 < hits < 140  # about half of the foreground patches
+
+
+def test_augment_sees_full_patches_and_its_output_is_cropped():
+    seen = []
+
+    def augment(image, label, weight, rng):
+        seen.append((image.shape, label.shape, None if weight is None else weight.shape))
+        return image[:, ::-1], label[::-1], weight[::-1]
+
+    label = np.zeros((20, 20), np.int64)
+    label[:10] = 1
+    ds = PatchDataset([label[None].astype(np.float32)], [label], (12, 12), out_size=(4, 4), augment=augment,
+                      weights=[np.ones((20, 20), np.float32)])
+    item = ds[0]
+    assert seen == [((1, 12, 12), (12, 12), (12, 12))]
+    np.testing.assert_array_equal(item["image"][0, 4:8, 4:8].numpy(), item["label"].numpy())
+
+
+@pytest.mark.parametrize("kwargs", [{"patch_size": (8, 8), "out_size": (10, 10)}, {"patch_size": (8, 8, 8)},
+                                    {"patch_size": (8, 8), "fg_fraction": 1.5}, {"patch_size": (8, 8), "seed": -1}, {"patch_size": (8,)}])
+def test_patch_dataset_validates_arguments(kwargs):
+    with pytest.raises(ValueError):
+        PatchDataset([np.zeros((1, 9, 9), np.float32)], [np.zeros((9, 9), np.int64)], **kwargs)

@@ -7,7 +7,7 @@ from PIL import Image as PILImage
 
 from useg.errors import UsegError
 from useg.io import Image, atomic_path, read_image, read_mask, write_image, write_mask
-from useg.labels import LabelMap, infer_label_map
+from useg.labels import infer_label_map
 
 PALETTE = tuple(int(v) for v in (np.arange(768) * 7) % 256)
 
@@ -35,10 +35,13 @@ def test_palette_png_image_becomes_rgb(tmp_path):
     np.testing.assert_array_equal(arr[:, 0, 1], [255, 0, 0])
 
 
-@pytest.mark.parametrize("shape,kw,expect", [((11, 9), {}, (1, 11, 9)), ((11, 9, 3), {"photometric": "rgb"}, (3, 11, 9)),
-                                             ((11, 9, 4), {"photometric": "rgb"}, (3, 11, 9)),
+RGB, ZYX = {"photometric": "rgb"}, {"metadata": {"axes": "ZYX"}, "photometric": "minisblack"}
+
+
+@pytest.mark.parametrize("shape,kw,expect", [((11, 9), {}, (1, 11, 9)), ((11, 9, 3), RGB, (3, 11, 9)),
+                                             ((11, 9, 4), RGB, (3, 11, 9)),
                                              ((2, 11, 9), {}, (2, 11, 9)), ((7, 11, 9), {}, (1, 7, 11, 9)),
-                                             ((3, 11, 9), {"metadata": {"axes": "ZYX"}, "photometric": "minisblack"}, (1, 3, 11, 9))])
+                                             ((3, 11, 9), ZYX, (1, 3, 11, 9))])
 def test_read_tiff_layouts(tmp_path, rng, shape, kw, expect):
     arr = rng.integers(0, 255, shape).astype(np.uint8)
     tifffile.imwrite(tmp_path / "a.tif", arr, **kw)
@@ -177,11 +180,10 @@ def test_write_mask_checks_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["old.png"]  # the previous file, intact
     assert read_mask(tmp_path / "old.png")[0].max() == 0
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "sub" / "f.json") as tmp:
-            assert tmp.parent == tmp_path / "sub" and tmp.suffix == ".json"
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "sub" / "f.json") as tmp:
+        assert tmp.parent == tmp_path / "sub" and tmp.suffix == ".json"
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert list((tmp_path / "sub").iterdir()) == []
     with atomic_path(tmp_path / "sub" / "f.json") as tmp:
         tmp.write_text("{}")

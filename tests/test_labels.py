@@ -126,9 +126,9 @@ def test_decode_names_file_values_and_fix():
         LabelMap((0, 0xFF0000), "rgb").decode(np.array([0, 0xFF, 0xFF0000]))
 
 
-@pytest.mark.parametrize("bad", [dict(values=(255, 0)), dict(values=()), dict(values=(0, 0)),
-                                 dict(values=(0, 1), mode="hsv"), dict(values=(0, 300), mode="palette"),
-                                 dict(values=(0, 1), mode="palette", palette=(0,) * 10)])
+@pytest.mark.parametrize("bad", [{"values": (255, 0)}, {"values": ()}, {"values": (0, 0)},
+                                 {"values": (0, 1), "mode": "hsv"}, {"values": (0, 300), "mode": "palette"},
+                                 {"values": (0, 1), "mode": "palette", "palette": (0,) * 10}])
 def test_label_map_validation(bad):
     with pytest.raises(ValueError):
         LabelMap(**bad)

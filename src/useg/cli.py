@@ -28,6 +28,8 @@ def _setup_logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    # tifffile logs its own warnings for damaged files before useg's one-sentence error
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 def cmd_check(a: argparse.Namespace) -> int:

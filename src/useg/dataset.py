@@ -19,6 +19,7 @@ import torch
 from .errors import UsegError
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
 from .labels import LabelMap, infer_label_map
+from .tiling import mirror_indices
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
     img_dir = root / "images" if (root / "images").is_dir() else root
     images, ignored = _listing(img_dir, IMAGE_SUFFIXES)
     if not images:
-        return [], [f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                    f"put the images in {root / 'images'}"], ignored
+        no_images = (f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                     f"put the images in {root / 'images'}")
+        return [], [no_images], ignored
     problems: list[str] = []
     by_stem: dict[str, Path] = {}
     for p in images:
@@ -322,20 +324,10 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
-def mirror_index(start: int, size: int, dim: int) -> np.ndarray:
-    """Indices start..start+size-1 into an axis of length ``dim``, mirrored (reflect) outside it."""
-    idx = np.arange(start, start + size)
-    if dim == 1:
-        return np.zeros_like(idx)
-    period = 2 * (dim - 1)
-    idx = np.abs(idx) % period
-    return np.where(idx >= dim, period - idx, idx)
-
-
 def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """The window ``start:start+size`` over the trailing axes, mirror-extended outside the array."""
     lead = array.ndim - len(size)
-    index = np.ix_(*(mirror_index(s, n, d) for s, n, d in zip(start, size, array.shape[lead:])))
+    index = np.ix_(*(mirror_indices(s, n, d) for s, n, d in zip(start, size, array.shape[lead:])))
     return array[(slice(None),) * lead + index]
 
 
@@ -373,7 +365,8 @@ class PatchDataset(torch.utils.data.Dataset):
                  augment: Callable | None = None, weights: list[np.ndarray] | None = None,
                  fg_fraction: float = 0.33):
         if not images or len(images) != len(labels):
-            raise ValueError(f"images and labels must be non-empty lists of one length, got {len(images)} and {len(labels)}")
+            raise ValueError(f"images and labels must be non-empty lists of one length, "
+                             f"got {len(images)} and {len(labels)}")
         if weights is not None and len(weights) != len(images):
             raise ValueError(f"weights must hold one array per image, got {len(weights)} for {len(images)}")
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -388,8 +381,9 @@ class PatchDataset(torch.utils.data.Dataset):
                 raise ValueError(f"image {k} {img.shape} and label {lab.shape} must be (C, *S) and S with {nd} sizes")
             if weights is not None and weights[k].shape != lab.shape:
                 raise ValueError(f"weight {k} {weights[k].shape} must have its label's shape {lab.shape}")
-        if not 0 <= fg_fraction <= 1 or length < 1:
-            raise ValueError(f"fg_fraction must lie in [0, 1] and length be positive, got {fg_fraction}, {length}")
+        if not 0 <= fg_fraction <= 1 or length < 1 or seed < 0:
+            raise ValueError(f"fg_fraction must lie in [0, 1], length be positive and seed non-negative, "
+                             f"got {fg_fraction}, {length}, {seed}")
         self.images, self.labels, self.weights = images, labels, weights
         self.length, self.seed, self.augment, self.fg_fraction = int(length), int(seed), augment, fg_fraction
         self.epoch = 0

@@ -127,7 +127,7 @@ def _read_pil(path: Path) -> PILImage.Image:
         raise UsegError(f"{path} does not exist; check the path") from None
     except MemoryError:
         raise
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
         raise _unreadable(path, e) from None
 
 
@@ -136,7 +136,8 @@ def _pil_array(im: PILImage.Image) -> np.ndarray:
     if im.mode == "1":
         return np.asarray(im.convert("L"))
     if im.mode in ("L", "I", "F") or im.mode.startswith("I;16"):
-        return np.asarray(im).astype(np.asarray(im).dtype.newbyteorder("="), copy=False)
+        arr = np.asarray(im)
+        return arr.astype(arr.dtype.newbyteorder("="), copy=False)  # I;16B is big-endian
     if im.mode in ("LA", "La"):
         return np.asarray(im.getchannel(0))
     if im.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
@@ -158,27 +159,20 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple, dict]:
             tags = page.tags
             meta: dict = {}
             if "XResolution" in tags and "YResolution" in tags:
-                meta["resolution"] = (_ratio(tags["XResolution"].value), _ratio(tags["YResolution"].value))
+                x, y = (tags[k].value for k in ("XResolution", "YResolution"))  # (numerator, denominator)
+                meta["resolution"] = tuple(float(v[0] / v[1] if v[1] else 0.0) for v in (x, y))
                 meta["resolution_unit"] = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
             extra = tif.imagej_metadata or (tif.shaped_metadata or [{}])[0] or {}
             for key in ("unit", "spacing"):
                 if key in extra:
                     meta[f"imagej_{key}"] = extra[key]
             return arr, series.axes, tuple(page.extrasamples or ()), meta
-    except UsegError:
-        raise
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
-    except MemoryError:
+    except (UsegError, MemoryError):
         raise
-    except Exception as e:  # tifffile raises many types for damaged files
+    except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged files
         raise _unreadable(path, e) from None
-
-
-def _ratio(value) -> float:
-    if isinstance(value, tuple):
-        return value[0] / value[1] if value[1] else 0.0
-    return float(value)
 
 
 def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) -> np.ndarray:
@@ -196,7 +190,7 @@ def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) ->
         if axes[0] in "ZIT":
             return arr[None]
         if arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
-            return np.moveaxis(arr[..., :3] if arr.shape[-1] == 4 and alpha else arr, -1, 0)
+            return np.moveaxis(arr, -1, 0)
         return arr if arr.shape[0] <= 4 else arr[None]
     if arr.ndim == 4 and axes[:2] in ("ZC", "IC", "TC"):
         return np.swapaxes(arr, 0, 1)
@@ -280,7 +274,8 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
     suffix = path.suffix.lower()
     palette, colour = None, False
     if suffix in JPEG_SUFFIXES:
-        raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, save masks as PNG or TIFF")
+        raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, "
+                        "save masks as PNG or TIFF")
     if suffix in TIFF_SUFFIXES:
         arr, axes, extrasamples, _ = _read_tiff(path)
         arr = _tiff_layout(arr, axes, extrasamples, path)
