@@ -66,11 +66,11 @@ def _tiny(dims: int = 2):
     return images, labels
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims):
+@pytest.mark.parametrize("dims,padding", [(2, "same"), (3, "same"), (2, "valid")])
+def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims, padding):
     images, labels = _tiny(dims)
     plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
-                     model={"width": 4, "depth": 2},
+                     model={"width": 4, "depth": 2, "padding": padding},
                      train={"epochs": 10, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"})
     result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
