@@ -13,6 +13,18 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny tensor ops on one thread.
+
+    On a shared, loaded CPU, OpenMP threads spin-waiting on each other make tiny convs ~100x slower.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

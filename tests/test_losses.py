@@ -7,13 +7,7 @@ import torch.nn.functional as F
 from useg.losses import SegLoss, dice_ce_loss, soft_dice_loss, weighted_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared, loaded CPU, OpenMP threads spin-waiting on each other make tiny ops ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=[(2, 3, 5, 7), (2, 3, 4, 5, 3)], ids=["2d", "3d"])

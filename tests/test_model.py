@@ -11,13 +11,7 @@ from useg.model import (UNet, center_crop, input_size_for_output, output_size, v
 CONVS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared, loaded CPU, OpenMP threads spin-waiting on each other make tiny convs ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(net, kinds):
