@@ -107,10 +107,17 @@ def memory_format(dims: int, precision: Precision) -> torch.memory_format:
     return torch.channels_last if dims == 2 else torch.channels_last_3d
 
 
+def cpu_count() -> int:
+    """Cores this process may use (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None = None) -> int:
     """Use all the machine's cores (or ``threads``) for intra-op parallelism; returns the count."""
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = cpu_count()
     n = max(1, int(threads or 1))
     torch.set_num_threads(n)
     return n
@@ -136,6 +143,6 @@ def info() -> dict[str, str]:
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
         "cpu bf16": "yes" if cpu_has_bf16() else "no",
         "threads": str(torch.get_num_threads()),
-        "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "cores": str(cpu_count()),
     }
     return out

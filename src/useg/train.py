@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def validate(model, images, labels, plan: Plan, device, precision) -> dict:
 def _workers(setting: int, device: torch.device) -> int:
     if setting >= 0:
         return setting
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = runtime.cpu_count()
     # On a small CPU the workers would steal cores from the network; patches are cheap to cut.
     return 0 if device.type == "cpu" and cpus <= 4 else min(4, cpus // 2)
 
