@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
         resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
     print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.minutes:.1f} min; "
           f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch}; run in {result.run}")
     return 0

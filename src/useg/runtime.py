@@ -146,3 +146,50 @@ def info() -> dict[str, str]:
         "cores": str(cpu_count()),
     }
     return out
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0  # global rank
+    world: int = 1  # number of processes
+    local_rank: int = 0  # rank on this node (picks the GPU)
+    owner: bool = False  # whether useg started the process group (and so ends it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    NCCL on CUDA, gloo on the CPU. Without WORLD_SIZE > 1 this is a single process.
+
+    Returns:
+        (the process's :class:`Dist`, the device it trains on: cuda:LOCAL_RANK on GPUs).
+    """
+    import torch.distributed as td
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world <= 1:
+        return Dist(), dev
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    owner = not td.is_initialized()
+    if owner:
+        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, owner), dev
+
+
+def all_reduce_sum(values: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum a tensor over all processes (a no-op for a single process)."""
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(values, op=td.ReduceOp.SUM)
+    return values

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,8 +84,13 @@ def make_optimizer(model: torch.nn.Module, plan: Plan) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {t.optimizer!r}; choose adamw or sgd")
 
 
-def validate(model, images, labels, plan: Plan, device, precision) -> dict:
-    """Foreground Dice (classes pooled over all validation images) and mean cross-entropy."""
+def validate(model, images, labels, plan: Plan, device, precision, dist: runtime.Dist = runtime.Dist()) -> dict:
+    """Foreground Dice (classes pooled over all validation images) and mean cross-entropy.
+
+    Under DDP each process validates its share of the images and the counts are summed, so
+    every process gets the same numbers (sum the counts, then compute Dice).
+    """
+    images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
     k = plan.model.num_classes
     counts = np.zeros((k, 3), dtype=np.int64)
     ce, n = 0.0, 0
@@ -96,6 +102,9 @@ def validate(model, images, labels, plan: Plan, device, precision) -> dict:
         ce += float(-np.log(np.clip(p_true, 1e-8, 1.0)).sum())
         n += label.size
     model.train()
+    totals = runtime.all_reduce_sum(torch.tensor([*counts.ravel().tolist(), ce, n], dtype=torch.float64), dist)
+    counts = totals[:-2].numpy().reshape(k, 3).round().astype(np.int64)
+    ce, n = float(totals[-2]), float(totals[-1])
     per_class = [dice(*counts[c]) for c in range(k)]
     fg = per_class[1:] if k > 1 else per_class
     return {"val_dice": float(np.mean(fg)), "val_dice_per_class": per_class, "val_loss": ce / max(n, 1)}
@@ -135,14 +144,20 @@ def fit(
         A :class:`TrainResult`.
     """
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    dev = runtime.pick_device(device)
+    dist, dev = runtime.init_distributed(device)
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+    quiet = quiet or not dist.main  # only rank 0 logs and writes
     prec = runtime.pick_precision(dev, plan.train.precision)
-    runtime.set_threads()
-    torch.manual_seed(plan.train.seed)
+    runtime.set_threads(max(1, runtime.cpu_count() // dist.world) if dev.type == "cpu" else None)
+    torch.manual_seed(plan.train.seed)  # the same initial weights on every rank
     model = build_model(plan)
     fmt = runtime.memory_format(plan.model.dims, prec)
     model = model.to(dev, memory_format=fmt)
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = make_optimizer(model, plan)
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
     loss_fn = SegLoss(plan.train.loss)
@@ -151,12 +166,15 @@ def fit(
     images, labels = train_data
     ds = PatchDataset(
         images, labels, plan.data.patch_size, out_size=out_size,
-        length=t.iters_per_epoch * t.batch_size, seed=t.seed,
+        length=t.iters_per_epoch * t.batch_size * dist.world, seed=t.seed,
         augment=Augmenter(plan.data.augment), fg_fraction=plan.data.fg_fraction,
     )
+    # Under DDP each rank takes its own share of the epoch's (already random) patches.
+    sampler = (torch.utils.data.DistributedSampler(ds, dist.world, dist.rank, shuffle=True, seed=t.seed,
+                                                   drop_last=True) if dist.world > 1 else None)
     workers = _workers(t.workers, dev)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=t.batch_size, shuffle=False, drop_last=True, num_workers=workers,
+        ds, batch_size=t.batch_size, shuffle=False, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
     state = {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
@@ -166,13 +184,15 @@ def fit(
             raise UsegError(f"{last} does not exist; there is nothing to resume, train without --resume")
         state = load_checkpoint(last, model, optimizer)
         logger.info("resuming %s at epoch %d (step %d)", run, state["epoch"], state["step"])
-    else:
+    elif dist.main:
         plan.save(run / "plan.json")
         (run / "metrics.jsonl").unlink(missing_ok=True)
     budget_s = time_budget_min * 60.0 if time_budget_min else None
     total_steps = t.epochs * t.iters_per_epoch
-    logger.info("training on %s, %s, %d workers, %d train / %d val images",
-                dev, prec.name, workers, len(images), len(val_data[0]))
+    if dist.main:
+        logger.info("training on %s%s, %s, %d workers, %d train / %d val images", dev,
+                    f" x {dist.world} processes" if dist.world > 1 else "", prec.name, workers,
+                    len(images), len(val_data[0]))
 
     progress = _progress(quiet)
     task = progress.add_task("train", total=total_steps, completed=state["step"], loss=float("nan"),
@@ -184,6 +204,8 @@ def fit(
         while state["epoch"] < t.epochs:
             epoch = state["epoch"]
             ds.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             running, count, stop = torch.zeros((), device=dev), 0, False
             for batch in loader:
                 elapsed = time.perf_counter() - start
@@ -196,7 +218,7 @@ def fit(
                 y = batch["label"].to(dev, non_blocking=True)
                 w = batch["weight"].to(dev, non_blocking=True) if "weight" in batch else None
                 with runtime.autocast(dev, prec):
-                    logits = model(x)
+                    logits = net(x)
                 loss = loss_fn(logits.float(), y, w)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -211,28 +233,32 @@ def fit(
                     progress.update(task, completed=state["step"], loss=float(running) / count)
                 else:
                     progress.update(task, completed=state["step"])
-                if budget_s and time.perf_counter() - start + val_seconds > budget_s:
+                if budget_s and _out_of_time(time.perf_counter() - start + val_seconds > budget_s, dist):
                     stop = True
                     break
-            train_loss = float(running) / max(count, 1)
+            sums = runtime.all_reduce_sum(torch.stack([running.double().cpu(), torch.tensor(float(count))]), dist)
+            train_loss = float(sums[0]) / max(float(sums[1]), 1.0)
             record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss,
                       "lr": optimizer.param_groups[0]["lr"]}
             if val_data[0]:
                 v0 = time.perf_counter()
-                record.update(validate(model, *val_data, plan, dev, prec))
+                record.update(validate(model, *val_data, plan, dev, prec, dist))
                 val_seconds = time.perf_counter() - v0
                 if record["val_dice"] > state["best_dice"]:
                     state["best_dice"], state["best_epoch"] = record["val_dice"], epoch
-                    save_model(model, run / "model.safetensors")
+                    if dist.main:
+                        save_model(model, run / "model.safetensors")
             else:
                 state["best_epoch"] = epoch
-                save_model(model, run / "model.safetensors")
+                if dist.main:
+                    save_model(model, run / "model.safetensors")
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - start
             record["seconds"] = round(state["seconds"], 2)
-            with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(last, model, optimizer, state)
+            if dist.main:
+                with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(last, model, optimizer, state)
             if budget_s and state["seconds"] > 0 and state["epoch"] < t.epochs:
                 # Re-estimate how many steps fit in the budget so the bar's ETA is honest.
                 per_step = state["seconds"] / max(state["step"], 1)
@@ -243,13 +269,44 @@ def fit(
                         f", val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
             if stop:
                 break
-    _plot(run)
+    in_sync = _ranks_in_sync(model, dist)
     result = TrainResult(run, state["best_dice"] if val_data[0] else float("nan"), state["best_epoch"],
                          state["epoch"], state["step"], state["seconds"] / 60.0)
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    with atomic_path(run / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if dist.main:
+        _plot(run)
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+        summary.update(world_size=dist.world, ranks_in_sync=in_sync)
+        with atomic_path(run / "summary.json") as tmp:
+            Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if dist.owner:
+        import torch.distributed as td
+
+        td.barrier()  # rank 0's files are complete before any process exits
+        td.destroy_process_group()
     return result
+
+
+def _out_of_time(local: bool, dist: runtime.Dist) -> bool:
+    """Whether to stop for the time budget; under DDP all ranks stop at the same step or they hang."""
+    if dist.world == 1:
+        return local
+    return bool(runtime.all_reduce_sum(torch.tensor([float(local)]), dist)[0] > 0)
+
+
+def _ranks_in_sync(model: torch.nn.Module, dist: runtime.Dist) -> bool:
+    """DDP keeps replicas identical; check it once at the end (sum of weights, max minus min over ranks)."""
+    if dist.world == 1:
+        return True
+    import torch.distributed as td
+
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    hi, lo = total.clone(), total.clone()
+    td.all_reduce(hi, op=td.ReduceOp.MAX)
+    td.all_reduce(lo, op=td.ReduceOp.MIN)
+    same = bool(hi == lo)
+    if not same:
+        logger.error("DDP replicas differ at the end of training (weight sums %r vs %r)", float(hi), float(lo))
+    return same
 
 
 def _plot(run: Path) -> None:
@@ -370,10 +427,11 @@ def train_folder(
             image_shapes=[a.shape[1:] for a in train_data[0]], preset=preset,
             model=model, train=train, infer=infer, patch_size=patch_size,
         )
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(split_path) as tmp:
-            Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
-                                             "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(split_path) as tmp:
+                Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
+                                                 "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
     return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
                device=device, quiet=quiet)
 
