@@ -184,6 +184,8 @@ def fit(
             raise UsegError(f"{last} does not exist; there is nothing to resume, train without --resume")
         state = load_checkpoint(last, model, optimizer)
         logger.info("resuming %s at epoch %d (step %d)", run, state["epoch"], state["step"])
+        if dist.main:
+            _drop_records_after(run / "metrics.jsonl", state["epoch"])
     elif dist.main:
         plan.save(run / "plan.json")
         (run / "metrics.jsonl").unlink(missing_ok=True)
@@ -284,6 +286,16 @@ def fit(
         td.barrier()  # rank 0's files are complete before any process exits
         td.destroy_process_group()
     return result
+
+
+def _drop_records_after(path: Path, epoch: int) -> None:
+    """Keep the metrics of epochs before ``epoch``: a crash may have logged one the checkpoint lacks."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line).get("epoch", 0) < epoch]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _out_of_time(local: bool, dist: runtime.Dist) -> bool:
