@@ -1,0 +1,156 @@
+"""Every bad input a user can cause: one sentence naming the file, exit status 2, nothing half-written.
+
+RELIABILITY.md lists the same cases with what the user sees.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image as PILImage
+
+from useg.cli import main
+
+TINY = ["--width", "4", "--depth", "2", "--patch", "32,32", "--epochs", "1", "--iters", "2",
+        "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--quiet"]
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(arr).save(path)
+
+
+def _truncated_png(d):
+    p = d / "images" / "cell_002.png"
+    p.write_bytes(p.read_bytes()[:100])
+    return "cell_002.png"
+
+
+def _truncated_tiff(d):
+    (d / "images" / "cell_002.png").unlink()
+    tifffile.imwrite(d / "images" / "cell_002.tif", np.zeros((64, 64), np.uint8))
+    p = d / "images" / "cell_002.tif"
+    p.write_bytes(p.read_bytes()[:50])
+    return "cell_002.tif"
+
+
+def _size_mismatch(d):
+    _png(d / "masks" / "cell_001.png", np.zeros((64, 60), np.uint8))
+    return "cell_001.png"
+
+
+def _unknown_values(d):
+    m = np.array(PILImage.open(d / "masks" / "cell_003.png"))
+    m[:2, :2] = 7
+    _png(d / "masks" / "cell_003.png", m)
+    return "cell_003.png"
+
+
+def _nan_image(d):
+    (d / "images" / "cell_004.png").unlink()
+    arr = np.zeros((64, 64), np.float32)
+    arr[5, 5] = np.nan
+    tifffile.imwrite(d / "images" / "cell_004.tif", arr)
+    return "cell_004.tif"
+
+
+def _duplicate_stem(d):
+    shutil.copy(d / "images" / "cell_000.png", d / "images" / "cell_000.tif")
+    return "cell_000"
+
+
+def _missing_mask(d):
+    (d / "masks" / "cell_005.png").unlink()
+    return "cell_005.png"
+
+
+def _jpeg_mask(d):
+    (d / "masks" / "cell_005.png").rename(d / "masks" / "cell_005.jpg")
+    return "cell_005.jpg"
+
+
+def _empty(d):
+    shutil.rmtree(d / "images")
+    shutil.rmtree(d / "masks")
+    (d / "images").mkdir()
+    return "images"
+
+
+def _mixed_channels(d):
+    _png(d / "images" / "cell_001.png", np.zeros((64, 64, 3), np.uint8))
+    return "cell_001.png"
+
+
+CASES = {f.__name__[1:]: f for f in (_truncated_png, _truncated_tiff, _size_mismatch, _unknown_values,
+                                       _nan_image, _duplicate_stem, _missing_mask, _jpeg_mask, _empty,
+                                       _mixed_channels)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_train_refuses_bad_data(name, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    culprit = CASES[name](data)
+    assert main(["check", str(data)]) == 2
+    assert culprit in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:")
+    assert not run.exists() or not any(run.iterdir())  # nothing written
+
+
+@pytest.fixture(scope="module")
+def trained(cells_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), *TINY]) == 0
+    return run
+
+
+def test_predict_refuses_wrong_channels_and_nan(trained, tmp_path, capsys):
+    _png(tmp_path / "in" / "rgb.png", np.zeros((40, 40, 3), np.uint8))
+    assert main(["predict", str(trained), str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "rgb.png has 3 channels but the model was trained on 1" in capsys.readouterr().err
+    arr = np.ones((40, 40), np.float32)
+    arr[0, 0] = np.inf
+    tifffile.imwrite(tmp_path / "in" / "inf.tif", arr)
+    assert main(["predict", str(trained), str(tmp_path / "in" / "inf.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert "inf.tif contains NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_existing_outputs_need_overwrite(trained, cells_dir, tmp_path, capsys):
+    assert main(["train", str(cells_dir), "--out", str(trained), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    out = tmp_path / "o"
+    img = str(cells_dir / "images" / "cell_000.png")
+    assert main(["predict", str(trained), img, "--out", str(out), "--quiet"]) == 0
+    before = (out / "cell_000.png").read_bytes()
+    assert main(["predict", str(trained), img, "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "cell_000.png").read_bytes() == before
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch, capsys):
+    from useg.io import read_image
+    from useg.errors import UsegError
+
+    _png(tmp_path / "big.png", np.zeros((300, 300), np.uint8))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UsegError, match="big.png"):
+        read_image(tmp_path / "big.png")
+
+
+def test_damaged_weights_are_refused(trained, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(b"\x00" * 16)
+    img = str(cells_dir / "images" / "cell_000.png")
+    assert main(["predict", str(run), img, "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (run / "plan.json").write_text("{")
+    assert main(["predict", str(run), img, "--out", str(tmp_path / "o")]) == 2
+    assert "plan.json is not valid JSON" in capsys.readouterr().err
