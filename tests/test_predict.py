@@ -88,3 +88,23 @@ def test_predict_files_writes_training_encoding(tmp_path, cells_dir):
         seg.predict_files(inputs, out)
     seg.predict_files(inputs, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in inputs)
+
+
+def test_output_names_stay_inside_the_output_folder(tmp_path, cells_dir):
+    import shutil
+
+    _run(tmp_path, values=(0, 255))
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    odd = tmp_path / "in"
+    odd.mkdir()
+    src = cells_dir / "images" / "cell_000.png"
+    names = ["..png", "a b.png", "..weird..tif.png", "x.jpeg"]
+    for n in names:
+        shutil.copy(src, odd / n)
+    out = tmp_path / "out"
+    written = seg.predict_files([odd / n for n in names], out)
+    assert all(p.resolve().parent == out.resolve() for p in written)
+    from pathlib import Path
+
+    assert [p.name for p in written] == [Path(n).stem + ".png" for n in names]  # JPEG inputs get PNG masks
+    assert len(list(out.iterdir())) == 4
