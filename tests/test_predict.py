@@ -108,3 +108,22 @@ def test_output_names_stay_inside_the_output_folder(tmp_path, cells_dir):
 
     assert [p.name for p in written] == [Path(n).stem + ".png" for n in names]  # JPEG inputs get PNG masks
     assert len(list(out.iterdir())) == 4
+
+
+def test_mirroring_tta_makes_the_prediction_flip_equivariant(tmp_path):
+    import dataclasses
+
+    plan, _ = _run(tmp_path)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    x = np.random.default_rng(2).normal(size=(1, 32, 32)).astype(np.float32)  # one tile
+
+    def flip_gap():
+        a = seg.predict_proba(np.flip(x, 2).copy())
+        b = np.flip(seg.predict_proba(x), 2)
+        return float(np.abs(a - b).max())
+
+    assert flip_gap() > 1e-4  # a random network is not mirror-symmetric by itself
+    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
+    assert flip_gap() < 1e-5
+    np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)
+    assert np.array_equal(seg.predict(x), seg.predict_proba(x).argmax(0))

@@ -271,3 +271,46 @@ def test_overlap_tile_rejects_bad_arguments(in_tile, out_tile, num_classes):
     with pytest.raises(ValueError):
         overlap_tile(centre_crop(in_tile, out_tile), np.zeros((1, 20, 20), np.float32), in_tile, out_tile,
                      num_classes)
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((1, 37, 53), (16, 16), 0.5), ((2, 9, 20, 31), (8, 8, 8), 0.25),
+                                                ((1, 5, 7), (16, 16), 0.5), ((1, 64, 40), (16, 16), 0.0)])
+def test_streamed_labels_equal_argmax_of_the_full_blend(shape, tile, overlap):
+    from useg.tiling import sliding_window_labels
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=shape).astype(np.float32)
+    proj = torch.from_numpy(rng.normal(size=(3, shape[0])).astype(np.float32))
+
+    def fn(batch):  # a position-independent stand-in network: K=3 scores per voxel plus a tile-wide mean
+        scores = torch.einsum("kc,bc...->bk...", proj, batch)
+        return scores + scores.mean(dim=tuple(range(2, scores.dim())), keepdim=True)
+
+    full = sliding_window(fn, image, tile, 3, overlap=overlap, batch_size=3)
+    calls = []
+    labels = sliding_window_labels(fn, image, tile, 3, overlap=overlap, batch_size=3,
+                                   progress=lambda d, t: calls.append((d, t)))
+    assert labels.shape == shape[1:] and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, full.argmax(0))
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_streamed_labels_memory_is_bounded_by_a_slab():
+    import tracemalloc
+
+    from useg.tiling import sliding_window_labels
+
+    image = np.random.default_rng(0).normal(size=(1, 1024, 512)).astype(np.float32)
+    fn = lambda b: b.repeat(1, 4, 1, 1)  # noqa: E731  K=4 copies of the input
+
+    def peak(run):
+        tracemalloc.start()
+        run()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    streamed = peak(lambda: sliding_window_labels(fn, image, (64, 64), 4, overlap=0.5, batch_size=4))
+    full = peak(lambda: sliding_window(fn, image, (64, 64), 4, overlap=0.5, batch_size=4).argmax(0))
+    assert full > 4 * 1024 * 512 * 4  # the full path holds at least a (K, H, W) float32 buffer
+    assert streamed < full / 4, (streamed, full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from .errors import UsegError
 from .io import Image, read_image, write_mask
 from .model import UNet, valid_input_size
 from .plan import Plan
-from .tiling import overlap_tile, sliding_window
+from .tiling import overlap_tile, sliding_window, sliding_window_labels
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,39 @@ def build_model(plan: Plan) -> UNet:
     )
 
 
+def tile_fn(model: torch.nn.Module, plan: Plan, device: torch.device,
+            precision: runtime.Precision) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-tile network call: (B, C, *tile) -> (B, K, *out_tile) softmax probabilities.
+
+    With ``plan.infer.tta`` each tile is also predicted mirrored along every combination of
+    spatial axes and the flipped-back probabilities averaged (nnU-Net mirrors per tile too), which
+    keeps tiling and its memory bound unchanged.
+    """
+    fmt = runtime.memory_format(plan.model.dims, precision)
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device).contiguous(memory_format=fmt)
+        with torch.inference_mode(), runtime.autocast(device, precision):
+            probs = torch.softmax(model(batch).float(), dim=1)
+            if plan.infer.tta:
+                # every combination of mirrored axes (4 in 2D, 8 in 3D): a group, so the result is
+                # exactly flip-equivariant
+                flips = [c for r in range(1, batch.dim() - 1) for c in itertools.combinations(range(2, batch.dim()), r)]
+                for axes in flips:
+                    flipped = model(batch.flip(axes).contiguous(memory_format=fmt)).float()
+                    probs += torch.softmax(flipped, dim=1).flip(axes)
+                probs /= len(flips) + 1
+        return probs
+
+    return fn
+
+
+def _same_tile(plan: Plan, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    # A tile larger than the image only wastes compute: shrink it to the image's valid size.
+    m = plan.model
+    return tuple(min(t, v) for t, v in zip(plan.infer.tile, valid_input_size(spatial, m.depth, m.padding)))
+
+
 def predict_probs(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -40,7 +74,7 @@ def predict_probs(
     precision: runtime.Precision,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Class probabilities of a normalised image, tiled so memory is bounded by the tile.
+    """Class probabilities of a normalised image, tiled.
 
     Same-padding networks use a Gaussian-blended sliding window; valid-padding networks the
     paper's overlap-tile strategy with mirrored borders.
@@ -48,7 +82,7 @@ def predict_probs(
     Args:
         model: the network, in eval mode, on ``device``.
         image: (C, *S) float32, already normalised.
-        plan: the run's plan (tile, overlap, padding, depth).
+        plan: the run's plan (tile, overlap, padding, depth, tta).
         device: where the model is.
         precision: autocast and memory format.
         progress: optional callable(done, total) over tiles.
@@ -56,39 +90,35 @@ def predict_probs(
     Returns:
         (K, *S) float32 probabilities.
     """
-    m = plan.model
-    fmt = runtime.memory_format(m.dims, precision)
-
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(device).contiguous(memory_format=fmt)
-        with torch.inference_mode(), runtime.autocast(device, precision):
-            return torch.softmax(model(batch).float(), dim=1)
-
-    spatial = image.shape[1:]
-    tile = tuple(plan.infer.tile)
+    m, fn = plan.model, tile_fn(model, plan, device, precision)
     if m.padding == "same":
-        # A tile larger than the image only wastes compute: shrink it to the image's valid size.
-        tile = tuple(min(t, v) for t, v in zip(tile, valid_input_size(spatial, m.depth, m.padding)))
-        run = lambda x: sliding_window(  # noqa: E731
-            fn, x, tile, m.num_classes, overlap=plan.infer.overlap,
-            batch_size=plan.infer.batch_size, device="cpu", progress=progress,
-        )
-    else:
-        out_tile = model.output_size(tile)
-        run = lambda x: overlap_tile(  # noqa: E731
-            fn, x, tile, out_tile, m.num_classes,
-            batch_size=plan.infer.batch_size, device="cpu", progress=progress,
-        )
-    probs = run(image)
-    if plan.infer.tta:
-        # Mirroring TTA: average over flips of each spatial axis (nnU-Net's choice).
-        n = 1
-        for axis in range(1, image.ndim):
-            flipped = run(np.ascontiguousarray(np.flip(image, axis)))
-            probs += np.flip(flipped, axis)
-            n += 1
-        probs /= n
-    return probs
+        return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
+                              overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress)
+    tile = tuple(plan.infer.tile)
+    return overlap_tile(fn, image, tile, model.output_size(tile), m.num_classes,
+                        batch_size=plan.infer.batch_size, progress=progress)
+
+
+def predict_labels(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    plan: Plan,
+    device: torch.device,
+    precision: runtime.Precision,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Class indices (*S) of a normalised image; same arguments as :func:`predict_probs`.
+
+    For same padding the sliding window is streamed (:func:`useg.tiling.sliding_window_labels`),
+    so no (K, *S) float buffer is ever held: memory is bounded by one slab of tiles.
+    """
+    m = plan.model
+    if m.padding == "same":
+        fn = tile_fn(model, plan, device, precision)
+        return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
+                                     overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
+                                     progress=progress)
+    return predict_probs(model, image, plan, device, precision, progress).argmax(0)
 
 
 class Segmenter:
@@ -158,14 +188,17 @@ class Segmenter:
         return predict_probs(self.model, x, self.plan, self.device, self.precision, progress)
 
     def predict(self, array: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model."""
-        return self.predict_proba(array, progress).argmax(0).astype(np.int64)
+        """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model.
+
+        Memory stays bounded by a slab of tiles (same padding), whatever the image size.
+        """
+        x = self._prepare(array)
+        return predict_labels(self.model, x, self.plan, self.device, self.precision, progress).astype(np.int64)
 
     def predict_image(self, image: Image) -> np.ndarray:
         """Class indices for an :class:`useg.io.Image`."""
         x = self._prepare(image.array, name=str(image.path or "the image"))
-        probs = predict_probs(self.model, x, self.plan, self.device, self.precision)
-        return probs.argmax(0).astype(np.int64)
+        return predict_labels(self.model, x, self.plan, self.device, self.precision).astype(np.int64)
 
     def predict_files(
         self,

@@ -146,6 +146,71 @@ def sliding_window(
     return np.ascontiguousarray(acc[(slice(None), *crop)])
 
 
+def sliding_window_labels(
+    fn: TileFn,
+    image: np.ndarray,
+    tile: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """:func:`sliding_window` followed by argmax, streamed so memory stays bounded.
+
+    Tiles are processed in slabs along the first spatial axis; once no later tile can reach a
+    row, its blended scores are final, so they are turned into labels and dropped. The float
+    buffer therefore holds ``(K, tile[0], *S[1:])`` values at most instead of ``(K, *S)``: for a
+    16k x 16k slide and 256-px tiles that is 64 times less.
+
+    Args:
+        fn, image, tile, num_classes, overlap, batch_size, device, progress: as :func:`sliding_window`.
+
+    Returns:
+        (*S) class indices: uint8 when ``num_classes`` <= 256, else int32.
+    """
+    spatial = _check_image(image)
+    tile = _as_size(tile, "tile", len(spatial))
+    _check_common(num_classes, batch_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    padded = tuple(max(s, t) for s, t in zip(spatial, tile))
+    before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
+    steps = [max(1, int(t * (1 - overlap))) for t in tile]
+    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
+    weights = gaussian_weights(tile)
+    rest = list(itertools.product(*grid[1:]))
+    labels = np.empty(spatial, dtype=np.uint8 if num_classes <= 256 else np.int32)
+    total, done = len(grid[0]) * len(rest), 0
+    base = 0  # padded row held at buffer row 0
+    acc = np.zeros((num_classes, 0, *padded[1:]), np.float32)
+    wsum = np.zeros((0, *padded[1:]), np.float32)
+    for i, s0 in enumerate(grid[0]):
+        grow = s0 + tile[0] - base - acc.shape[1]
+        if grow > 0:
+            acc = np.concatenate([acc, np.zeros((num_classes, grow, *padded[1:]), np.float32)], axis=1)
+            wsum = np.concatenate([wsum, np.zeros((grow, *padded[1:]), np.float32)], axis=0)
+        windows = [[s0 - before[0], *(r - b for r, b in zip(start, before[1:]))] for start in rest]
+        report = None if progress is None else (lambda d, _t, off=done: progress(off + d, total))
+        for chunk, out in _run_batches(fn, image, windows, tile, tile, num_classes, batch_size, device, report):
+            for window, pred in zip(chunk, out):
+                region = (slice(window[0] + before[0] - base, window[0] + before[0] - base + tile[0]),
+                          *(slice(w + b, w + b + t) for w, b, t in zip(window[1:], before[1:], tile[1:])))
+                acc[(slice(None), *region)] += pred * weights
+                wsum[region] += weights
+        done += len(rest)
+        final = (grid[0][i + 1] if i + 1 < len(grid[0]) else padded[0]) - base  # rows no later tile reaches
+        lo, hi = max(base, before[0]), min(base + final, before[0] + spatial[0])
+        if hi > lo:
+            rows = slice(lo - base, hi - base)
+            crop = tuple(slice(b, b + n) for b, n in zip(before[1:], spatial[1:]))
+            scores = acc[(slice(None), rows, *crop)] / wsum[(rows, *crop)]
+            labels[lo - before[0]: hi - before[0]] = scores.argmax(0)
+        acc, wsum = acc[:, final:].copy(), wsum[final:].copy()
+        base += final
+    return labels
+
+
 def overlap_tile(
     fn: TileFn,
     image: np.ndarray,
