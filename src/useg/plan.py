@@ -46,6 +46,9 @@ class DataConfig:
     fg_fraction: float = 0.33  # share of patches centred on a foreground pixel (nnU-Net: 1/3)
     spacing: tuple[float, ...] = (1.0, 1.0)  # median spacing of the training images
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # joint image/label transforms
+    border_weights: bool = False  # weight the loss by the paper's eq. 2 map (separates touching objects)
+    w0: float = 10.0  # eq. 2 border weight (the paper: 10)
+    sigma: float = 5.0  # eq. 2 border width in pixels (the paper: 5)
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ def make_plan(
         base.model, in_channels=channels, num_classes=label_map.num_classes, dims=dims, **(model or {})
     )
     if patch_size is None:
-        patch = default_patch_size(image_shapes, mcfg)
+        patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
         if len(patch_size) != dims:
             raise ValueError(f"patch size {patch_size} has {len(patch_size)} axes but the images have {dims}")
@@ -218,7 +221,7 @@ def make_plan(
             area *= p
         tcfg = dataclasses.replace(tcfg, batch_size=int(max(2, min(32, round(8 * 256 * 256 / area)))))
     icfg = dataclasses.replace(base.infer, tile=patch, **(infer or {}))
-    data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, augment=base.data_augment)
+    data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **base.data)
     plan = Plan(model=mcfg, data=data, train=tcfg, infer=icfg, preset=preset)
     logger.info("plan: %s", explain(plan))
     return plan
@@ -237,19 +240,21 @@ def explain(plan: Plan) -> str:
             f"optimizer: {t.optimizer} lr {t.lr:g} with {t.schedule} schedule, loss {t.loss}, "
             f"up to {t.epochs} epochs x {t.iters_per_epoch} steps",
             f"normalization: {d.normalization}; inference tile {'x'.join(map(str, plan.infer.tile))}, "
-            f"overlap {plan.infer.overlap}",
+            f"overlap {plan.infer.overlap}{', mirroring TTA' if plan.infer.tta else ''}",
         ]
+        + ([f"loss weights: the paper's border map, w0 {d.w0:g}, sigma {d.sigma:g} px"] if d.border_weights else [])
     )
 
 
 @dataclass(frozen=True)
 class _Preset:
-    model: ModelConfig
-    train: TrainConfig
-    infer: InferConfig
-    data_augment: AugmentConfig
+    model: ModelConfig  # the network (in/out channels and dims come from the data)
+    train: TrainConfig  # optimizer, loss, schedule
+    infer: InferConfig  # tiling (the tile comes from the patch)
+    data: dict = field(default_factory=dict)  # DataConfig fields: augmentation, border weights
+    max_edge: int = 256  # largest training patch edge
 
 
 PRESETS: dict[str, _Preset] = {
-    "default": _Preset(ModelConfig(), TrainConfig(), InferConfig(), AugmentConfig()),
+    "default": _Preset(ModelConfig(), TrainConfig(), InferConfig()),
 }
