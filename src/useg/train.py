@@ -170,6 +170,7 @@ def fit(
     model = build_model(plan)
     fmt = runtime.memory_format(plan.model.dims, prec)
     model = model.to(dev, memory_format=fmt)
+    torch.manual_seed(plan.train.seed + dist.rank)  # then per-rank randomness (dropout) differs
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
