@@ -215,7 +215,7 @@ def make_plan(
         spacing = tuple(sorted(s[i] for s in spacings)[len(spacings) // 2] for i in range(dims))
     tcfg = dataclasses.replace(base.train, **(train or {}))
     # Smaller patches than 256^2 leave compute on the table: keep about 8 x 256^2 pixels per step.
-    if not train or "batch_size" not in train:
+    if base.auto_batch and (not train or "batch_size" not in train):
         area = 1
         for p in patch:
             area *= p
@@ -253,6 +253,7 @@ class _Preset:
     infer: InferConfig  # tiling (the tile comes from the patch)
     data: dict = field(default_factory=dict)  # DataConfig fields: augmentation, border weights
     max_edge: int = 256  # largest training patch edge
+    auto_batch: bool = True  # scale the batch to about 8 x 256^2 pixels per step
 
 
 PRESETS: dict[str, _Preset] = {
