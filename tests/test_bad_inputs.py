@@ -154,3 +154,19 @@ def test_damaged_weights_are_refused(trained, cells_dir, tmp_path, capsys):
     (run / "plan.json").write_text("{")
     assert main(["predict", str(run), img, "--out", str(tmp_path / "o")]) == 2
     assert "plan.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_disk_full_while_writing_leaves_nothing(trained, cells_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(PILImage.Image, "save", full)
+    out = tmp_path / "o"
+    assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "another --out" in err
+    assert not out.exists() or list(out.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -249,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except UsegError as e:
         print(f"useg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # every write goes to a temporary name first, so nothing half-written is left behind
+        where = e.filename or "the output"
+        print(f"useg {args.command}: error: cannot write {where} ({e.strerror}); free some space or "
+              "choose another --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
