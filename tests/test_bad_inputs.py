@@ -168,5 +168,5 @@ def test_disk_full_while_writing_leaves_nothing(trained, cells_dir, tmp_path, mo
     out = tmp_path / "o"
     assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "another --out" in err
+    assert f"cannot write {out / 'cell_000.png'} (No space left on device)" in err and "another --out" in err
     assert not out.exists() or list(out.iterdir()) == []
