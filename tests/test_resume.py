@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = ["--width", "4", "--depth", "2", "--patch", "32,32", "--epochs", "8", "--iters", "4",
-        "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--quiet"]
+        "--batch-size", "2", "--deterministic", "--device", "cpu", "--quiet"]
 
 
 @pytest.mark.timeout(240)
@@ -38,8 +38,8 @@ def test_sigkill_then_resume_finishes(cells_dir, tmp_path):
     assert summary["epochs"] == 8 and summary["steps"] == 32
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(8))  # each epoch logged once, none lost or repeated
-    # Patches come from (seed, epoch, index) and the RNG state is checkpointed, so on the CPU in
-    # fp32 the interrupted run ends with exactly the weights of an uninterrupted one.
+    # Patches come from (seed, epoch, index) and the RNG state is checkpointed, so with
+    # --deterministic the interrupted run ends with exactly the weights of an uninterrupted one.
     again = tmp_path / "again"
     cmd_again = [sys.executable, "-m", "useg", "train", str(cells_dir), "--out", str(again), *ARGS]
     assert subprocess.run(cmd_again, env=env, capture_output=True, timeout=200).returncode == 0

@@ -63,6 +63,8 @@ def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
         train["iters_per_epoch"] = a.iters
     if a.batch_size is not None:
         train["batch_size"] = a.batch_size
+    if getattr(a, "deterministic", False):
+        train["deterministic"] = True
     infer = {"tta": True} if getattr(a, "tta", False) else {}
     return model, train, infer
 
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int)
         t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
         t.add_argument("--workers", type=int, help="DataLoader workers (default: from the machine)")
+        t.add_argument("--deterministic", action="store_true",
+                       help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
         t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
         if name == "plan":
             t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")

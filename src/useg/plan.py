@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0  # seeds model init, sampling and augmentation
     precision: str = "auto"  # "auto" (bf16 on bf16 CPUs and CUDA), "fp32", "bf16", "fp16"
     workers: int = -1  # DataLoader workers; -1 picks from the machine
+    deterministic: bool = False  # fp32, deterministic kernels, step-based schedule: exact replays
 
 
 @dataclass(frozen=True)

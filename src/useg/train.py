@@ -164,7 +164,13 @@ def fit(
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
     quiet = quiet or not dist.main  # only rank 0 logs and writes
-    prec = runtime.pick_precision(dev, plan.train.precision)
+    t = plan.train
+    prec = runtime.pick_precision(dev, "fp32" if t.deterministic else t.precision)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=dev.type == "cpu")
+        if dev.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     runtime.set_threads(max(1, runtime.cpu_count() // dist.world) if dev.type == "cpu" else None)
     torch.manual_seed(plan.train.seed)  # the same initial weights on every rank
     model = build_model(plan)
@@ -178,7 +184,6 @@ def fit(
     optimizer = make_optimizer(model, plan)
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
     loss_fn = SegLoss(plan.train.loss)
-    t = plan.train
     out_size = model.output_size(plan.data.patch_size)
     images, labels = train_data
     weights = border_weights(labels, plan) if plan.data.border_weights else None
@@ -230,7 +235,7 @@ def fit(
             for batch in loader:
                 elapsed = time.perf_counter() - start
                 frac = state["step"] / total_steps
-                if budget_s:
+                if budget_s and not t.deterministic:  # wall time would make the schedule unrepeatable
                     frac = max(frac, elapsed / budget_s)
                 for g in optimizer.param_groups:
                     g["lr"] = t.lr * lr_factor(frac, t.schedule, t.warmup)
@@ -289,6 +294,7 @@ def fit(
                         f", val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
             if stop:
                 break
+    torch.use_deterministic_algorithms(was_deterministic)
     in_sync = _ranks_in_sync(model, dist)
     result = TrainResult(run, state["best_dice"] if val_data[0] else float("nan"), state["best_epoch"],
                          state["epoch"], state["step"], state["seconds"] / 60.0)
