@@ -168,3 +168,151 @@ def test_bad_arguments_are_refused():
         AugmentConfig(contrast=(1.2, 0.8))
     with pytest.raises(ValueError, match="flip"):
         AugmentConfig(flip=-0.1)
+
+
+# ---- elastic deformation (U-Net paper, sec. 3.1) ----
+
+from scipy import ndimage  # noqa: E402
+
+from useg.augment import elastic_deform, elastic_field  # noqa: E402
+
+ELASTIC_SHAPES = [(13, 17), (21, 23), (5, 7, 9), (11, 13, 15)]
+ELASTIC_IDS = ["x".join(map(str, s)) for s in ELASTIC_SHAPES]
+
+
+def _labelled(shape, seed=0):
+    label = np.random.default_rng(seed).integers(0, 4, shape)
+    return np.stack([label, -2 * label]).astype(np.float32), label, (label + 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ELASTIC_SHAPES, ids=ELASTIC_IDS)
+def test_elastic_field_shape_corners_and_smoothness(shape):
+    field = elastic_field(shape, np.random.default_rng(3), grid=3, std=10.0)
+    assert field.shape == (len(shape),) + shape and field.dtype == np.float32
+    coarse = np.random.default_rng(3).normal(0.0, 10.0, (len(shape),) + (3,) * len(shape))
+    # the lattice corners sit on the image corners, so the field there is the drawn value
+    for corner in np.ndindex(*(2,) * len(shape)):
+        pix = tuple(-1 if c else 0 for c in corner)
+        np.testing.assert_allclose(field[(slice(None),) + pix], coarse[(slice(None),) + pix], rtol=1e-5, atol=1e-4)
+    # smooth: along each axis the per-pixel change is about a lattice step spread over its pixels
+    for a in range(1, field.ndim):
+        lattice_step = np.abs(np.diff(coarse, axis=a)).max()
+        assert np.abs(np.diff(field, axis=a)).max() <= 2.0 * lattice_step * 2 / (shape[a - 1] - 1)
+
+
+@pytest.mark.parametrize("shape", ELASTIC_SHAPES, ids=ELASTIC_IDS)
+def test_elastic_std0_is_exact_identity(shape):
+    sample = _labelled(shape)
+    out = elastic_deform(*sample, np.random.default_rng(0), std=0.0)
+    for a, b in zip(out, sample):
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == b.shape and a.flags.c_contiguous and not np.shares_memory(a, b)
+    assert not elastic_field(shape, np.random.default_rng(0), std=0.0).any()
+
+
+@pytest.mark.parametrize("shape", ELASTIC_SHAPES, ids=ELASTIC_IDS)
+def test_elastic_keeps_labels_shapes_dtypes_and_inputs(shape):
+    sample = _labelled(shape)
+    copies = [a.copy() for a in sample]
+    for seed in range(3):
+        image, label, weight = elastic_deform(*sample, np.random.default_rng(seed), std=4.0)
+        assert image.shape == sample[0].shape and image.dtype == np.float32 and image.flags.c_contiguous
+        assert label.shape == shape and label.dtype == sample[1].dtype and label.flags.c_contiguous
+        assert weight.shape == shape and weight.dtype == np.float32 and weight.flags.c_contiguous
+        assert set(np.unique(label)) <= set(np.unique(sample[1]))
+        assert not np.array_equal(label, sample[1]) and not np.allclose(image, sample[0])
+        # order 1 never leaves the input's range
+        assert weight.min() >= sample[2].min() - 1e-5 and weight.max() <= sample[2].max() + 1e-5
+    for a, b in zip(sample, copies):
+        np.testing.assert_array_equal(a, b)
+    assert elastic_deform(sample[0], sample[1], None, np.random.default_rng(0), std=4.0)[2] is None
+
+
+@pytest.mark.parametrize("shape", [(31, 33), (15, 17, 19)], ids=["31x33", "15x17x19"])
+def test_elastic_moves_image_label_and_weight_together(shape):
+    """Ramps record where each pixel was read from: channel d of the image holds index d, the
+    label encodes all indices, the weight their weighted sum; all three must agree."""
+    ndim = len(shape)
+    idx = np.indices(shape)
+    base = np.array([100 ** (ndim - 1 - d) for d in range(ndim)]).reshape((ndim,) + (1,) * ndim)
+    label = (idx * base).sum(0)
+    image, weight = idx.astype(np.float32), label.astype(np.float32)
+    std = 2.0
+    out_i, out_l, out_w = elastic_deform(image, label, weight, np.random.default_rng(7), grid=3, std=std)
+    src = elastic_field(shape, np.random.default_rng(7), grid=3, std=std) + idx  # where pixels are read
+    assert np.abs(src - idx).max() > 1.0  # the test is not vacuous: pixels really moved
+    decoded = np.stack([(out_l // base[d]) % 100 for d in range(ndim)])
+    # a linear ramp is reproduced exactly by order 1 and, away from the mirrored borders, by order 3
+    inside = np.all([(src[d] >= 4) & (src[d] <= shape[d] - 5) for d in range(ndim)], axis=0)
+    assert inside.sum() > 0.05 * inside.size
+    np.testing.assert_allclose(out_w[inside], (src * base).sum(0)[inside], atol=1e-2)
+    for d in range(ndim):
+        np.testing.assert_allclose(out_i[d][inside], src[d][inside], atol=0.05)
+        assert np.abs(decoded[d][inside] - src[d][inside]).max() <= 0.5 + 1e-3  # nearest pixel
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (5, 7, 9)], ids=["13x17", "5x7x9"])
+def test_elastic_is_seeded(shape):
+    sample = _labelled(shape)
+    a = elastic_deform(*sample, np.random.default_rng(11))
+    b = elastic_deform(*sample, np.random.default_rng(11))
+    c = elastic_deform(*sample, np.random.default_rng(12))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_elastic_off_draws_nothing_from_the_generator(sample):
+    """Default recipe == the same public steps chained on one generator, so p_elastic=0 adds no draw."""
+    cfg = AugmentConfig(p_intensity=1.0)
+    assert cfg.p_elastic == 0.0
+    got = augment_sample(*sample, np.random.default_rng(9), cfg)
+    rng = np.random.default_rng(9)
+    i, l, w = random_rot90(*random_flip(*sample, rng, p=cfg.flip), rng)
+    want = (random_intensity(i, rng, cfg.brightness, cfg.contrast, cfg.gamma, cfg.noise_std, 1.0), l, w)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_augment_sample_applies_elastic_first():
+    sample = _labelled((21, 23))
+    cfg = AugmentConfig(flip=0.0, rot90=False, intensity=False, p_elastic=1.0, elastic_std=3.0)
+    got = augment_sample(*sample, np.random.default_rng(4), cfg)
+    rng = np.random.default_rng(4)
+    assert rng.random() < 1.0
+    want = elastic_deform(*sample, rng, grid=3, std=3.0)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(got[1], sample[1])
+    # with flips on, the elastic output is what gets flipped (elastic first, same draws after it)
+    cfg = dataclasses.replace(cfg, flip=1.0)
+    got = augment_sample(*sample, np.random.default_rng(4), cfg)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y[..., ::-1, ::-1])
+
+
+def test_augment_config_round_trips_with_elastic_fields():
+    cfg = AugmentConfig(p_elastic=0.3, elastic_grid=4, elastic_std=6.5)
+    d = dataclasses.asdict(cfg)
+    assert (d["p_elastic"], d["elastic_grid"], d["elastic_std"]) == (0.3, 4, 6.5)
+    assert AugmentConfig(**d) == cfg
+    assert AugmentConfig(**json.loads(json.dumps(d))).elastic_std == 6.5
+    assert (AugmentConfig().p_elastic, AugmentConfig().elastic_grid, AugmentConfig().elastic_std) == (0.0, 3, 10.0)
+
+
+def test_elastic_bad_arguments_are_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="p_elastic"):
+        AugmentConfig(p_elastic=1.5)
+    with pytest.raises(ValueError, match="elastic_grid"):
+        AugmentConfig(elastic_grid=1)
+    with pytest.raises(ValueError, match="elastic_std"):
+        AugmentConfig(elastic_std=-1.0)
+    with pytest.raises(ValueError, match="grid"):
+        elastic_field((8, 8), rng, grid=1)
+    with pytest.raises(ValueError, match="std"):
+        elastic_field((8, 8), rng, std=-2.0)
+    with pytest.raises(ValueError, match="shape"):
+        elastic_field((8,), rng)
+    with pytest.raises(ValueError, match="image"):
+        elastic_deform(np.zeros((1, 4, 5), np.float32), np.zeros((4, 4), np.int64), None, rng)

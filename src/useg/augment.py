@@ -3,7 +3,8 @@
 Shapes: image (C, *S) float32, label (*S) int, weight (*S) float32 or None, with S two or three
 spatial sizes. Geometric transforms move all three together; intensity transforms touch the image
 only. Every function returns new C-contiguous arrays and never writes into its inputs (the
-dataset hands in views of its cached images). Elastic deformation is not here yet.
+dataset hands in views of its cached images). The elastic deformation follows the U-Net paper
+(Ronneberger et al. 2015, sec. 3.1): Gaussian displacements on a coarse grid, interpolated cubically.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +33,17 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.75, 1.25)  # multiplicative range around the channel mean
     gamma: tuple[float, float] = (0.7, 1.5)  # gamma range on each channel rescaled to [0, 1]
     noise_std: float = 0.05  # largest Gaussian noise std, in channel standard deviations
+    p_elastic: float = 0.0  # probability of one elastic deformation per sample; 0 never touches rng
+    elastic_grid: int = 3  # coarse displacement lattice points per axis (the U-Net paper's 3 x 3)
+    elastic_std: float = 10.0  # std of the coarse displacements in pixels (the U-Net paper's 10)
 
     def __post_init__(self) -> None:
-        for name in ("flip", "p_intensity"):
+        for name in ("flip", "p_intensity", "p_elastic"):
             _check_p(getattr(self, name), name)
+        if int(self.elastic_grid) != self.elastic_grid or self.elastic_grid < 2:
+            raise ValueError(f"elastic_grid must be an integer >= 2, got {self.elastic_grid}")
+        if not self.elastic_std >= 0:
+            raise ValueError(f"elastic_std must be >= 0, got {self.elastic_std}")
         _check_range(self.contrast, "contrast")
         _check_range(self.gamma, "gamma")
         if self.gamma[0] <= 0:
@@ -188,9 +197,89 @@ def random_intensity(image: np.ndarray, rng: np.random.Generator, brightness: fl
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def elastic_field(shape: Sequence[int], rng: np.random.Generator, grid: int = 3, std: float = 10.0) -> np.ndarray:
+    """A smooth random displacement field as in the U-Net paper (Ronneberger et al. 2015, sec. 3.1).
+
+    Displacements are drawn from N(0, std^2) pixels on a coarse ``grid`` x ``grid`` [x ``grid``]
+    lattice whose outer points sit on the image corners, then interpolated to every pixel with a
+    cubic spline (scipy ``zoom``, order 3, ``grid_mode=False``). One draw of
+    ``rng.normal(size=(ndim, grid, ..., grid))`` is the only use of ``rng``.
+
+    Args:
+        shape: the spatial shape S, two or three sizes >= 1.
+        rng: the generator.
+        grid: points of the coarse lattice per axis, >= 2.
+        std: standard deviation of the coarse displacements in pixels, >= 0.
+
+    Returns:
+        (ndim, *S) float32 displacements; component d moves along spatial axis d.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"shape must be two or three sizes >= 1, got {shape}")
+    if int(grid) != grid or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2, got {grid}")
+    if not std >= 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    ndim, grid = len(shape), int(grid)
+    coarse = rng.normal(0.0, std, (ndim,) + (grid,) * ndim)
+    field = np.empty((ndim,) + shape, np.float32)
+    # zoom derives the true factor from the shapes, (grid - 1) / (n - 1) with grid_mode=False,
+    # so the lattice corners land exactly on the pixel corners; n / grid only sets the output size
+    factors = [n / grid for n in shape]
+    for d in range(ndim):
+        field[d] = ndimage.zoom(coarse[d], factors, order=3, mode="mirror", grid_mode=False)
+    return field
+
+
+def elastic_deform(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
+                   grid: int = 3, std: float = 10.0) -> Sample:
+    """Warp image, label and weight with one field from :func:`elastic_field` (U-Net paper, sec. 3.1).
+
+    Each output pixel x takes its value from x + field(x) (backward mapping), mirrored at the
+    borders. The image is resampled with cubic splines (order 3, the paper's bicubic), the label
+    with nearest neighbour (order 0, so no new label values appear) and the weight linearly
+    (order 1). The only use of ``rng`` is ``elastic_field(S, rng, grid, std)``. A field that is
+    zero everywhere (``std=0``) returns exact copies, since a spline round trip is not bit-exact.
+
+    Args:
+        image: (C, *S) array.
+        label: (*S) int array.
+        weight: (*S) float array, or None.
+        rng: the generator.
+        grid: coarse lattice points per axis, >= 2.
+        std: coarse displacement standard deviation in pixels, >= 0.
+
+    Returns:
+        (image float32, label of the label's dtype, weight float32 or None) as new contiguous
+        arrays of the input shapes.
+    """
+    _check_sample(image, label, weight)
+    field = elastic_field(label.shape, rng, grid, std)
+    if not field.any():
+        return (np.array(image, dtype=np.float32, order="C", copy=True), _copy(label),
+                None if weight is None else np.array(weight, dtype=np.float32, order="C", copy=True))
+    coords = field
+    coords += np.indices(label.shape, dtype=np.float32)  # field is ours alone: reuse its memory
+    out_image = np.empty(image.shape, np.float32)
+    for c in range(image.shape[0]):
+        # map_coordinates runs the spline prefilter once per call, i.e. once per channel
+        ndimage.map_coordinates(np.asarray(image[c], dtype=np.float64), coords, output=out_image[c],
+                                order=3, mode="mirror")
+    out_label = ndimage.map_coordinates(label, coords, output=label.dtype, order=0, mode="mirror")
+    out_weight = None
+    if weight is not None:
+        out_weight = ndimage.map_coordinates(np.asarray(weight, dtype=np.float32), coords, output=np.float32,
+                                             order=1, mode="mirror")
+    return out_image, out_label, out_weight
+
+
 def augment_sample(image: np.ndarray, label: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
                    config: AugmentConfig = AugmentConfig()) -> Sample:
-    """Apply the configured transforms in a fixed order: flips, rot90, intensity.
+    """Apply the configured transforms in a fixed order: elastic, flips, rot90, intensity.
+
+    The elastic step draws from ``rng`` only when ``config.p_elastic > 0``, so recipes without
+    it give the same results as before it existed.
 
     Args:
         image: (C, *S) array.
@@ -205,6 +294,8 @@ def augment_sample(image: np.ndarray, label: np.ndarray, weight: np.ndarray | No
     _check_sample(image, label, weight)
     axes = tuple(range(label.ndim))
     sample = (image, label, weight)
+    if config.p_elastic > 0 and rng.random() < config.p_elastic:
+        sample = elastic_deform(*sample, rng, config.elastic_grid, config.elastic_std)
     if config.flip > 0:
         sample = _flip_views(*sample, rng, axes, config.flip)
     if config.rot90:
