@@ -72,3 +72,17 @@ def test_demo_small(tmp_path, capsys):
     for name in ("report.html", "run/curves.png", "pred/metrics.csv"):
         assert (tmp_path / "demo" / name).exists(), name
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == 2
+
+
+def test_paper_preset_trains_with_border_weights_and_predicts(cells_dir, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    args = ["train", str(cells_dir), "--out", str(run), "--preset", "paper", "--width", "4", "--depth", "2",
+            "--patch", "60,60", "--epochs", "1", "--iters", "2", "--precision", "fp32", "--quiet"]
+    assert main(args) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["preset"] == "paper" and plan["data"]["border_weights"] and plan["model"]["padding"] == "valid"
+    assert main(["predict", str(run), str(cells_dir / "images" / "cell_001.png"), "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "p" / "cell_001.png").exists()

@@ -60,3 +60,16 @@ def test_unknown_preset_and_bad_patch():
         make_plan(LM, 1, [(64, 64)], preset="nope")
     with pytest.raises(ValueError, match="axes"):
         make_plan(LM, 1, [(64, 64)], patch_size=(64, 64, 64))
+
+
+def test_paper_preset_is_the_papers_recipe_and_round_trips(tmp_path):
+    plan = make_plan(LM, 1, [(512, 512)] * 3, preset="paper")
+    m, t, d = plan.model, plan.train, plan.data
+    assert (m.width, m.depth, m.padding, m.up, m.norm, m.dropout) == (64, 4, "valid", "transpose", None, 0.5)
+    assert (t.optimizer, t.momentum, t.loss, t.batch_size) == ("sgd", 0.99, "ce", 1)
+    assert d.border_weights and (d.w0, d.sigma) == (10.0, 5.0) and d.augment.p_elastic > 0
+    assert plan.infer.tta and output_size(d.patch_size, 4, "valid")[0] >= 300
+    again = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert again == plan and "border map" in explain(again)
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["data"]["augment"]["p_elastic"] == 0.5 and saved["preset"] == "paper"

@@ -114,3 +114,18 @@ def test_train_folder_refuses_bad_data_and_existing_runs(tmp_path, cells_dir):
         train_folder(cells_dir, tmp_path / "run", **kw)
     with pytest.raises(UsegError, match="not in"):
         train_folder(cells_dir, tmp_path / "run2", exclude="nope", **kw)
+
+
+def test_border_weights_peak_in_the_gap_between_touching_objects():
+    import dataclasses
+
+    from useg.train import border_weights
+
+    lab = np.zeros((20, 21), np.int64)
+    lab[5:15, 2:10], lab[5:15, 11:19] = 1, 1  # two cells, one background column between them
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [lab.shape])
+    plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, border_weights=True))
+    (w,) = border_weights([lab], plan)
+    assert w.shape == lab.shape
+    gap, far = w[10, 10], w[0, 0]
+    assert gap > far + 5  # w0 * exp(-(1 + 1)^2 / (2 * 5^2)) = 9.2 on top of the class weight

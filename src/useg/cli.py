@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("plan", "train"):
         t = sub.add_parser(name, help="print the plan for a data folder" if name == "plan" else "train a U-Net")
         t.add_argument("data", help="folder with images/ and masks/")
-        t.add_argument("--preset", default="default", help="named recipe (default)")
+        t.add_argument("--preset", default="default", choices=["default", "paper"],
+                       help="named recipe: default, or paper (Ronneberger et al. 2015)")
         t.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
         t.add_argument("--patch", type=_ints, help="training patch, e.g. 256,256")
         t.add_argument("--width", type=int, help="channels at the first level")

@@ -259,4 +259,18 @@ class _Preset:
 
 PRESETS: dict[str, _Preset] = {
     "default": _Preset(ModelConfig(), TrainConfig(), InferConfig()),
+    # Ronneberger et al. 2015: unpadded convs, up-convolutions, no normalisation, dropout at the
+    # end of the contracting path, pixel-weighted cross-entropy with the eq. 2 border map, SGD with
+    # momentum 0.99 on single large tiles, elastic deformation, overlap-tile prediction averaged
+    # over mirrored versions (the paper averaged 7 rotated/flipped ones).
+    "paper": _Preset(
+        ModelConfig(width=64, depth=4, padding="valid", up="transpose", norm=None, dropout=0.5),
+        TrainConfig(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=0.0, loss="ce", batch_size=1,
+                    schedule="constant", warmup=0.0),
+        InferConfig(tta=True, batch_size=1),
+        data={"border_weights": True, "w0": 10.0, "sigma": 5.0,
+              "augment": AugmentConfig(p_elastic=0.5, elastic_grid=3, elastic_std=10.0)},
+        max_edge=572,
+        auto_batch=False,
+    ),
 }
