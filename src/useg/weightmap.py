@@ -131,7 +131,7 @@ def two_nearest_distances(labels: np.ndarray, spacing: Sequence[float] | None = 
     if math.isinf(max_distance):
         pad = labels.shape  # whole image
     else:
-        pad = tuple(int(math.ceil(max_distance / s)) for s in spacing)
+        pad = tuple(math.ceil(max_distance / s) for s in spacing)
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
