@@ -172,7 +172,6 @@ def test_bad_arguments_are_refused():
 
 # ---- elastic deformation (U-Net paper, sec. 3.1) ----
 
-from scipy import ndimage  # noqa: E402
 
 from useg.augment import elastic_deform, elastic_field  # noqa: E402
 

@@ -118,16 +118,7 @@ def sliding_window(
     Returns:
         (K, *S) float32 blend of what ``fn`` returned.
     """
-    spatial = _check_image(image)
-    tile = _as_size(tile, "tile", len(spatial))
-    _check_common(num_classes, batch_size)
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    padded = tuple(max(s, t) for s, t in zip(spatial, tile))
-    before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
-    steps = [max(1, int(t * (1 - overlap))) for t in tile]
-    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
-    weights = gaussian_weights(tile)
+    spatial, tile, padded, before, grid, weights = _window_grid(image, tile, num_classes, overlap, batch_size)
     acc = np.zeros((num_classes, *padded), dtype=np.float32)
     wsum = np.zeros(padded, dtype=np.float32)
     starts = list(itertools.product(*grid))
@@ -169,16 +160,7 @@ def sliding_window_labels(
     Returns:
         (*S) class indices: uint8 when ``num_classes`` <= 256, else int32.
     """
-    spatial = _check_image(image)
-    tile = _as_size(tile, "tile", len(spatial))
-    _check_common(num_classes, batch_size)
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    padded = tuple(max(s, t) for s, t in zip(spatial, tile))
-    before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
-    steps = [max(1, int(t * (1 - overlap))) for t in tile]
-    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
-    weights = gaussian_weights(tile)
+    spatial, tile, padded, before, grid, weights = _window_grid(image, tile, num_classes, overlap, batch_size)
     rest = list(itertools.product(*grid[1:]))
     labels = np.empty(spatial, dtype=np.uint8 if num_classes <= 256 else np.int32)
     total, done = len(grid[0]) * len(rest), 0
@@ -296,6 +278,25 @@ def mirror_indices(start: int, length: int, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _window_grid(image: np.ndarray, tile: Sequence[int], num_classes: int, overlap: float, batch_size: int):
+    """Validate sliding-window arguments and lay out its tiles.
+
+    Returns:
+        (spatial size, tile, padded size (at least one tile per axis), padding before the image,
+        tile starts per axis in padded coordinates, Gaussian tile weights).
+    """
+    spatial = _check_image(image)
+    tile = _as_size(tile, "tile", len(spatial))
+    _check_common(num_classes, batch_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    padded = tuple(max(s, t) for s, t in zip(spatial, tile))
+    before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
+    steps = [max(1, int(t * (1 - overlap))) for t in tile]
+    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
+    return spatial, tile, padded, before, grid, gaussian_weights(tile)
 
 
 def _run_batches(
