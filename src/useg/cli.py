@@ -70,15 +70,14 @@ def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from .dataset import check_dataset, load_case
+    from .dataset import check_dataset
     from .plan import explain, make_plan
 
     report = check_dataset(a.data, labels=a.labels)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    shapes = [load_case(c, report.label_map)[0].shape[1:] for c in report.cases]
     model, train, infer = _overrides(a)
-    plan = make_plan(report.label_map, report.channels, shapes, preset=a.preset,
+    plan = make_plan(report.label_map, report.channels, report.shapes, preset=a.preset,
                      model=model, train=train, infer=infer, patch_size=a.patch)
     print(json.dumps(plan.to_dict(), indent=2) if a.json else explain(plan))
     return 0
@@ -101,16 +100,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _inputs(paths: list[str]) -> list[Path]:
-    from .io import IMAGE_SUFFIXES
+    from .dataset import discover
 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            folder = p / "images" if (p / "images").is_dir() else p
-            found = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UsegError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point at image files")
-            files.extend(found)
+            files.extend(c.image for c in discover(p))  # images/ of a data folder, or the folder itself
         elif p.exists():
             files.append(p)
         else:

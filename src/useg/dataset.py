@@ -48,7 +48,7 @@ def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Pa
     return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
 
-def _mask_stem(stem: str) -> str:
+def mask_stem(stem: str) -> str:
     for suffix in MASK_STEM_SUFFIXES:
         if stem.lower().endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
@@ -80,7 +80,7 @@ def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
         if not mask_files:
             problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
         for p in mask_files:
-            stem = p.stem if p.stem in by_stem else _mask_stem(p.stem)
+            stem = p.stem if p.stem in by_stem else mask_stem(p.stem)
             if stem in masks:
                 problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
             else:
@@ -122,6 +122,7 @@ class CheckReport:
         label_map: the masks' encoding, when masks were readable.
         channels: image channels, when every readable image has the same count.
         stats: JSON-able summary (counts, sizes, dtypes, pixel share per mask value, ignored files).
+        shapes: spatial shape of every readable image, so planning need not read them again.
     """
 
     cases: list[Case]
@@ -129,6 +130,7 @@ class CheckReport:
     label_map: LabelMap | None = None
     channels: int | None = None
     stats: dict = field(default_factory=dict)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -231,7 +233,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
         stats["ignored files"] = [str(p) for p in ignored]
         logger.info("ignoring %d files that are not images: %s", len(ignored), ", ".join(p.name for p in ignored[:5]))
     nchan = next(iter(channels)) if len(channels) == 1 else None
-    return CheckReport(cases, problems, label_map, nchan, stats)
+    return CheckReport(cases, problems, label_map, nchan, stats, shapes)
 
 
 def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_map: LabelMap) -> list[str]:

@@ -291,6 +291,7 @@ def evaluate_folders(
     Raises:
         UsegError: empty folders, a prediction without truth, unknown values, shape mismatches.
     """
+    from .dataset import mask_stem
     from .errors import UsegError
     from .io import MASK_SUFFIXES, read_mask
     from .labels import LabelMap, infer_label_map
@@ -307,10 +308,7 @@ def evaluate_folders(
     truths = {}
     for p in truth_dir.iterdir():
         if p.suffix.lower() in MASK_SUFFIXES:
-            stem = p.stem
-            for suffix in ("_mask", "_label"):
-                stem = stem.removesuffix(suffix)
-            truths[stem] = p
+            truths[mask_stem(p.stem)] = p
     missing = [p.name for p in preds if p.stem not in truths]
     if missing:
         raise UsegError(f"no true mask in {truth_dir} for {', '.join(missing[:5])}; evaluate predictions of labelled images only")
