@@ -170,3 +170,17 @@ def test_disk_full_while_writing_leaves_nothing(trained, cells_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert f"cannot write {out / 'cell_000.png'} (No space left on device)" in err and "another --out" in err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_permission_errors_say_access_not_space(trained, cells_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def denied(self, fp, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(fp))
+
+    monkeypatch.setattr(PILImage.Image, "save", denied)
+    out = tmp_path / "o"
+    assert main(["predict", str(trained), str(cells_dir / "images" / "cell_000.png"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot access {out / 'cell_000.png'} (Permission denied); check its permissions" in err
+    assert list(out.iterdir()) == []

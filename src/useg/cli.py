@@ -6,7 +6,6 @@ import argparse
 import errno
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -84,6 +83,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import runtime
     from .train import train_folder
 
     model, train, infer = _overrides(a)
@@ -92,7 +92,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
         resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
     )
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+    if not runtime.main_process():  # under torchrun, rank 0 speaks for the job
         return 0
     print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.minutes:.1f} min; "
           f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch}; run in {result.run}")
@@ -255,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         # every write goes to a temporary name first, so nothing half-written is left behind
-        where = e.filename or "the output"
-        print(f"useg {args.command}: error: cannot write {where} ({e.strerror}); free some space or "
-              "choose another --out", file=sys.stderr)
+        where = e.filename or "a file"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg = f"cannot write {where} ({e.strerror}); free some space or choose another --out"
+        else:  # permissions or a read-only file system: reading or writing
+            msg = f"cannot access {where} ({e.strerror}); check its permissions or choose another folder"
+        print(f"useg {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

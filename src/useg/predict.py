@@ -171,9 +171,9 @@ class Segmenter:
                 f"{name} has {array.shape[0]} channels but the model was trained on {m.in_channels}; "
                 "give images like the training images"
             )
-        if not np.isfinite(array).all():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise UsegError(f"{name} contains NaN or infinite values; fix or mask them before predicting")
-        return normalize(array.astype(np.float32), self.plan.data.normalization)
+        return normalize(array, self.plan.data.normalization)  # float32 copy, the input is untouched
 
     def predict_proba(self, array: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Class probabilities.

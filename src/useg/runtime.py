@@ -162,6 +162,11 @@ class Dist:
         return self.rank == 0
 
 
+def main_process() -> bool:
+    """Whether this is rank 0 of a torchrun job (or not under torchrun at all), before joining it."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 

@@ -463,7 +463,7 @@ def train_folder(
             image_shapes=[a.shape[1:] for a in train_data[0]], preset=preset,
             model=model, train=train, infer=infer, patch_size=patch_size,
         )
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        if runtime.main_process():  # under torchrun only rank 0 writes
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(split_path) as tmp:
                 Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
