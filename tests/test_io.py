@@ -159,7 +159,7 @@ def test_write_mask_checks_and_is_atomic(tmp_path, monkeypatch):
     like = Image(np.zeros((1, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="do not match"):
         write_mask(tmp_path / "m.png", np.zeros((4, 5), int), like=like)
-    with pytest.raises(ValueError, match="use .png or .tif"):
+    with pytest.raises(ValueError, match="use .png, .tif or .nii.gz"):
         write_mask(tmp_path / "m.jpg", np.zeros((4, 4), int), like=like)
     with pytest.raises(ValueError, match="integer"):
         write_mask(tmp_path / "m.png", np.zeros((4, 4), np.float32), like=like)

@@ -31,12 +31,14 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
     # tifffile logs its own warnings for damaged files before useg's one-sentence error
     logging.getLogger("tifffile").setLevel(logging.ERROR)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the ONNX exporter narrates every pass
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
 
-    report = check_dataset(a.data, labels=a.labels)
+    report = check_dataset(a.data, labels=a.labels, channels=a.channels, label=a.label)
     print(f"{a.data}: {len(report.cases)} cases, {report.channels} channel(s)")
     if report.label_map is not None:
         lm = report.label_map
@@ -70,15 +72,24 @@ def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
-    from .plan import explain, make_plan
+    from .plan import explain
+    from .planner import fingerprint, plan_dataset
 
-    report = check_dataset(a.data, labels=a.labels)
+    report = check_dataset(a.data, labels=a.labels, channels=a.channels, label=a.label)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
     model, train, infer = _overrides(a)
-    plan = make_plan(report.label_map, report.channels, report.shapes, preset=a.preset,
-                     model=model, train=train, infer=infer, patch_size=a.patch)
-    print(json.dumps(plan.to_dict(), indent=2) if a.json else explain(plan))
+    plan, reasons = plan_dataset(report, a.preset, memory_gb=a.memory_gb, device=a.device, model=model,
+                                 train=train, infer=infer, patch_size=a.patch)
+    if a.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    print("fingerprint:")
+    for key, value in fingerprint(report).items():
+        print(f"  {key}: {value}")
+    print("choices:")
+    for line in reasons + explain(plan).splitlines():
+        print(f"  {line}")
     return 0
 
 
@@ -91,6 +102,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         a.data, a.out, preset=a.preset, labels=a.labels, val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
         resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
+        channels=a.channels, label=a.label, memory_gb=a.memory_gb,
     )
     if not runtime.main_process():  # under torchrun, rank 0 speaks for the job
         return 0
@@ -99,43 +111,62 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(paths: list[str]) -> list[Path]:
-    from .dataset import discover
+def _inputs(paths: list[str], channel_names: tuple[str, ...] = ()) -> list:
+    """Files, DICOM series folders, case folders and data folders -> Cases (or plain paths)."""
+    from .dataset import Case, discover
+    from .layouts import _pick, _volume_files
+    from .volumes import is_dicom_dir
 
-    files: list[Path] = []
+    found: list = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(c.image for c in discover(p))  # images/ of a data folder, or the folder itself
-        elif p.exists():
-            files.append(p)
-        else:
+        if not p.exists():
             raise UsegError(f"{p} does not exist; check the path")
-    return files
+        if not p.is_dir() or is_dicom_dir(p):
+            found.append(p)
+        elif channel_names and _volume_files(p) and all(len(_pick(_volume_files(p), n)) == 1 for n in channel_names):
+            files = [_pick(_volume_files(p), n)[0] for n in channel_names]  # one case folder
+            found.append(Case(p.name, files[0], None, tuple(files[1:])))
+        else:  # images/ of a data folder, the folder itself (channels grouped), or a folder of case folders
+            found.extend(discover(p, channels=channel_names or None))
+    return found
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    import dataclasses
+
     from .predict import Segmenter
 
-    files = _inputs(a.inputs)
-    seg = Segmenter.load(a.run, device=a.device)
-    if a.tta:
-        import dataclasses
-
-        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
+    missing = [p for p in a.inputs if not Path(p).exists()]
+    if missing:  # before loading the model: a typo should fail at once
+        raise UsegError(f"{missing[0]} does not exist; check the path")
+    seg = Segmenter.load(a.run, device=a.device, backend=a.backend)
+    changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
+    if changes:
+        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
+    files = _inputs(a.inputs, seg.plan.data.channel_names)
     with Progress(disable=a.quiet) as progress:
         task = progress.add_task("predict", total=len(files))
-        written = seg.predict_files(files, a.out, overwrite=a.overwrite,
+        written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
                                     progress=lambda _p: progress.advance(task))
-    print(f"wrote {len(written)} mask(s) to {a.out}")
+    print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path = export_run(a.run, a.out, a.format, a.opset)
+    print(f"exported {path} (settings in {path}.json)")
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .metrics import evaluate_folders, format_table
 
-    summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels)
+    summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
+                                      regions=a.regions, instances=a.instances)
     print(format_table(summary))
     print(f"per-case metrics: {paths[0]} and {paths[1]}")
     return 0
@@ -157,6 +188,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _layout_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--channels", type=lambda t: [v for v in t.split(",") if v],
+                    help="case folders: channel file-name prefixes in order, e.g. Flair,T1c")
+    sp.add_argument("--label", help="case folders: the label file-name prefix, e.g. seg")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -172,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="list every problem in a data folder")
     c.add_argument("data", help="folder with images/ and masks/")
     c.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
+    _layout_args(c)
     common(c, device=False)
     c.set_defaults(fn=cmd_check)
 
@@ -200,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--deterministic", action="store_true",
                        help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
         t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
+        t.add_argument("--memory-gb", type=float, help="training memory budget for planning (default: from the machine)")
+        _layout_args(t)
         if name == "plan":
             t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")
-            common(t, device=False)
+            common(t)
             t.set_defaults(fn=cmd_plan)
         else:
             t.add_argument("--out", required=True, help="the run folder to write")
@@ -220,8 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="folder for the masks")
     pr.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
     pr.add_argument("--tta", action="store_true", help="average over flips (slower, a little better)")
+    pr.add_argument("--lcc", dest="largest_component", action="store_true",
+                    help="keep only the largest connected component of each class")
+    pr.add_argument("--instances", action="store_true",
+                    help="write instance labels (objects of the foreground class split by a seeded watershed)")
+    pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                    help="onnxruntime runs the run's model.onnx made by 'useg export'")
     common(pr)
     pr.set_defaults(fn=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a run's network to ONNX or TorchScript, verified")
+    ex.add_argument("run", help="run folder made by 'useg train'")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    ex.add_argument("--out", help="the model file (default: RUN/model.onnx or RUN/model.pt)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    common(ex, device=False)
+    ex.set_defaults(fn=cmd_export)
 
     ev = sub.add_parser("evaluate", help="compare predicted masks with the truth")
     ev.add_argument("pred", help="folder of predicted masks")
@@ -229,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", help="the run whose label map decodes the masks (default: inferred from the truth)")
     ev.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255")
     ev.add_argument("--out", help="where metrics.csv/json go (default: the prediction folder)")
+    ev.add_argument("--regions", help="nested regions to score with Dice, HD95 and ASSD: 'brats' or "
+                    "NAME=1,2,3;NAME=4")
+    ev.add_argument("--instances", action="store_true",
+                    help="also score objects: precision/recall/F1 at IoU 0.5 and the adapted Rand error")
     common(ev, device=False)
     ev.set_defaults(fn=cmd_evaluate)
 

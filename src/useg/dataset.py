@@ -1,8 +1,9 @@
 """Data folders: pairing images with masks, checking them, normalising, splitting, sampling patches.
 
 Layout: ``DATA/images/<stem>.<ext>`` with ``DATA/masks/<stem>.<ext>`` (or ``<stem>_mask`` /
-``<stem>_label``), PNG or TIFF, paired by stem. :func:`check_dataset` reads every file once and
-lists every problem, one sentence each naming the file and the fix.
+``<stem>_label``), PNG, TIFF or NIfTI, paired by stem; channels as separate ``<stem>_0000`` files,
+nnU-Net's raw layout and case folders through :mod:`useg.layouts`. :func:`check_dataset` reads
+every file once and lists every problem, one sentence each naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from .errors import UsegError
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
+from . import layouts, volumes
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask, stem_of, suffix_of
 from .labels import LabelMap, infer_label_map
 from .tiling import mirror_indices
 
@@ -32,6 +34,12 @@ class Case:
     name: str  # the file stem shared by image and mask
     image: Path  # the image file
     mask: Path | None = None  # its mask, None for unlabelled images
+    extra: tuple[Path, ...] = ()  # channel files after the first, for cases stored one file per channel
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every channel file of the image, in channel order."""
+        return (self.image, *self.extra)
 
 
 def natural_key(text: str) -> list:
@@ -44,7 +52,7 @@ def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Pa
     files, other = [], []
     for p in folder.iterdir():
         if p.is_file() and not p.name.startswith("."):
-            (files if p.suffix.lower() in suffixes else other).append(p)
+            (files if suffix_of(p) in suffixes else other).append(p)
     return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
 
@@ -55,23 +63,35 @@ def mask_stem(stem: str) -> str:
     return stem
 
 
-def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
-    """Cases, pairing problems and ignored (non-image) files of a data folder."""
+def _pair(root: Path, channels: Sequence[str] | None = None, label: str | None = None
+          ) -> tuple[list[Case], list[str], list[Path], dict]:
+    """Cases, pairing problems, ignored (non-image) files and layout information of a data folder."""
     if not root.is_dir():
-        return [], [f"{root} is not a folder; give a folder with images/ and masks/"], []
+        return [], [f"{root} is not a folder; give a folder with images/ and masks/"], [], {}
+    if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        return (*layouts.nnunet_cases(root, Case)[:2], [], layouts.read_dataset_json(root))
+    if channels or label or layouts.is_case_folders(root):
+        cases, problems, info = layouts.folder_cases(root, channels, label, Case)
+        return cases, problems, [], info
     img_dir = root / "images" if (root / "images").is_dir() else root
     images, ignored = _listing(img_dir, IMAGE_SUFFIXES)
     if not images:
         no_images = (f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                      f"put the images in {root / 'images'}")
-        return [], [no_images], ignored
+        return [], [no_images], ignored, {}
     problems: list[str] = []
     by_stem: dict[str, Path] = {}
-    for p in images:
-        if p.stem in by_stem:
-            problems.append(f"{p} and {by_stem[p.stem].name} share the name {p.stem!r}; keep one of them")
+    extra: dict[str, tuple[Path, ...]] = {}
+    if all(layouts.split_channel(stem_of(p)) for p in images):  # case_0000, case_0001: one file per channel
+        groups, problems = layouts.group_channels(images)
+        by_stem = {case: files[0] for case, files in groups.items()}
+        extra = {case: files[1:] for case, files in groups.items()}
+    for p in images if not extra else ():
+        stem = stem_of(p)
+        if stem in by_stem:
+            problems.append(f"{p} and {by_stem[stem].name} share the name {stem!r}; keep one of them")
         else:
-            by_stem[p.stem] = p
+            by_stem[stem] = p
     masks: dict[str, Path] = {}
     mask_dir = root / "masks"
     if img_dir != root and mask_dir.is_dir():
@@ -80,7 +100,7 @@ def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
         if not mask_files:
             problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
         for p in mask_files:
-            stem = p.stem if p.stem in by_stem else mask_stem(p.stem)
+            stem = stem_of(p) if stem_of(p) in by_stem else mask_stem(stem_of(p))
             if stem in masks:
                 problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
             else:
@@ -92,21 +112,23 @@ def _pair(root: Path) -> tuple[list[Case], list[str], list[Path]]:
             for stem, p in by_stem.items():
                 if stem not in masks:
                     problems.append(f"{p} has no mask {stem}.png in {mask_dir}; add its mask or move the image out")
-    cases = [Case(stem, p, masks.get(stem)) for stem, p in by_stem.items()]
-    return cases, problems, ignored
+    cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
+    return cases, problems, ignored, {"layout": "plain"}
 
 
-def discover(root: str | Path) -> list[Case]:
+def discover(root: str | Path, channels: Sequence[str] | None = None, label: str | None = None) -> list[Case]:
     """The cases of a data folder: ``root/images/*`` paired with ``root/masks/*`` by stem.
 
     A mask may carry a ``_mask`` / ``_label`` suffix on its image's stem. Cases come in natural
     order (2 before 10). A folder without images/ is a folder of images to predict (cases
     without masks); images without masks get ``mask=None``. :func:`check_dataset` reports the rest.
+    nnU-Net raw folders and case folders (``channels``/``label`` file-name prefixes) are read as
+    :mod:`useg.layouts` describes.
 
     Raises:
         UsegError: the folder does not exist or holds no images.
     """
-    cases, problems, _ = _pair(Path(root))
+    cases, problems, _, _ = _pair(Path(root), channels, label)
     if not cases:
         raise UsegError(problems[0])
     return cases
@@ -123,6 +145,10 @@ class CheckReport:
         channels: image channels, when every readable image has the same count.
         stats: JSON-able summary (counts, sizes, dtypes, pixel share per mask value, ignored files).
         shapes: spatial shape of every readable image, so planning need not read them again.
+        spacings: voxel spacing of every readable image (same order as ``shapes``).
+        intensities: per channel, foreground intensity samples pooled over cases (the
+            fingerprint's intensity statistics; nnU-Net samples the same way).
+        info: the layout ("plain", "nnunet", "folders") and what it names (channels, labels).
     """
 
     cases: list[Case]
@@ -131,6 +157,9 @@ class CheckReport:
     channels: int | None = None
     stats: dict = field(default_factory=dict)
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    spacings: list[tuple[float, ...]] = field(default_factory=list)
+    intensities: list[np.ndarray] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -141,7 +170,8 @@ def _majority(groups: dict) -> object:
     return max(groups, key=lambda k: len(groups[k]))
 
 
-def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> CheckReport:
+def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
+                  channels: Sequence[str] | None = None, label: str | None = None) -> CheckReport:
     """Read every file of a training folder once and list every problem.
 
     Problems: missing or empty folders, images without masks and masks without images,
@@ -151,14 +181,18 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
 
     Args:
         root: a folder with images/ and masks/.
-        labels: the masks' stored values (``--labels``), when they should not be inferred.
+        labels: the masks' stored values (``--labels``), when they should not be inferred
+            (an nnU-Net dataset.json's labels are used otherwise).
+        channels, label: file-name prefixes of the channel and label files in case folders.
 
     Returns:
         A :class:`CheckReport`; ``report.ok`` is False when anything must be fixed.
     """
     root = Path(root)
-    cases, problems, ignored = _pair(root)
-    if cases and not (root / "masks").is_dir():
+    cases, problems, ignored, info = _pair(root, channels, label)
+    if labels is None and info.get("labels"):
+        labels = sorted(info["labels"])
+    if cases and info.get("layout") == "plain" and not (root / "masks").is_dir():
         problems.append(f"{root} has no masks/ folder; put the images in {root / 'images'} "
                         f"and one mask per image in {root / 'masks'}")
     value_sets: dict[str, set[int]] = {}
@@ -166,11 +200,12 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
     palettes: dict[str, tuple[int, ...]] = {}
     channels: dict[int, list[Path]] = {}
     dims: dict[int, list[Path]] = {}
-    shapes, dtypes = [], set()
+    shapes, spacings, dtypes, samples, background = [], [], set(), [], []
     pixel_counts: dict[int, int] = {}
+    rng = np.random.default_rng(0)
     for case in cases:
         try:
-            image = read_image(case.image)
+            image = layouts.read_case_image(case.files)
         except UsegError as e:
             problems.append(str(e))
             image = None
@@ -180,6 +215,9 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
             channels.setdefault(image.channels, []).append(case.image)
             dims.setdefault(image.dims, []).append(case.image)
             shapes.append(image.spatial_shape)
+            spacings.append(image.spacing)
+            lowest = image.array.reshape(image.channels, -1).min(axis=1).reshape((-1,) + (1,) * image.dims)
+            background.append(float((image.array == lowest).all(axis=0).mean()))
             dtypes.add(str(image.array.dtype))
         if case.mask is None:
             continue
@@ -192,6 +230,13 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
             problems.append(f"{case.mask} is {'x'.join(map(str, raw.shape))} but its image is "
                             f"{'x'.join(map(str, image.spatial_shape))}; masks must match their images pixel for pixel")
             continue
+        mask_spacing = volumes.nifti_spacing(case.mask) if volumes.is_nifti(case.mask) else None
+        if image is not None and mask_spacing and not np.allclose(mask_spacing, image.spacing, rtol=1e-3):
+            problems.append(f"{case.mask} has spacing {_fmt(mask_spacing)} but its image has {_fmt(image.spacing)}; "
+                            "resample the mask onto its image's grid (nearest neighbour)")
+            continue
+        if image is not None and mode == "grey" and (not samples or len(samples[0]) == image.channels):
+            samples.append(_foreground_sample(image.array, raw > raw.min(initial=0), rng))
         values, counts = np.unique(raw, return_counts=True)
         value_sets[str(case.mask)] = set(values.tolist())
         for v, c in zip(values.tolist(), counts.tolist()):
@@ -233,7 +278,27 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None) -> Chec
         stats["ignored files"] = [str(p) for p in ignored]
         logger.info("ignoring %d files that are not images: %s", len(ignored), ", ".join(p.name for p in ignored[:5]))
     nchan = next(iter(channels)) if len(channels) == 1 else None
-    return CheckReport(cases, problems, label_map, nchan, stats, shapes)
+    if spacings:
+        stats["spacing (median)"] = _fmt(tuple(float(np.median([s[i] for s in spacings])) for i in range(len(spacings[0]))))
+    if info.get("layout", "plain") != "plain":
+        stats["layout"] = info["layout"]
+    intensities = [np.concatenate(c) for c in zip(*samples)] if samples else []
+    if background:
+        info = {**info, "background_share": float(np.mean(background))}
+    return CheckReport(cases, problems, label_map, nchan, stats, shapes, spacings, intensities, info)
+
+
+def _fmt(spacing: Sequence[float]) -> str:
+    return "x".join(f"{s:g}" for s in spacing)
+
+
+def _foreground_sample(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> list[np.ndarray]:
+    """Up to ``n`` foreground intensities per channel (all voxels when the mask is empty)."""
+    idx = np.flatnonzero(fg) if fg.any() else np.arange(fg.size)
+    if idx.size > n:
+        idx = rng.choice(idx, n, replace=False)
+    flat = image.reshape(image.shape[0], -1)
+    return [flat[c, idx].astype(np.float32) for c in range(image.shape[0])]
 
 
 def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_map: LabelMap) -> list[str]:
@@ -251,8 +316,9 @@ def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_m
     return out
 
 
-def load_case(case: Case, label_map: LabelMap | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read one case.
+def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one case, resampled to ``spacing`` when given and different from the file's.
 
     Returns:
         (image (C, *S) float32, labels (*S) int64 class indices, or None without a mask or map).
@@ -260,34 +326,69 @@ def load_case(case: Case, label_map: LabelMap | None) -> tuple[np.ndarray, np.nd
     Raises:
         UsegError: unreadable files, unknown mask values, a mask of another size than its image.
     """
-    image = read_image(case.image)
+    image = layouts.read_case_image(case.files)
     labels = None
     if case.mask is not None and label_map is not None:
         labels = label_map.decode(read_mask(case.mask)[0], path=case.mask)
         if labels.shape != image.spatial_shape:
             raise UsegError(f"{case.mask} is {'x'.join(map(str, labels.shape))} but {case.image} is "
                             f"{'x'.join(map(str, image.spatial_shape))}; masks must match their images pixel for pixel")
-    return image.array.astype(np.float32), labels
+    array = image.array.astype(np.float32)
+    if spacing is not None and not np.allclose(image.spacing, spacing, rtol=1e-3):
+        from .resample import resample_image, resample_labels
+
+        array = resample_image(array, image.spacing, tuple(spacing))
+        if labels is not None:
+            labels = resample_labels(labels, array.shape[1:])
+    return array, labels
 
 
-def normalize(array: np.ndarray, method: str = "zscore") -> np.ndarray:
-    """Per image and channel z-score ``(x - mean) / max(std, 1e-8)`` (nnU-Net's non-CT default).
+NORMALIZATIONS = ("zscore", "zscore_mask", "ct", "none")
+
+
+def normalize(array: np.ndarray, method: str = "zscore",
+              intensity: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+    """Intensity normalisation per channel, nnU-Net's three schemes (Isensee et al. 2021).
+
+    * ``"zscore"``: per image and channel ``(x - mean) / max(std, 1e-8)`` (the non-CT default).
+    * ``"zscore_mask"``: the same statistics taken inside the object (voxels where some channel is
+      above its minimum, i.e. not the constant background of a skull-stripped MRI); the
+      background is set to 0. nnU-Net does this when cropping to the non-zero region pays.
+    * ``"ct"``: clip to the dataset's foreground 0.5/99.5 percentiles, then subtract the dataset's
+      foreground mean and divide by its std: one global scale, since CT units are physical.
+    * ``"none"``: cast to float32 only.
 
     Args:
         array: (C, *S) image.
-        method: "zscore" or "none" (cast to float32 only).
+        method: one of :data:`NORMALIZATIONS`.
+        intensity: for "ct", per channel (lo, hi, mean, std) from the dataset fingerprint.
 
     Returns:
         (C, *S) float32.
     """
     x = np.asarray(array, dtype=np.float32)
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if method == "none":
         return x
-    if method != "zscore":
-        raise ValueError(f"unknown normalization {method!r}; choose zscore or none")
     if x.ndim < 2:
         raise ValueError(f"normalize needs a channels-first array (C, *S), got shape {x.shape}")
+    if method == "ct":
+        if intensity is None or len(intensity) != x.shape[0]:
+            raise ValueError(f"ct normalization needs (lo, hi, mean, std) for each of the {x.shape[0]} channels")
+        out = np.empty_like(x)
+        for c, (lo, hi, mean, std) in enumerate(intensity):
+            out[c] = (np.clip(x[c], lo, hi) - mean) / max(std, 1e-8)
+        return out
     axes = tuple(range(1, x.ndim))
+    if method == "zscore_mask":
+        inside = (x > x.min(axis=axes, keepdims=True)).any(axis=0)
+        if inside.any():
+            out = np.zeros_like(x)
+            for c in range(x.shape[0]):
+                v = x[c][inside]
+                out[c][inside] = (v - v.mean(dtype=np.float64)) / max(float(v.std(dtype=np.float64)), 1e-8)
+            return out
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x.std(axis=axes, keepdims=True, dtype=np.float64)
     return ((x - mean) / np.maximum(std, 1e-8)).astype(np.float32)

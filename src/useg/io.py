@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
+from . import volumes
 from .errors import UsegError
 from .labels import LabelMap, pack_rgb
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
-IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES
+NIFTI_SUFFIXES = frozenset({".nii", ".nii.gz"})
+IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES | NIFTI_SUFFIXES
 MASK_SUFFIXES = IMAGE_SUFFIXES  # JPEG is listed so that JPEG masks are found and refused clearly
 MAX_PIXELS = 1 << 30  # 1 Gpx: above a whole-slide tile, still stops a decompression bomb
 _PIL_DEFAULT_LIMIT = 89_478_485
@@ -42,6 +44,18 @@ if PILImage.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # raise Pillow's 89 Mpx def
 _TO_MM = {2: 25.4, 3: 10.0}  # TIFF ResolutionUnit inch, centimetre
 _UNIT_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0, "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3,
                "\\u00b5m": 1e-3, "nm": 1e-6, "inch": 25.4}
+
+
+def suffix_of(path: str | Path) -> str:
+    """The lower-case format suffix, ``.nii.gz`` counted as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | Path) -> str:
+    """The name without its format suffix (``case.nii.gz`` -> ``case``)."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(name))] if suffix_of(name) else name
 
 
 @dataclass
@@ -53,8 +67,8 @@ class Image:
         spacing: pixel size per spatial axis (see the module note for the unit); 1.0 when unknown.
         affine: 4x4 voxel-to-world matrix (NIfTI); None for 2D formats.
         path: where it was read from.
-        format: "png", "tiff", "jpeg", "bmp".
-        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit).
+        format: "png", "tiff", "jpeg", "bmp", "nifti" or "dicom".
+        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit, NIfTI header).
     """
 
     array: np.ndarray
@@ -94,7 +108,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    tmp = path.with_name(f".{stem_of(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix_of(path)}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -232,13 +246,19 @@ def read_image(path: str | Path) -> Image:
     PNG/JPEG/BMP through Pillow: grey (L, I;16, I, F) -> 1 channel keeping the dtype, RGB -> 3,
     RGBA -> 3 (alpha dropped), LA -> 1, palette -> RGB. TIFF through tifffile: (H, W) -> (1, H, W);
     (H, W, 3|4) channels last -> (C, H, W) (alpha dropped); (C, H, W) with C <= 4 kept; other
-    3-D stacks, or stacks the file marks as Z, -> (1, D, H, W). Spacing: see the module note.
+    3-D stacks, or stacks the file marks as Z, -> (1, D, H, W). NIfTI (.nii, .nii.gz) and DICOM
+    series folders through :mod:`useg.volumes` (voxel order as stored, affine kept). Spacing: see
+    the module note.
 
     Raises:
         UsegError: missing, unreadable, truncated, too large or unsupported files, naming the file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = suffix_of(path)
+    if suffix in NIFTI_SUFFIXES:
+        return volumes.read_nifti(path)
+    if volumes.is_dicom_dir(path):
+        return volumes.read_dicom_series(path)
     if suffix in TIFF_SUFFIXES:
         arr, axes, extrasamples, meta = _read_tiff(path)
         arr = _tiff_layout(arr, axes, extrasamples, path)
@@ -276,8 +296,10 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
             several channels that are not a colour, and unreadable files.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = suffix_of(path)
     palette, colour = None, False
+    if suffix in NIFTI_SUFFIXES:
+        return volumes.read_nifti_labels(path), "grey", None
     if suffix in JPEG_SUFFIXES:
         raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, "
                         "save masks as PNG or TIFF")
@@ -359,7 +381,7 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
     """Write class labels with ``like``'s geometry, encoded through ``label_map``, atomically.
 
     Args:
-        path: destination; the suffix picks the format (.png, .tif/.tiff). Palette PNG when
+        path: destination; the suffix picks the format (.png, .tif/.tiff, .nii.gz/.nii). Palette PNG when
             ``label_map.mode == "palette"``, 16-bit when values exceed 255.
         labels: (*spatial) integer class indices, shape equal to ``like.spatial_shape``.
         like: the image the labels belong to (resolution and spacing are copied).
@@ -373,10 +395,10 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
             format cannot hold.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = suffix_of(path)
     labels = np.asarray(labels)
-    if suffix not in TIFF_SUFFIXES and suffix != ".png":
-        raise ValueError(f"cannot write a mask as {suffix or 'a file without suffix'!r}; use .png or .tif")
+    if suffix not in TIFF_SUFFIXES and suffix not in NIFTI_SUFFIXES and suffix != ".png":
+        raise ValueError(f"cannot write a mask as {suffix or 'a file without suffix'!r}; use .png, .tif or .nii.gz")
     if labels.shape != like.spatial_shape:
         raise ValueError(f"labels {labels.shape} do not match the image's shape {like.spatial_shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -388,6 +410,8 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
         if lo < 0:
             raise ValueError(f"labels must be non-negative, got {lo}")
         stored = labels.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.int32)
+    if suffix in NIFTI_SUFFIXES:
+        return volumes.write_nifti_labels(path, stored, like)
     palette = label_map is not None and label_map.mode == "palette"
     rgb = label_map is not None and label_map.mode == "rgb"
     if suffix == ".png":

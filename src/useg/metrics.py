@@ -170,7 +170,7 @@ def summarize(rows: Sequence[dict]) -> dict:
     }
 
 
-def write_metrics(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path]:
+def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
     """Write ``metrics.csv`` (one row per case and class) and ``metrics.json`` atomically.
 
     Each file is written to a temporary name in ``out_dir`` and moved into place with
@@ -180,6 +180,7 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path
     Args:
         rows: rows from :func:`evaluate_case`.
         out_dir: destination folder, created if missing.
+        extra: more JSON-able results (regions, instances) stored beside ``cases`` and ``summary``.
 
     Returns:
         (path of metrics.csv, path of metrics.json).
@@ -193,7 +194,7 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path
     writer.writeheader()
     writer.writerows(clean)
     csv_text = buf.getvalue()
-    json_text = json.dumps({"cases": clean, "summary": summary}, indent=2) + "\n"
+    json_text = json.dumps({"cases": clean, "summary": summary, **_plain_tree(extra or {})}, indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = _atomic_write(out_dir / "metrics.csv", csv_text)
     json_path = _atomic_write(out_dir / "metrics.json", json_text)
@@ -221,7 +222,44 @@ def format_table(summary: dict) -> str:
             out.append("-" * len(header))
         out.append(f"{name:<{width}}  " + "  ".join(f"{v:>9.4f}" for v in values))
     out.append(f"pixel error {summary['pixel_error']:.4f} over {summary['n_cases']} case(s)")
+    for name, r in summary.get("regions", {}).items():
+        out.append(f"region {name}: Dice {r['dice']:.4f}  IoU {r['iou']:.4f}  HD95 {r['hd95']:.2f}  ASSD {r['assd']:.2f}")
+    if "instances" in summary:
+        r = summary["instances"]
+        out.append(f"objects: precision {r['object_precision']:.4f}  recall {r['object_recall']:.4f}  "
+                   f"F1 {r['object_f1']:.4f}  adapted Rand error {r['rand_error']:.4f}")
     return "\n".join(out)
+
+
+def _plain_tree(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_tree(v) for v in obj]
+    return _plain(obj)
+
+
+def parse_regions(spec: str | None) -> dict[str, tuple[int, ...]] | None:
+    """``"brats"`` or ``"WT=1,2,3,4;TC=1,3,4;ET=4"`` -> {name: mask values}; None stays None."""
+    if not spec:
+        return None
+    if spec.strip().lower() == "brats":
+        from .distances import BRATS_REGIONS
+
+        return dict(BRATS_REGIONS)
+    try:
+        return {name.strip(): tuple(int(v) for v in values.split(",")) for name, values in
+                (part.split("=") for part in spec.split(";") if part.strip())}
+    except ValueError:
+        raise ValueError(f"cannot read regions {spec!r}; write them like WT=1,2,3,4;TC=1,3,4;ET=4 or 'brats'") from None
+
+
+def _mean_rows(rows: Sequence[dict], key: str, metrics: Sequence[str]) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    return {k: {m: float(np.nanmean([r[m] for r in g])) if any(np.isfinite(r[m]) for r in g) else float("nan")
+                for m in metrics} for k, g in groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +310,8 @@ def evaluate_folders(
     out_dir: str | Path | None = None,
     run: str | Path | None = None,
     labels: Sequence[int] | None = None,
+    regions: str | dict | None = None,
+    instances: bool = False,
 ) -> tuple[dict, tuple[Path, Path]]:
     """Evaluate every predicted mask in ``pred_dir`` against the truth mask of the same stem.
 
@@ -284,16 +324,20 @@ def evaluate_folders(
         out_dir: where metrics.csv / metrics.json go (default ``pred_dir``).
         run: a run folder whose plan.json holds the label map.
         labels: the masks' stored values, e.g. ``[0, 255]``.
+        regions: nested regions in mask values (:func:`parse_regions`), scored with Dice, IoU,
+            HD95 and ASSD in the truth's spacing (NIfTI) or in pixels.
+        instances: also score the objects of class 1 (object F1 at IoU 0.5, adapted Rand error).
 
     Returns:
-        (summary as from :func:`summarize`, (csv path, json path)).
+        (summary as from :func:`summarize`, plus "regions" and "instances" means when asked,
+        (csv path, json path)).
 
     Raises:
         UsegError: empty folders, a prediction without truth, unknown values, shape mismatches.
     """
     from .dataset import mask_stem
     from .errors import UsegError
-    from .io import MASK_SUFFIXES, read_mask
+    from .io import MASK_SUFFIXES, read_mask, stem_of, suffix_of
     from .labels import LabelMap, infer_label_map
 
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
@@ -302,17 +346,21 @@ def evaluate_folders(
     for folder in (pred_dir, truth_dir):
         if not folder.is_dir():
             raise UsegError(f"{folder} is not a folder; give the folder of masks")
-    preds = sorted(p for p in pred_dir.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
+    preds = sorted(p for p in pred_dir.iterdir() if suffix_of(p) in MASK_SUFFIXES and not p.name.startswith("."))
     if not preds:
         raise UsegError(f"{pred_dir} holds no masks; run 'useg predict' into it first")
     truths = {}
     for p in truth_dir.iterdir():
-        if p.suffix.lower() in MASK_SUFFIXES:
-            truths[mask_stem(p.stem)] = p
-    missing = [p.name for p in preds if p.stem not in truths]
+        if suffix_of(p) in MASK_SUFFIXES:
+            truths[mask_stem(stem_of(p))] = p
+    missing = [p.name for p in preds if stem_of(p) not in truths]
     if missing:
         raise UsegError(f"no true mask in {truth_dir} for {', '.join(missing[:5])}; evaluate predictions of labelled images only")
-    pairs = [(p, truths[p.stem]) for p in preds]
+    pairs = [(p, truths[stem_of(p)]) for p in preds]
+    try:
+        regions = parse_regions(regions) if isinstance(regions, str) else regions
+    except ValueError as e:
+        raise UsegError(str(e)) from None
     raw_truth = {t: read_mask(t) for _, t in pairs}
     if run is not None:
         from .plan import Plan
@@ -328,12 +376,39 @@ def evaluate_folders(
             raise UsegError(problems[0])
     assert isinstance(label_map, LabelMap)
     names = [f"value {v}" if label_map.mode != "rgb" else f"#{v:06x}" for v in label_map.values]
+    if regions:
+        unknown = sorted({v for vs in regions.values() for v in vs} - set(label_map.values))
+        if unknown:
+            raise UsegError(f"regions name mask values {unknown} that {truth_dir} does not use; "
+                            f"use values of {list(label_map.values)}")
+        as_classes = {k: tuple(label_map.values.index(v) for v in vs) for k, vs in regions.items()}
     rows: list[dict] = []
+    region_rows: list[dict] = []
+    instance_rows: list[dict] = []
     for pred_path, truth_path in pairs:
         truth = label_map.decode(raw_truth[truth_path][0], path=truth_path)
         pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
         if pred.shape != truth.shape:
             raise UsegError(f"{pred_path} is {pred.shape} but {truth_path} is {truth.shape}; predict the matching images")
-        rows.extend(evaluate_case(pred, truth, label_map.num_classes, names, case=pred_path.stem))
-    paths = write_metrics(rows, out_dir or pred_dir)
-    return summarize(rows), paths
+        case = stem_of(pred_path)
+        rows.extend(evaluate_case(pred, truth, label_map.num_classes, names, case=case))
+        if regions:
+            from .distances import evaluate_regions
+            from .volumes import is_nifti, nifti_spacing
+
+            spacing = nifti_spacing(truth_path) if is_nifti(truth_path) else None
+            region_rows.extend({"case": case, **r} for r in evaluate_regions(pred, truth, as_classes, spacing))
+        if instances:
+            from .instances import evaluate_instances
+
+            instance_rows.append({"case": case, **evaluate_instances(pred, truth, object_class=1)})
+    summary, extra = summarize(rows), {}
+    if region_rows:
+        summary["regions"] = _mean_rows(region_rows, "region", ("dice", "iou", "hd95", "assd"))
+        extra["regions"] = region_rows
+    if instance_rows:
+        keys = ("object_precision", "object_recall", "object_f1", "rand_error")
+        summary["instances"] = {k: float(np.mean([r[k] for r in instance_rows])) for k in keys}
+        extra["instances"] = instance_rows
+    paths = write_metrics(rows, out_dir or pred_dir, extra={"summary_extra": {k: summary[k] for k in ("regions", "instances") if k in summary}, **extra})
+    return summary, paths

@@ -74,21 +74,22 @@ class Down(nn.Sequential):
 
 
 class Up(nn.Module):
-    """Up-convolution halving the channels, concatenation with the skip, :class:`DoubleConv`.
+    """Up-convolution to the skip's channels, concatenation with the skip, :class:`DoubleConv`.
 
     Shapes: x (B, cin, *S) and skip (B, cout, *T) with T >= 2S -> (B, cout, *(2S)) ("same") or
-    (B, cout, *(2S - 4)) ("valid"); ``cin == 2 * cout`` as in the paper.
+    (B, cout, *(2S - 4)) ("valid"); ``cin == 2 * cout`` in the paper (the up-convolution halves
+    the channels), ``cin == cout`` where a width cap stops the doubling.
     """
 
     def __init__(self, cin: int, cout: int, dims: int, padding: str, norm: str | None, up: str):
         super().__init__()
         L = layers(dims)
         if up == "transpose":
-            self.up = L.up(cin, cin // 2, 2, stride=2)
+            self.up = L.up(cin, cout, 2, stride=2)
         else:
             self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode=L.mode, align_corners=False),
-                                    L.conv(cin, cin // 2, 1))
-        self.conv = DoubleConv(cin // 2 + cout, cout, dims, padding, norm)
+                                    L.conv(cin, cout, 1))
+        self.conv = DoubleConv(2 * cout, cout, dims, padding, norm)
         self.crop = padding == "valid"
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -105,13 +106,15 @@ class UNet(nn.Module):
         in_channels: image channels C.
         num_classes: output classes K (background included).
         dims: 2 or 3.
-        width: channels at the first level; level i has ``width * 2**i``, i = 0..depth.
+        width: channels at the first level; level i has ``min(width * 2**i, max_width)``, i = 0..depth.
         depth: number of poolings (the paper: 4).
         padding: "same" (output size = input size) or "valid" (the paper: unpadded convs).
         up: "transpose" (the paper's 2x2 up-convolution) or "interp" (bi/trilinear + 1x1 conv).
         norm: None (the paper), "batch" or "instance" (both affine).
         dropout: probability of the dropout layer at the end of the contracting path (the paper
             uses 0.5); element-wise, like the paper's Caffe layer.
+        max_width: cap on the channels of the deepest levels (nnU-Net caps 3D networks at 320);
+            None doubles at every level as in the paper.
 
     Shapes:
         input (B, C, *S) -> logits (B, K, *self.output_size(S)). ``forward`` raises ValueError
@@ -120,7 +123,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dims: int = 2, width: int = 64, depth: int = 4,
                  padding: str = "same", up: str = "transpose", norm: str | None = "batch",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, max_width: int | None = None):
         super().__init__()
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
@@ -134,9 +137,9 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
         L = layers(dims)
         self.config = dict(in_channels=in_channels, num_classes=num_classes, dims=dims, width=width,
-                           depth=depth, padding=padding, up=up, norm=norm, dropout=dropout)
+                           depth=depth, padding=padding, up=up, norm=norm, dropout=dropout, max_width=max_width)
         self.in_channels, self.dims, self.depth, self.padding = in_channels, dims, depth, padding
-        widths = [width * 2**i for i in range(depth + 1)]
+        widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0], dims, padding, norm)
         self.downs = nn.ModuleList(Down(a, b, dims, padding, norm) for a, b in zip(widths, widths[1:]))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .augment import AugmentConfig
 from .io import atomic_path
 from .labels import LabelMap
@@ -36,15 +38,19 @@ class ModelConfig:
     up: str = "transpose"  # "transpose" (the paper's up-convolution) or "interp"
     norm: str | None = "batch"  # None (the paper), "batch" or "instance"
     dropout: float = 0.0  # dropout at the end of the contracting path (the paper: 0.5)
+    max_width: int | None = None  # channel cap of the deep levels (nnU-Net 3D: 320); None doubles each level
 
 
 @dataclass(frozen=True)
 class DataConfig:
     label_map: LabelMap  # stored mask value of each class, to decode and encode masks
     patch_size: tuple[int, ...] = (256, 256)  # network input during training (and inference tile)
-    normalization: str = "zscore"  # per image and channel: (x - mean) / std
+    normalization: str = "zscore"  # "zscore" per image, "zscore_mask" inside the object, "ct" global clip + scale
+    intensity: tuple[tuple[float, ...], ...] = ()  # per channel (lo, hi, mean, std) of the foreground, for "ct"
+    resample: bool = False  # resample every case to ``spacing`` (3D data of varying spacing)
+    channel_names: tuple[str, ...] = ()  # channel file prefixes of case-folder data (to find them at predict time)
     fg_fraction: float = 0.33  # share of patches centred on a foreground pixel (nnU-Net: 1/3)
-    spacing: tuple[float, ...] = (1.0, 1.0)  # median spacing of the training images
+    spacing: tuple[float, ...] = (1.0, 1.0)  # target spacing: median of the training images (nnU-Net's rule)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # joint image/label transforms
     border_weights: bool = False  # weight the loss by the paper's eq. 2 map (separates touching objects)
     w0: float = 10.0  # eq. 2 border weight (the paper: 10)
@@ -76,6 +82,7 @@ class InferConfig:
     overlap: float = 0.5  # sliding-window overlap for same padding (nnU-Net: 0.5)
     batch_size: int = 4  # tiles per forward
     tta: bool = False  # average over flips at test time
+    largest_component: bool = False  # keep only the largest connected component of each class (nnU-Net's option)
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,18 @@ def _from_jsonable(tp: Any, value: Any) -> Any:
     return value
 
 
+def target_spacing(spacings: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """nnU-Net's target spacing: the median per axis; for anisotropic data (one axis over 3x
+    coarser than the finest) that axis takes the 10th percentile instead, so thick slices are not
+    interpolated into many thin ones (Isensee et al. 2021)."""
+    arr = np.asarray(spacings, dtype=np.float64)
+    target = np.median(arr, axis=0)
+    worst = int(np.argmax(target))
+    if arr.shape[1] == 3 and target[worst] > 3 * target.min():
+        target[worst] = np.percentile(arr[:, worst], 10)
+    return tuple(float(v) for v in target)
+
+
 def default_patch_size(image_shapes: list[tuple[int, ...]], model: ModelConfig, max_edge: int = 256) -> tuple[int, ...]:
     """A training patch: the median image size capped at ``max_edge``, rounded up to a valid size.
 
@@ -183,6 +202,7 @@ def make_plan(
     train: dict[str, Any] | None = None,
     infer: dict[str, Any] | None = None,
     patch_size: tuple[int, ...] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Plan:
     """Plan a training from what a dataset check found.
 
@@ -192,7 +212,7 @@ def make_plan(
         image_shapes: spatial shape of every training image.
         spacings: spacing of every image (median is kept in the plan).
         preset: the named recipe; only "default" for now.
-        model, train, infer: field overrides for the matching config.
+        model, train, infer, data: field overrides for the matching config.
         patch_size: an explicit training patch (rounded up to a valid size).
 
     Returns:
@@ -213,7 +233,7 @@ def make_plan(
         patch = valid_input_size(tuple(patch_size), mcfg.depth, mcfg.padding)
     spacing = tuple(1.0 for _ in range(dims))
     if spacings:
-        spacing = tuple(sorted(s[i] for s in spacings)[len(spacings) // 2] for i in range(dims))
+        spacing = target_spacing(spacings)
     tcfg = dataclasses.replace(base.train, **(train or {}))
     # Smaller patches than 256^2 leave compute on the table: keep about 8 x 256^2 pixels per step.
     if base.auto_batch and (not train or "batch_size" not in train):
@@ -222,7 +242,7 @@ def make_plan(
             area *= p
         tcfg = dataclasses.replace(tcfg, batch_size=int(max(2, min(32, round(8 * 256 * 256 / area)))))
     icfg = dataclasses.replace(base.infer, tile=patch, **(infer or {}))
-    data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **base.data)
+    data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **{**base.data, **(data or {})})
     plan = Plan(model=mcfg, data=data, train=tcfg, infer=icfg, preset=preset)
     logger.info("plan: %s", explain(plan))
     return plan

@@ -12,16 +12,17 @@ import torch
 
 from . import runtime
 from .checkpoint import load_weights
-from .dataset import normalize
+from .dataset import Case, normalize
 from .errors import UsegError
-from .io import Image, read_image, write_mask
-from .model import UNet, valid_input_size
+from .io import Image, stem_of, suffix_of, write_mask
+from .layouts import read_case_image
+from .model import UNet, output_size, valid_input_size
 from .plan import Plan
 from .tiling import overlap_tile, sliding_window, sliding_window_labels
 
 logger = logging.getLogger(__name__)
 
-MASK_OUT_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff"}  # others are written as PNG
+MASK_OUT_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff", ".nii": ".nii", ".nii.gz": ".nii.gz"}
 
 
 def build_model(plan: Plan) -> UNet:
@@ -29,7 +30,7 @@ def build_model(plan: Plan) -> UNet:
     m = plan.model
     return UNet(
         m.in_channels, m.num_classes, dims=m.dims, width=m.width, depth=m.depth,
-        padding=m.padding, up=m.up, norm=m.norm, dropout=m.dropout,
+        padding=m.padding, up=m.up, norm=m.norm, dropout=m.dropout, max_width=m.max_width,
     )
 
 
@@ -73,6 +74,7 @@ def predict_probs(
     device: torch.device,
     precision: runtime.Precision,
     progress: Callable[[int, int], None] | None = None,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Class probabilities of a normalised image, tiled.
 
@@ -86,16 +88,18 @@ def predict_probs(
         device: where the model is.
         precision: autocast and memory format.
         progress: optional callable(done, total) over tiles.
+        fn: the tile function to use instead of the model's (an ONNX session's, say); ``model``,
+            ``device`` and ``precision`` are unused then.
 
     Returns:
         (K, *S) float32 probabilities.
     """
-    m, fn = plan.model, tile_fn(model, plan, device, precision)
+    m, fn = plan.model, fn or tile_fn(model, plan, device, precision)
     if m.padding == "same":
         return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                               overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress)
     tile = tuple(plan.infer.tile)
-    return overlap_tile(fn, image, tile, model.output_size(tile), m.num_classes,
+    return overlap_tile(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
                         batch_size=plan.infer.batch_size, progress=progress)
 
 
@@ -106,6 +110,7 @@ def predict_labels(
     device: torch.device,
     precision: runtime.Precision,
     progress: Callable[[int, int], None] | None = None,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Class indices (*S) of a normalised image; same arguments as :func:`predict_probs`.
 
@@ -114,11 +119,36 @@ def predict_labels(
     """
     m = plan.model
     if m.padding == "same":
-        fn = tile_fn(model, plan, device, precision)
+        fn = fn or tile_fn(model, plan, device, precision)
         return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                                      overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
                                      progress=progress)
-    return predict_probs(model, image, plan, device, precision, progress).argmax(0)
+    return predict_probs(model, image, plan, device, precision, progress, fn).argmax(0)
+
+
+def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarray:
+    """Check an image against the plan and normalise it: (C, *S) or (*S) for one channel -> (C, *S) float32.
+
+    Raises:
+        UsegError: wrong dimensions or channel count, NaN or infinite values.
+    """
+    m, d = plan.model, plan.data
+    array = np.asarray(array)
+    if array.ndim == m.dims and m.in_channels == 1:
+        array = array[None]
+    if array.ndim != m.dims + 1:
+        raise UsegError(
+            f"{name} has shape {array.shape}, but the model expects (C, {'D, ' if m.dims == 3 else ''}H, W) "
+            f"with C={m.in_channels}; give channels first"
+        )
+    if array.shape[0] != m.in_channels:
+        raise UsegError(
+            f"{name} has {array.shape[0]} channels but the model was trained on {m.in_channels}; "
+            "give images like the training images"
+        )
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UsegError(f"{name} contains NaN or infinite values; fix or mask them before predicting")
+    return normalize(array, d.normalization, d.intensity)  # float32 copy, the input is untouched
 
 
 class Segmenter:
@@ -131,19 +161,41 @@ class Segmenter:
         precision: "auto", "fp32", "bf16" or "fp16".
     """
 
-    def __init__(self, plan: Plan, model: UNet, device: str = "auto", precision: str = "auto"):
+    def __init__(self, plan: Plan, model: UNet | None, device: str = "auto", precision: str = "auto",
+                 session=None):
         self.plan = plan
-        self.device = runtime.pick_device(device)
-        self.precision = runtime.pick_precision(self.device, precision)
+        self.device = runtime.pick_device(device if session is None else "cpu")
+        self.precision = runtime.pick_precision(self.device, precision if session is None else "fp32")
         fmt = runtime.memory_format(plan.model.dims, self.precision)
-        self.model = model.to(self.device, memory_format=fmt).eval()
+        self.model = model.to(self.device, memory_format=fmt).eval() if model is not None else None
+        self.session = session  # an onnxruntime session replaces the torch model
+
+    def _fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.session is not None:
+            from .export import onnx_tile_fn
+
+            return onnx_tile_fn(self.session, self.plan)
+        return tile_fn(self.model, self.plan, self.device, self.precision)
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", precision: str = "auto") -> Segmenter:
-        """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read)."""
+    def load(cls, run: str | Path, device: str = "auto", precision: str = "auto", backend: str = "torch") -> Segmenter:
+        """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read).
+
+        ``backend="onnxruntime"`` runs ``run/model.onnx`` from ``useg export`` instead (CPU).
+        """
         run = Path(run)
         if not run.is_dir():
             raise UsegError(f"{run} is not a run folder; pass the --out folder of 'useg train'")
+        if backend == "onnxruntime":
+            from .export import load_exported
+
+            onnx_path = run / "model.onnx"
+            if not onnx_path.exists():
+                raise UsegError(f"{onnx_path} is missing; run 'useg export {run}' first")
+            plan, session = load_exported(onnx_path)
+            return cls(plan, None, session=session)
+        if backend != "torch":
+            raise ValueError(f"backend must be torch or onnxruntime, not {backend!r}")
         plan = Plan.load(run / "plan.json")
         weights = run / "model.safetensors"
         if not weights.exists():
@@ -157,23 +209,7 @@ class Segmenter:
         return self.plan.model.num_classes
 
     def _prepare(self, array: np.ndarray, name: str = "the array") -> np.ndarray:
-        m = self.plan.model
-        array = np.asarray(array)
-        if array.ndim == m.dims and m.in_channels == 1:
-            array = array[None]
-        if array.ndim != m.dims + 1:
-            raise UsegError(
-                f"{name} has shape {array.shape}, but the model expects (C, {'D, ' if m.dims == 3 else ''}H, W) "
-                f"with C={m.in_channels}; give channels first"
-            )
-        if array.shape[0] != m.in_channels:
-            raise UsegError(
-                f"{name} has {array.shape[0]} channels but the model was trained on {m.in_channels}; "
-                "give images like the training images"
-            )
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise UsegError(f"{name} contains NaN or infinite values; fix or mask them before predicting")
-        return normalize(array, self.plan.data.normalization)  # float32 copy, the input is untouched
+        return prepare(self.plan, array, name)
 
     def predict_proba(self, array: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Class probabilities.
@@ -185,7 +221,7 @@ class Segmenter:
             (K, *S) float32.
         """
         x = self._prepare(array)
-        return predict_probs(self.model, x, self.plan, self.device, self.precision, progress)
+        return predict_probs(self.model, x, self.plan, self.device, self.precision, progress, self._fn())
 
     def predict(self, array: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model.
@@ -193,45 +229,74 @@ class Segmenter:
         Memory stays bounded by a slab of tiles (same padding), whatever the image size.
         """
         x = self._prepare(array)
-        return predict_labels(self.model, x, self.plan, self.device, self.precision, progress).astype(np.int64)
+        return predict_labels(self.model, x, self.plan, self.device, self.precision, progress, self._fn()).astype(np.int64)
 
     def predict_image(self, image: Image) -> np.ndarray:
-        """Class indices for an :class:`useg.io.Image`."""
-        x = self._prepare(image.array, name=str(image.path or "the image"))
-        return predict_labels(self.model, x, self.plan, self.device, self.precision).astype(np.int64)
+        """Class indices (*S) for an :class:`useg.io.Image`, in the image's own geometry.
+
+        A plan trained at another spacing (``plan.data.resample``) sees the image resampled to
+        that spacing, and the labels come back to the image's grid by nearest neighbour.
+        """
+        from .resample import largest_component, resample_image, resample_labels
+
+        d = self.plan.data
+        array = image.array
+        resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
+        if resample:
+            array = resample_image(array.astype(np.float32), image.spacing, d.spacing)
+        x = self._prepare(array, name=str(image.path or "the image"))
+        labels = predict_labels(self.model, x, self.plan, self.device, self.precision, fn=self._fn())
+        if resample:
+            labels = resample_labels(labels, image.spatial_shape)
+        if self.plan.infer.largest_component:
+            labels = largest_component(labels)
+        return labels.astype(np.int64)
 
     def predict_files(
         self,
-        inputs: Sequence[str | Path],
+        inputs: Sequence[str | Path | Case],
         out_dir: str | Path,
         overwrite: bool = False,
         progress: Callable[[Path], None] | None = None,
+        instances: bool = False,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
-        Output names are the input stems (never a path outside ``out_dir``) with the input's suffix
-        for PNG/TIFF and ``.png`` otherwise. Existing outputs are refused unless ``overwrite``.
+        Output names are the case names or input stems (never a path outside ``out_dir``) with the
+        input's suffix for PNG/TIFF/NIfTI, ``.nii.gz`` for DICOM series and ``.png`` otherwise.
+        Inputs are files, DICOM series folders or :class:`useg.dataset.Case` objects (several
+        channel files). Existing outputs are refused unless ``overwrite``. With ``instances`` the
+        masks hold object ids (connected components of class 1, :func:`useg.instances.label_instances`)
+        instead of classes.
 
         Returns:
             The written paths, in input order.
         """
         out_dir = Path(out_dir)
+        cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
         targets = []
-        for p in map(Path, inputs):
-            suffix = MASK_OUT_SUFFIX.get(p.suffix.lower(), ".png")
-            target = out_dir / (Path(p.name).stem + suffix)
+        for c in cases:
+            suffix = suffix_of(c.image)
+            suffix = MASK_OUT_SUFFIX.get(suffix, ".nii.gz" if c.image.is_dir() else ".png")
+            # no separators in the name, so whatever the input names, the output stays in out_dir
+            target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
             if target in targets:
-                raise UsegError(f"{p} and another input both map to {target.name}; rename one of them")
+                raise UsegError(f"{c.image} and another input both map to {target.name}; rename one of them")
             if target.exists() and not overwrite:
                 raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
             targets.append(target)
         written = []
-        for p, target in zip(map(Path, inputs), targets):
-            image = read_image(p)
+        for c, target in zip(cases, targets):
+            image = read_case_image(c.files)
             labels = self.predict_image(image)
-            written.append(write_mask(target, labels, like=image, label_map=self.plan.data.label_map))
+            if instances:
+                from .instances import label_instances
+
+                written.append(write_mask(target, label_instances(labels, object_class=1), like=image))
+            else:
+                written.append(write_mask(target, labels, like=image, label_map=self.plan.data.label_map))
             if progress is not None:
-                progress(p)
+                progress(c.image)
         return written
 
 

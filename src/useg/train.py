@@ -46,12 +46,20 @@ class TrainResult:
     minutes: float  # wall-clock training time, resumed parts included
 
 
-def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64."""
+def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore", intensity=None,
+                spacing: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
+
+    Args:
+        cases: the cases to read.
+        label_map: decodes the masks.
+        normalization, intensity: see :func:`useg.dataset.normalize`.
+        spacing: resample every case to this spacing first (None keeps the files' grids).
+    """
     images, labels = [], []
     for case in cases:
-        image, label = load_case(case, label_map)
-        images.append(normalize(image, normalization))
+        image, label = load_case(case, label_map, spacing)
+        images.append(normalize(image, normalization, intensity))
         labels.append(label)
     return images, labels
 
@@ -401,6 +409,9 @@ def train_folder(
     overwrite: bool = False,
     device: str = "auto",
     quiet: bool = False,
+    channels: Sequence[str] | None = None,
+    label: str | None = None,
+    memory_gb: float | None = None,
 ) -> TrainResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
@@ -418,15 +429,17 @@ def train_folder(
         overwrite: replace an existing run in ``out``.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
+        channels, label: channel and label file-name prefixes of case-folder data.
+        memory_gb: the planner's training memory budget (default from the machine).
 
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
     """
     from .dataset import check_dataset, split_cases
-    from .plan import make_plan
+    from .planner import plan_dataset
 
     out = Path(out)
-    report = check_dataset(data, labels=labels)
+    report = check_dataset(data, labels=labels, channels=channels, label=label)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
     by_name = {c.name: c for c in report.cases}
@@ -452,17 +465,15 @@ def train_folder(
             cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
             val_names=parse_names(val) or None,
         )
-        plan = None
-    label_map = plan.data.label_map if plan else report.label_map
-    normalization = plan.data.normalization if plan else "zscore"
-    train_data = load_arrays(train_cases, label_map, normalization)
-    val_data = load_arrays(val_cases, label_map, normalization)
-    if plan is None:
-        plan = make_plan(
-            label_map, channels=train_data[0][0].shape[0],
-            image_shapes=[a.shape[1:] for a in train_data[0]], preset=preset,
-            model=model, train=train, infer=infer, patch_size=patch_size,
-        )
+        plan, reasons = plan_dataset(report, preset, memory_gb=memory_gb, device=device, model=model,
+                                     train=train, infer=infer, patch_size=patch_size)
+        for reason in reasons:
+            logger.info("plan: %s", reason)
+    d = plan.data
+    spacing = d.spacing if d.resample else None
+    train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing)
+    val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing)
+    if not resume:
         if runtime.main_process():  # under torchrun only rank 0 writes
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(split_path) as tmp:

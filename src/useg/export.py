@@ -1,0 +1,298 @@
+"""Export a trained run to ONNX or TorchScript, and predict with the export alone.
+
+``export_run(run)`` writes ``run/model.onnx`` (or ``model.pt``) and beside it a JSON sidecar
+``model.onnx.json`` (``model.pt.json``) holding the whole plan, the tensor names and the tile settings, so a deployment
+needs the two files and nothing else. Every export is checked at export time: PyTorch and the
+exported model must give the same softmax probabilities (max abs difference <= 1e-3) on a seeded
+random batch of the plan's tile size, or the export is refused and nothing is written.
+
+ONNX inputs are ``image`` (B, C, *S) float32, normalised like the training images, with dynamic
+batch and spatial axes; the output ``logits`` is (B, K, *S) for same padding and (B, K, *S')
+with ``S' = output_size(S)`` for valid padding. Softmax (and mirroring TTA) is applied by
+:func:`onnx_tile_fn`, exactly as :func:`useg.predict.tile_fn` does for the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import runtime
+from .errors import UsegError
+from .io import atomic_path
+from .model import output_size
+from .plan import Plan
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+SIDECAR_VERSION = 1
+TOLERANCE = 1e-3  # largest accepted |p_torch - p_export| of the softmax probabilities
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar of an exported model: ``model.onnx`` -> ``model.onnx.json`` (one per export)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def export_run(run: str | Path, out: str | Path | None = None, format: str = "onnx",
+               opset: int | None = None, dynamo: bool | None = None) -> Path:
+    """Export a run folder's network (fp32, eval mode) and write its sidecar.
+
+    Args:
+        run: a run folder (plan.json + model.safetensors) made by ``useg train``.
+        out: the model file; default ``run/model.onnx`` or ``run/model.pt``.
+        format: "onnx" or "torchscript".
+        opset: ONNX opset; None takes the exporter's default.
+        dynamo: ONNX exporter: True = ``torch.export`` based, False = the legacy TorchScript
+            based one, None = try the first and fall back to the second if it fails.
+
+    Returns:
+        The written model path (the sidecar is ``sidecar_path(path)``).
+
+    Raises:
+        UsegError: unknown format, a broken run folder, a missing onnxruntime, or an export whose
+            outputs differ from PyTorch's by more than 1e-3 (nothing is written then).
+    """
+    from .predict import Segmenter
+
+    if format not in FORMATS:
+        raise UsegError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    run = Path(run)
+    suffix = FORMATS[format]
+    out = Path(out) if out is not None else run / f"model{suffix}"
+    if out.suffix.lower() != suffix:
+        raise UsegError(f"{out} does not end in {suffix}; name the {format} export like model{suffix}")
+    if format == "onnx":
+        _import_ort(out)  # fail before the (slow) export, not after it
+    seg = Segmenter.load(run, device="cpu", precision="fp32")
+    plan, model = seg.plan, seg.model.float().eval()
+    m = plan.model
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, m.in_channels, *plan.infer.tile, generator=gen)
+    with torch.inference_mode():
+        expected = torch.softmax(model(sample), dim=1).numpy()
+
+    with atomic_path(out) as tmp:
+        if format == "onnx":
+            exporter = _export_onnx(model, sample, tmp, opset, dynamo)
+            got = _softmax(_onnx_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: sample.numpy()})[0])
+        else:
+            exporter = "torch.jit.trace"
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", DeprecationWarning)  # jit is deprecated, still works
+                torch.jit.save(torch.jit.trace(model, sample), str(tmp))
+                got = torch.softmax(torch.jit.load(str(tmp))(sample), dim=1).numpy()
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        logger.info("export %s (%s): max |p_torch - p_export| = %.2e on a %s batch",
+                    out, exporter, diff, tuple(sample.shape))
+        if not diff <= TOLERANCE:
+            raise UsegError(f"the {format} export of {run} gives probabilities {diff:.2e} away from PyTorch's "
+                            f"(limit {TOLERANCE:g}); try another --opset or --format")
+    side = {
+        "useg_export": SIDECAR_VERSION,
+        "format": format,
+        "model_file": out.name,
+        "exporter": exporter,
+        "opset": _opset_of(out) if format == "onnx" else None,
+        "torch_version": torch.__version__,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input": f"(B, {m.in_channels}, {'D, ' if m.dims == 3 else ''}H, W) float32, normalised: "
+                 f"{plan.data.normalization}",
+        "output": f"(B, {m.num_classes}, *S') logits; softmax over axis 1",
+        "tile": list(plan.infer.tile),
+        "output_tile": list(output_size(tuple(plan.infer.tile), m.depth, m.padding)),
+        "padding": m.padding,
+        "overlap": plan.infer.overlap,
+        "batch_size": plan.infer.batch_size,
+        "tta": plan.infer.tta,
+        "verified_max_abs_diff": diff,
+        "plan": plan.to_dict(),
+    }
+    try:
+        with atomic_path(sidecar_path(out)) as tmp:
+            Path(tmp).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s and %s", out, sidecar_path(out))
+    return out
+
+
+def _export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int | None,
+                 dynamo: bool | None) -> str:
+    """Write ``model`` to ``path`` as ONNX with dynamic batch and spatial axes; returns the exporter used."""
+    dims = sample.dim() - 2
+    kw: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
+    if opset is not None:
+        kw["opset_version"] = int(opset)
+    if dynamo is not False:
+        try:
+            from torch.export import Dim
+
+            shapes = {"x": {0: Dim("batch"), **{2 + i: Dim.AUTO for i in range(dims)}}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.onnx.export(model, (sample,), str(path), dynamo=True, dynamic_shapes=shapes,
+                                  external_data=False, verbose=False, **kw)
+            if _dynamic_axes_ok(path, dims):
+                return "torch.onnx.export(dynamo=True)"
+            logger.warning("the dynamo ONNX export fixed some axes; retrying with the legacy exporter")
+        except Exception as e:  # noqa: BLE001 - any exporter failure falls back to the legacy path
+            if dynamo:
+                raise UsegError(f"cannot export {path.name} with the dynamo exporter ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); retry without --dynamo") from None
+            logger.warning("dynamo ONNX export failed (%s: %s); using the legacy exporter", type(e).__name__, e)
+    axes = {INPUT_NAME: {0: "batch", **{2 + i: f"in_{i}" for i in range(dims)}},
+            OUTPUT_NAME: {0: "batch", **{2 + i: f"out_{i}" for i in range(dims)}}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (sample,), str(path), dynamo=False, dynamic_axes=axes, **kw)
+    return "torch.onnx.export(dynamo=False)"
+
+
+def _dynamic_axes_ok(path: Path, dims: int) -> bool:
+    """Whether the ONNX input's batch and spatial axes are all symbolic."""
+    import onnx
+
+    shape = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return len(shape) == dims + 2 and all(shape[i].dim_param for i in [0, *range(2, dims + 2)])
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    opsets = onnx.load(str(path), load_external_data=False).opset_import
+    return next((int(o.version) for o in opsets if o.domain in ("", "ai.onnx")), None)
+
+
+def _import_ort(path: Path):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsegError(f"{path} needs onnxruntime, which is not installed; pip install 'useg[onnx]'") from None
+    return onnxruntime
+
+
+def _onnx_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    ort = _import_ort(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or runtime.cpu_count()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
+        raise UsegError(f"cannot load {path} with onnxruntime ({str(e).splitlines()[0]}); export it again") from None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)), dim=1).numpy()
+
+
+def load_exported(path: str | Path, providers: Sequence[str] | None = None,
+                  threads: int | None = None) -> tuple[Plan, Any]:
+    """Read an export and its sidecar.
+
+    Args:
+        path: the .onnx or .pt file written by :func:`export_run`.
+        providers: onnxruntime execution providers (default CPU only).
+        threads: intra-op threads (default: the cores this process may use).
+
+    Returns:
+        (the run's plan, an ``onnxruntime.InferenceSession`` for ONNX or a
+        ``torch.jit.ScriptModule`` in eval mode for TorchScript).
+    """
+    path = Path(path)
+    side_file = sidecar_path(path)
+    try:
+        side = json.loads(side_file.read_text(encoding="utf-8"))
+        plan = Plan.from_dict(side["plan"])
+    except FileNotFoundError:
+        raise UsegError(f"{side_file} is missing; keep the sidecar beside {path.name} or export again") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsegError(f"{side_file} is not a useg export sidecar ({e}); export the run again") from None
+    if not path.exists():
+        raise UsegError(f"{path} does not exist; check the path or export the run again")
+    if side.get("model_file") != path.name or side.get("format") not in FORMATS:
+        raise UsegError(f"{side_file} describes {side.get('model_file')!r}, not {path.name}; export the run again")
+    if side["format"] == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return plan, torch.jit.load(str(path), map_location="cpu").eval()
+    return plan, _onnx_session(path, providers, threads)
+
+
+def onnx_tile_fn(session: Any, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-tile call of an ONNX session: (B, C, *tile) -> (B, K, *out_tile) softmax probabilities.
+
+    Same contract as :func:`useg.predict.tile_fn`, mirroring TTA included, so it plugs into
+    :mod:`useg.tiling` unchanged.
+    """
+    in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+    def probs_of(x: np.ndarray) -> torch.Tensor:
+        return torch.softmax(torch.from_numpy(session.run([out_name], {in_name: x})[0]), dim=1)
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+        probs = probs_of(x)
+        if plan.infer.tta:
+            flips = [c for r in range(1, x.ndim - 1) for c in itertools.combinations(range(2, x.ndim), r)]
+            for axes in flips:
+                probs += probs_of(np.ascontiguousarray(np.flip(x, axes))).flip(axes)
+            probs /= len(flips) + 1
+        return probs
+
+    return fn
+
+
+class OnnxRunner:
+    """An exported model with its plan: ``OnnxRunner.load("model.onnx").predict(array)``.
+
+    Works for both formats (TorchScript exports run through :func:`useg.predict.tile_fn`).
+    """
+
+    def __init__(self, plan: Plan, session: Any):
+        self.plan, self.session = plan, session
+
+    @classmethod
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxRunner:
+        return cls(*load_exported(path, providers, threads))
+
+    def tile_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if isinstance(self.session, torch.nn.Module):
+            from .predict import tile_fn
+
+            return tile_fn(self.session, self.plan, torch.device("cpu"), runtime.pick_precision(torch.device("cpu"), "fp32"))
+        return onnx_tile_fn(self.session, self.plan)
+
+    def predict_proba(self, array: np.ndarray) -> np.ndarray:
+        """(K, *S) float32 probabilities of an image (C, *S), or (*S) for one channel."""
+        from .predict import predict_probs, prepare
+
+        cpu = torch.device("cpu")
+        return predict_probs(None, prepare(self.plan, array), self.plan, cpu, None, fn=self.tile_fn())
+
+    def predict(self, array: np.ndarray) -> np.ndarray:
+        """(*S) int64 class indices, tiled like :meth:`useg.predict.Segmenter.predict`."""
+        from .predict import predict_labels, prepare
+
+        cpu = torch.device("cpu")
+        return predict_labels(None, prepare(self.plan, array), self.plan, cpu, None, fn=self.tile_fn()).astype(np.int64)
+
+
+def predict_exported(path: str | Path, array: np.ndarray) -> np.ndarray:
+    """Class indices (*S) int64 of an image (C, *S) (or (*S), one channel) from an export alone."""
+    return OnnxRunner.load(path).predict(array)

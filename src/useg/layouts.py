@@ -1,0 +1,177 @@
+"""Data-folder layouts beyond ``images/`` + ``masks/``: multi-channel cases, nnU-Net's raw layout, case folders.
+
+* Channels as separate files, nnU-Net's naming: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz`` ...
+  (in ``images/`` or ``imagesTr/``), the mask named ``<case>.nii.gz``.
+* nnU-Net's raw layout, read as it is (Isensee et al. 2021, nnU-Net v2 ``dataset.json``):
+  ``dataset.json`` (``channel_names`` or v1 ``modality``, ``labels``, ``file_ending``),
+  ``imagesTr/``, ``labelsTr/``, ``imagesTs/``.
+* One folder per case holding named channel files and a label file (BraTS-style):
+  ``case/Flair.nii.gz``, ``case/T1c.nii.gz``, ``case/seg.nii.gz``; the channels and the label are
+  named by file-name prefix (``--channels Flair,T1c --label seg``).
+
+Each layout yields :class:`useg.dataset.Case` objects whose ``extra`` holds the channel files after
+the first; :func:`read_case_image` stacks them into one :class:`useg.io.Image`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsegError
+from .io import IMAGE_SUFFIXES, Image, read_image, stem_of, suffix_of
+
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
+
+
+def split_channel(stem: str) -> tuple[str, int] | None:
+    """``"case_0001"`` -> ``("case", 1)``; None for a stem without a channel number."""
+    m = CHANNEL_RE.match(stem)
+    return (m["case"], int(m["channel"])) if m else None
+
+
+def group_channels(files: Sequence[Path]) -> tuple[dict[str, tuple[Path, ...]], list[str]]:
+    """Group ``<case>_XXXX`` files into cases, channels in order; problems for gaps and uneven counts.
+
+    Returns:
+        ({case name: channel files}, problems). Files without a channel number are their own case.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        parsed = split_channel(stem_of(p))
+        case, ch = parsed if parsed else (stem_of(p), 0)
+        groups.setdefault(case, {})[ch] = p
+    problems, out = [], {}
+    counts = [len(g) for g in groups.values()]
+    common = max(set(counts), key=counts.count) if counts else 0
+    for case, g in groups.items():
+        if sorted(g) != list(range(len(g))):
+            problems.append(f"{next(iter(g.values())).parent} has channels {sorted(g)} of case {case!r}; "
+                            f"number them {case}_0000, {case}_0001, ... without gaps")
+        elif len(g) != common:
+            problems.append(f"case {case!r} has {len(g)} channel file(s) but most cases have {common}; "
+                            "give every case the same channels")
+        out[case] = tuple(g[k] for k in sorted(g))
+    return out, problems
+
+
+def read_case_image(files: Sequence[Path]) -> Image:
+    """Read a case's channel files and stack them: (sum of channels, *S), geometry of the first.
+
+    Raises:
+        UsegError: a channel whose shape (or NIfTI orientation) differs from the first one.
+    """
+    images = [read_image(p) for p in files]
+    first = images[0]
+    for im in images[1:]:
+        if im.spatial_shape != first.spatial_shape:
+            raise UsegError(f"{im.path} is {'x'.join(map(str, im.spatial_shape))} but {first.path} is "
+                            f"{'x'.join(map(str, first.spatial_shape))}; the channels of a case must be aligned")
+        if im.affine is not None and first.affine is not None and not np.allclose(im.affine, first.affine, atol=1e-3):
+            raise UsegError(f"{im.path} has another orientation or origin than {first.path}; "
+                            "resample the channels of a case onto one grid")
+    if len(images) == 1:
+        return first
+    arr = np.concatenate([im.array for im in images], axis=0)
+    return Image(arr, first.spacing, first.affine, first.path, first.format, first.meta)
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES)
+
+
+def read_dataset_json(root: Path) -> dict:
+    """nnU-Net's dataset.json, v1 or v2, as {channel_names, labels {value: name}, file_ending, modality}.
+
+    Raises:
+        UsegError: unreadable JSON, naming the file.
+    """
+    path = root / "dataset.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsegError(f"cannot read {path} ({e}); fix the JSON or remove it to use images/ and masks/") from None
+    names = d.get("channel_names") or d.get("modality") or {"0": "image"}
+    channel_names = [str(names[k]) for k in sorted(names, key=int)]
+    labels = d.get("labels") or {}
+    if labels and all(str(k).lstrip("-").isdigit() for k in labels):  # v1: {"0": "background", ...}
+        values = {int(k): str(v) for k, v in labels.items()}
+    else:  # v2: {"background": 0, "tumour": 1}; region entries (lists) are nnU-Net's training choice
+        values = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+    return {"channel_names": channel_names, "labels": dict(sorted(values.items())),
+            "file_ending": d.get("file_ending", ".nii.gz"), "layout": "nnunet"}
+
+
+def nnunet_cases(root: Path, case_type):
+    """Cases of an nnU-Net raw dataset folder (imagesTr + labelsTr).
+
+    Returns:
+        (cases, problems, info) with info from :func:`read_dataset_json`.
+    """
+    info = read_dataset_json(root)
+    problems: list[str] = []
+    files = [p for p in _volume_files(root / "imagesTr") if str(p).endswith(info["file_ending"])]
+    if not files:
+        return [], [f"{root / 'imagesTr'} holds no {info['file_ending']} images; put the training images there"], info
+    groups, problems = group_channels(files)
+    n = len(info["channel_names"])
+    for case, chans in groups.items():
+        if len(chans) != n:
+            problems.append(f"case {case!r} in {root / 'imagesTr'} has {len(chans)} channel file(s) but "
+                            f"dataset.json names {n}; add {case}_0000 .. {case}_{n - 1:04d}")
+    label_dir = root / "labelsTr"
+    labels = {stem_of(p): p for p in _volume_files(label_dir)} if label_dir.is_dir() else {}
+    cases = []
+    for case, chans in groups.items():
+        if case not in labels:
+            problems.append(f"{chans[0]} has no label {case}{info['file_ending']} in {label_dir}; add it or move the case out")
+        cases.append(case_type(case, chans[0], labels.get(case), tuple(chans[1:])))
+    problems.extend(f"{p} has no image {name}_0000{info['file_ending']} in {root / 'imagesTr'}; add it or remove the label"
+                    for name, p in labels.items() if name not in groups)
+    return cases, problems, info
+
+
+def is_case_folders(root: Path) -> bool:
+    """A folder of per-case folders, each with image volumes and no images/ of its own."""
+    if not root.is_dir() or (root / "images").is_dir():
+        return False
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and all(_volume_files(d) for d in subdirs[:4])
+
+
+def _pick(files: list[Path], prefix: str) -> list[Path]:
+    return [p for p in files if stem_of(p).lower().startswith(prefix.lower())]
+
+
+def folder_cases(root: Path, channels: Sequence[str] | None, label: str | None, case_type):
+    """Cases of a folder of case folders, channels and label picked by file-name prefix.
+
+    Returns:
+        (cases, problems, info); info["channel_names"] are the prefixes.
+    """
+    info = {"channel_names": list(channels or []), "label_name": label, "layout": "folders"}
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not channels:
+        example = ", ".join(stem_of(p) for p in _volume_files(subdirs[0])[:4]) if subdirs else ""
+        return [], [f"{root} holds one folder per case; name the channel files with --channels "
+                    f"(file-name prefixes, e.g. from {example}) and the mask with --label"], info
+    cases, problems = [], []
+    for d in subdirs:
+        files = _volume_files(d)
+        chans = []
+        for prefix in channels:
+            found = _pick(files, prefix)
+            if len(found) != 1:
+                problems.append(f"{d} has {len(found)} files starting with {prefix!r}; keep exactly one per case")
+            chans.extend(found[:1])
+        masks = _pick(files, label) if label else []
+        if label and len(masks) != 1:
+            problems.append(f"{d} has {len(masks)} files starting with {label!r}; keep exactly one label file per case")
+        if len(chans) == len(channels):
+            cases.append(case_type(d.name, chans[0], masks[0] if len(masks) == 1 else None, tuple(chans[1:])))
+    return cases, problems, info
