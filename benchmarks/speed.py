@@ -222,7 +222,19 @@ def child(spec: dict) -> dict:
         PILImage.fromarray(labels * 255).save(out / (png.stem + ".png"))
     sync(dev)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. ru_maxrss survives exec on Linux (a child started from
+    a big parent reports the parent's size), so read the kernel's per-image high-water mark first."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(spec: dict) -> dict:

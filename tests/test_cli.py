@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image as PILImage
 
 from useg.cli import main
@@ -86,3 +88,65 @@ def test_paper_preset_trains_with_border_weights_and_predicts(cells_dir, tmp_pat
     assert main(["predict", str(run), str(cells_dir / "images" / "cell_001.png"), "--out", str(tmp_path / "p"),
                  "--quiet"]) == 0
     assert (tmp_path / "p" / "cell_001.png").exists()
+
+
+@pytest.mark.parametrize("regions", [None, "WT=2,4;ET=4"])
+def test_3d_case_folders_train_predict_evaluate_regions(tmp_path, rng, regions):
+    """The 3D path end to end from the CLI: case folders in, NIfTI masks in the input's geometry out;
+    with --regions the network learns nested regions (one sigmoid each) and writes mask values back."""
+    import nibabel as nib
+
+    affine = np.array([[-1.0, 0, 0, 5], [0, 1.0, 0, -3], [0, 0, 2.0, 1], [0, 0, 0, 1]])
+    for k in range(3):
+        lab = np.zeros((16, 16, 12), np.float32)
+        lab[4:11, 3:10, 3:9] = 2
+        lab[6:9, 5:8, 5:7] = 4
+        img = (lab + rng.normal(0, 0.3, lab.shape)).astype(np.float32)
+        d = tmp_path / "data" / f"case{k}"
+        d.mkdir(parents=True)
+        for name, arr in (("T1_x", img), ("T2_x", -img), ("seg", lab)):
+            nib.save(nib.Nifti1Image(arr, affine), str(d / f"{name}.nii.gz"))
+    data, run = tmp_path / "data", tmp_path / "run"
+    layout = ["--channels", "T1,T2", "--label", "seg"]
+    assert main(["plan", str(data), *layout, "--device", "cpu"]) == 0
+    assert main(["train", str(data), *layout, "--out", str(run), "--width", "4", "--depth", "2", "--patch", "16,16,8",
+                 "--epochs", "1", "--iters", "2", "--batch-size", "2", "--precision", "fp32", "--workers", "0",
+                 "--quiet", "--device", "cpu", *(["--regions", regions] if regions else [])]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["model"]["num_classes"] == (2 if regions else 3) and plan["model"]["dims"] == 3
+    assert plan["data"]["regions"] == ([[1, 2], [2]] if regions else [])  # values 2,4 -> classes 1,2
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(data / "case0"), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    pred = nib.load(str(out / "case0.nii.gz"))
+    np.testing.assert_allclose(pred.affine, affine)  # overlays its input
+    assert pred.shape == (16, 16, 12) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 2, 4}
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "case0.nii.gz").write_bytes((data / "case0" / "seg.nii.gz").read_bytes())
+    assert main(["evaluate", str(out), str(truth), "--regions", "WT=2,4;ET=4", "--quiet"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())["summary_extra"]["regions"]
+    assert set(summary) == {"WT", "ET"} and 0 <= summary["WT"]["dice"] <= 1
+
+
+def test_export_onnx_and_predict_with_onnxruntime_and_instances(tmp_path, cells_dir):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), "--width", "4", "--depth", "2", "--patch", "32,32",
+                 "--epochs", "1", "--iters", "2", "--precision", "fp32", "--workers", "0", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert main(["export", str(run), "--quiet"]) == 0
+    assert (run / "model.onnx").exists() and (run / "model.onnx.json").exists()
+    image = cells_dir / "images" / "cell_000.png"
+    a, b = tmp_path / "torch", tmp_path / "ort"
+    assert main(["predict", str(run), str(image), "--out", str(a), "--quiet", "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(image), "--out", str(b), "--backend", "onnxruntime", "--quiet"]) == 0
+    from useg.io import read_mask
+
+    agree = (read_mask(a / "cell_000.png")[0] == read_mask(b / "cell_000.png")[0]).mean()
+    assert agree > 0.99  # the torch path may run in bf16; onnxruntime in fp32
+    c = tmp_path / "inst"
+    assert main(["predict", str(run), str(image), "--out", str(c), "--instances", "--quiet", "--device", "cpu"]) == 0
+    inst = read_mask(c / "cell_000.png")[0]
+    assert inst.max() == len(np.unique(inst)) - 1  # object ids 0..N without gaps
+    assert main(["evaluate", str(a), str(cells_dir), "--instances", "--quiet"]) == 0
+    assert "instances" in json.loads((a / "metrics.json").read_text())["summary_extra"]

@@ -139,3 +139,17 @@ def test_encode_rejects_out_of_range_classes():
         LabelMap((0, 255)).encode(np.array([2]))
     with pytest.raises(ValueError):
         LabelMap((0, 255)).encode(np.array([0.5]))
+
+
+def test_nested_regions_write_their_innermost_class():
+    from useg.labels import region_classes, regions_to_labels
+
+    brats = ((1, 2, 3, 4), (1, 3, 4), (4,))
+    assert region_classes(brats) == [2, 1, 4]
+    probs = np.zeros((3, 2, 3))
+    probs[0] = 0.9  # everything is whole tumour
+    probs[1, 0] = 0.7  # first row is core
+    probs[2, 0, 0] = 0.6  # one voxel enhancing
+    np.testing.assert_array_equal(regions_to_labels(probs, brats), [[4, 1, 1], [2, 2, 2]])
+    with pytest.raises(ValueError, match="outer to inner"):
+        region_classes(((4,), (1, 3, 4), (1, 4)))

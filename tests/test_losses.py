@@ -140,3 +140,19 @@ def test_validation(batch):
         weighted_cross_entropy(logits, target.float())
     with pytest.raises(ValueError, match="K >= 2"):
         soft_dice_loss(logits[:, :1], target)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 4, 5, 3)])
+def test_region_loss_is_bce_plus_dice_and_rewards_the_right_regions(shape):
+    from useg.losses import region_loss, region_targets
+
+    regions = ((1, 2, 3), (2, 3), (3,))
+    target = torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(0))
+    y = region_targets(target, regions)
+    assert y.shape == (shape[0], 3, *shape[1:]) and torch.equal(y[:, 2], (target == 3).float())
+    good = region_loss((y * 2 - 1) * 20, target, regions)  # confident and right
+    bad = region_loss((1 - y * 2) * 20, target, regions)
+    assert good < 0.01 < 1.5 < bad
+    assert torch.allclose(SegLoss("ce", regions=regions)((y * 2 - 1) * 20, target), good)
+    with pytest.raises(ValueError, match="regions"):
+        region_loss(torch.zeros(shape[0], 2, *shape[1:]), target, regions)

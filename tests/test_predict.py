@@ -127,3 +127,24 @@ def test_mirroring_tta_makes_the_prediction_flip_equivariant(tmp_path):
     assert flip_gap() < 1e-5
     np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)
     assert np.array_equal(seg.predict(x), seg.predict_proba(x).argmax(0))
+
+
+def test_rotation_tta_averages_all_eight_symmetries_of_a_square_tile(tmp_path):
+    import dataclasses
+
+    from useg.predict import symmetries
+
+    _run(tmp_path)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    x = np.random.default_rng(3).normal(size=(1, 32, 32)).astype(np.float32)
+
+    def transpose_gap():
+        a = seg.predict_proba(np.swapaxes(x, 1, 2).copy())
+        return float(np.abs(a - np.swapaxes(seg.predict_proba(x), 1, 2)).max())
+
+    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
+    assert transpose_gap() > 1e-4  # flips alone are not transpose-equivariant
+    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True, tta_rotate=True))
+    assert len(symmetries(seg.plan, (1, 1, 32, 32))) == 8 and len(symmetries(seg.plan, (1, 1, 32, 16))) == 4
+    assert transpose_gap() < 1e-5
+    np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)

@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from useg.tiling import gaussian_weights, mirror_indices, overlap_tile, sliding_window, tile_starts
+from useg.tiling import (
+    gaussian_weights,
+    mirror_indices,
+    overlap_tile,
+    overlap_tile_labels,
+    sliding_window,
+    sliding_window_labels,
+    tile_starts,
+)
 
 # (spatial shape, tile) pairs: odd sizes, tiles larger than the image along some axes.
 CASES_SW = [
@@ -74,6 +82,68 @@ def test_tile_starts(size, tile, step, expected):
 def test_tile_starts_rejects_bad_arguments(args):
     with pytest.raises(ValueError):
         tile_starts(*args)
+
+
+# Outputs of tile_starts(size, tile, step) recorded before ``align`` existed: align=1 must keep them.
+OLD_STARTS = [
+    ((100, 7, 3), list(range(0, 94, 3))),
+    ((37, 16, 8), [0, 7, 14, 21]),
+    ((53, 24, 12), [0, 10, 19, 29]),
+    ((97, 48, 48), [0, 25, 49]),
+    ((200, 64, 32), [0, 27, 54, 82, 109, 136]),
+    ((31, 12, 9), [0, 6, 13, 19]),
+    ((130, 48, 24), [0, 21, 41, 62, 82]),
+    ((1000, 48, 24), [0, 24, 48, 71, 95, 119, 143, 167, 190, 214, 238, 262, 286, 309, 333, 357, 381, 405, 428,
+                      452, 476, 500, 524, 547, 571, 595, 619, 643, 666, 690, 714, 738, 762, 785, 809, 833, 857,
+                      881, 904, 928, 952]),
+]
+
+
+@pytest.mark.parametrize("args,expected", OLD_STARTS)
+def test_tile_starts_align_1_is_the_old_even_spread(args, expected):
+    assert tile_starts(*args) == expected
+    assert tile_starts(*args, align=1) == expected
+
+
+@pytest.mark.parametrize("align", [2, 3, 4, 8, 16])
+def test_tile_starts_aligned_properties(align):
+    for size in range(1, 90, 3):
+        for tile in range(align, 40, 5):
+            for step in sorted({1, align, max(1, tile // 2), max(1, (3 * tile) // 4), tile}):
+                starts = tile_starts(size, tile, step, align)
+                assert starts[0] == 0 and starts[-1] == max(0, size - tile)
+                assert all(s % align == 0 for s in starts[:-1]), (size, tile, step, starts)
+                gaps = np.diff(starts)
+                # step < align cannot be met by aligned starts: the densest aligned spacing is used
+                assert np.all(gaps >= 1) and np.all(gaps <= max(step, align)), (size, tile, step, starts)
+                covered = np.zeros(size, bool)
+                for s in starts:
+                    covered[s : s + tile] = True
+                assert covered.all()
+                if step >= align:  # no more windows than the aligned spacing requires
+                    assert len(starts) <= len(tile_starts(size, tile, step // align * align)) + 1
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ((130, 48, 24, 16), [0, 16, 32, 48, 64, 82]),  # step 24 -> aligned gaps of 16
+        ((200, 64, 32, 16), [0, 32, 64, 80, 112, 136]),
+        ((97, 48, 48, 16), [0, 32, 49]),
+        ((60, 16, 8, 4), [0, 8, 16, 20, 28, 36, 44]),  # as many windows as unaligned
+        ((100, 64, 6, 16), [0, 16, 32, 36]),  # step < align: gaps of align
+        ((40, 64, 32, 16), [0]),  # tile >= size
+        ((40, 8, 8, 8), [0, 8, 16, 24, 32]),  # the flush start happens to be aligned
+    ],
+)
+def test_tile_starts_aligned_examples(args, expected):
+    assert tile_starts(*args[:3], align=args[3]) == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"align": 0}, {"align": -4}, {"align": 2.5}, {"align": 32}])
+def test_tile_starts_rejects_bad_align(kwargs):
+    with pytest.raises(ValueError):
+        tile_starts(100, 16, 8, **kwargs)  # align 32 > tile 16 would leave holes
 
 
 # ----------------------------------------------------------------------------- gaussian_weights
@@ -314,3 +384,123 @@ def test_streamed_labels_memory_is_bounded_by_a_slab():
     full = peak(lambda: sliding_window(fn, image, (64, 64), 4, overlap=0.5, batch_size=4).argmax(0))
     assert full > 4 * 1024 * 512 * 4  # the full path holds at least a (K, H, W) float32 buffer
     assert streamed < full / 4, (streamed, full)
+
+
+# ----------------------------------------------------------------------------- aligned sliding window
+
+
+def pool_net(factor: int):
+    """Max-pool by ``factor`` then nearest upsampling: exact only on a grid aligned to ``factor``."""
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        pool = torch.nn.functional.max_pool2d if batch.dim() == 4 else torch.nn.functional.max_pool3d
+        return torch.nn.functional.interpolate(pool(batch, factor), scale_factor=factor, mode="nearest")
+
+    return fn
+
+
+# (shape, tile, overlap): sizes are multiples of 4 and the flush last starts are aligned too, while the
+# unaligned even spread is not (e.g. 60 px, tile 16, step 8: 0, 7, 15, ...)
+CASES_ALIGN = [((60, 28), (16, 8), 0.5), ((20, 28, 12), (8, 8, 8), 0.25)]
+
+
+@pytest.mark.parametrize("shape,tile,overlap", CASES_ALIGN)
+def test_sliding_window_aligned_tiles_agree_with_whole_image(rng, shape, tile, overlap):
+    fn = pool_net(4)
+    image = rng.standard_normal((2, *shape)).astype(np.float32)
+    with torch.no_grad():
+        whole = fn(torch.from_numpy(image)[None])[0].numpy()
+    aligned = sliding_window(fn, image, tile, 2, overlap=overlap, batch_size=4, align=4)
+    np.testing.assert_allclose(aligned, whole, atol=1e-5)
+    labels = sliding_window_labels(fn, image, tile, 2, overlap=overlap, batch_size=4, align=4)
+    np.testing.assert_array_equal(labels, aligned.argmax(0))
+    plain = sliding_window(fn, image, tile, 2, overlap=overlap, batch_size=4)  # align=1: the pooling grid moves
+    assert not np.allclose(plain, whole, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,tile", CASES_SW)
+def test_sliding_window_aligned_identity_and_labels(rng, shape, tile):
+    """Any size, aligned or not at the flush end, and images smaller than the tile still work."""
+    image = rng.standard_normal((2, *shape)).astype(np.float32)
+    out = sliding_window(identity, image, tile, 2, overlap=0.5, batch_size=3, align=4)
+    np.testing.assert_allclose(out, image, rtol=1e-5, atol=1e-6)
+    labels = sliding_window_labels(identity, image, tile, 2, overlap=0.5, batch_size=3, align=4)
+    np.testing.assert_array_equal(labels, out.argmax(0))
+
+
+def test_sliding_window_rejects_bad_align():
+    with pytest.raises(ValueError):
+        sliding_window(identity, np.zeros((2, 40, 40), np.float32), (8, 8), 2, align=0)
+    with pytest.raises(ValueError):
+        sliding_window_labels(identity, np.zeros((2, 40, 40), np.float32), (8, 8), 2, align=16)  # > tile
+
+
+# ----------------------------------------------------------------------------- overlap_tile_labels
+
+
+@pytest.mark.parametrize(
+    "shape,in_tile,out_tile",
+    CASES_OT + [((41, 23), (16, 16), (10, 10)), ((13, 11, 17), (10, 9, 8), (6, 5, 4))],
+)
+def test_overlap_tile_labels_equal_argmax_of_overlap_tile(shape, in_tile, out_tile):
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    proj = torch.from_numpy(rng.normal(size=(5, 2)).astype(np.float32))
+    crop = centre_crop(in_tile, out_tile)
+
+    def fn(batch):  # a fixed random linear map of the centre plus a tile-wide term, so tiles differ
+        scores = torch.einsum("kc,bc...->bk...", proj, crop(batch))
+        return scores + batch.mean(dim=tuple(range(2, batch.dim())), keepdim=True)[:, :1]
+
+    full = overlap_tile(fn, image, in_tile, out_tile, 5, batch_size=3)
+    calls = []
+    labels = overlap_tile_labels(fn, image, in_tile, out_tile, 5, batch_size=3,
+                                 progress=lambda d, t: calls.append((d, t)))
+    assert labels.shape == tuple(shape) and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, full.argmax(0))
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_overlap_tile_labels_valid_unet_and_many_classes():
+    from useg.model import UNet, output_size
+
+    torch.manual_seed(0)
+    net = UNet(1, 3, dims=2, width=2, depth=1, padding="valid").eval()
+    in_tile = (36, 36)
+    out_tile = output_size(in_tile, 1, "valid")  # (20, 20): 2 x 2 tiles, the last flush ones overlapping
+    image = np.random.default_rng(2).normal(size=(1, 37, 29)).astype(np.float32)
+    np.testing.assert_array_equal(overlap_tile_labels(net, image, in_tile, out_tile, 3, batch_size=4),
+                                  overlap_tile(net, image, in_tile, out_tile, 3, batch_size=4).argmax(0))
+    # more than 256 classes: int32 labels
+    def many(batch):  # class c scores c * a positive input: the last class always wins
+        return centre_crop(in_tile, out_tile)(batch).repeat(1, 300, 1, 1) * torch.arange(300.0)[:, None, None]
+
+    labels = overlap_tile_labels(many, np.abs(image) + 1, in_tile, out_tile, 300)
+    assert labels.dtype == np.int32 and (labels == 299).all()
+
+
+def test_overlap_tile_labels_rejects_bad_arguments():
+    with pytest.raises(ValueError):  # eagerly, before any tile is predicted
+        overlap_tile_labels(identity, np.zeros((1, 20, 20), np.float32), (11, 10), (8, 10), 1)
+
+
+def test_overlap_tile_labels_memory_is_labels_plus_a_batch():
+    import tracemalloc
+
+    image = np.random.default_rng(0).normal(size=(1, 512, 384)).astype(np.float32)
+    in_tile, out_tile, k = (72, 72), (64, 64), 8
+    def fn(batch):  # K copies of the centre
+        return centre_crop(in_tile, out_tile)(batch).repeat(1, k, 1, 1)
+
+    def peak(run):
+        tracemalloc.start()
+        run()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    streamed = peak(lambda: overlap_tile_labels(fn, image, in_tile, out_tile, k, batch_size=2))
+    buffer = k * 512 * 384 * 4  # the (K, H, W) float32 result of overlap_tile
+    full = peak(lambda: overlap_tile(fn, image, in_tile, out_tile, k, batch_size=2).argmax(0))
+    assert full > buffer
+    assert streamed < buffer / 3, (streamed, buffer)

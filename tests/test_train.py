@@ -129,3 +129,31 @@ def test_border_weights_peak_in_the_gap_between_touching_objects():
     assert w.shape == lab.shape
     gap, far = w[10, 10], w[0, 0]
     assert gap > far + 5  # w0 * exp(-(1 + 1)^2 / (2 * 5^2)) = 9.2 on top of the class weight
+
+
+def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_dir, monkeypatch):
+    import json
+
+    from useg import runtime
+    from useg.predict import Segmenter
+    from useg.train import check_low_precision, train_folder
+
+    run = tmp_path / "run"
+    train_folder(cells_dir, run, quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
+                 train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32", "workers": 0},
+                 device="cpu")
+    from useg.plan import Plan
+    from useg.train import load_arrays
+    from useg.dataset import discover
+
+    plan = Plan.load(run / "plan.json")
+    images, _ = load_arrays(discover(cells_dir)[:1], plan.data.label_map)
+    if not runtime.cpu_has_bf16():  # nothing to compare on a CPU without bf16
+        assert check_low_precision(plan, run, images, runtime.pick_device("cpu")) == {}
+        return
+    record = check_low_precision(plan, run, images, runtime.pick_device("cpu"))
+    assert record["fast_path"] == "bf16" and 0.9 <= record["agreement"] <= 1.0
+    assert json.loads((run / "inference.json").read_text())["precision"] == record["precision"]
+    # a disagreeing fast path makes "auto" fall back to fp32
+    (run / "inference.json").write_text(json.dumps({**record, "precision": "fp32"}))
+    assert Segmenter.load(run, device="cpu").precision.dtype is None

@@ -80,7 +80,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UsegError("\n".join(report.problems))
     model, train, infer = _overrides(a)
     plan, reasons = plan_dataset(report, a.preset, memory_gb=a.memory_gb, device=a.device, model=model,
-                                 train=train, infer=infer, patch_size=a.patch)
+                                 train=train, infer=infer, patch_size=a.patch, regions=_regions(a.regions))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -102,7 +102,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         a.data, a.out, preset=a.preset, labels=a.labels, val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
         resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
-        channels=a.channels, label=a.label, memory_gb=a.memory_gb,
+        channels=a.channels, label=a.label, memory_gb=a.memory_gb, regions=_regions(a.regions),
     )
     if not runtime.main_process():  # under torchrun, rank 0 speaks for the job
         return 0
@@ -188,6 +188,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _regions(spec: str | None) -> dict | None:
+    from .metrics import parse_regions
+
+    try:
+        return parse_regions(spec)
+    except ValueError as e:
+        raise UsegError(str(e)) from None
+
+
 def _layout_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--channels", type=lambda t: [v for v in t.split(",") if v],
                     help="case folders: channel file-name prefixes in order, e.g. Flair,T1c")
@@ -239,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
         t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
         t.add_argument("--memory-gb", type=float, help="training memory budget for planning (default: from the machine)")
+        t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
+                       "WT=1,2,3,4;TC=1,3,4;ET=4")
         _layout_args(t)
         if name == "plan":
             t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")

@@ -14,7 +14,6 @@ with ``S' = output_size(S)`` for valid padding. Softmax (and mirroring TTA) is a
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import warnings
@@ -242,18 +241,16 @@ def onnx_tile_fn(session: Any, plan: Plan) -> Callable[[torch.Tensor], torch.Ten
     """
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
+    from .predict import output_activation, tta_average
+
+    activate = output_activation(plan)
+
     def probs_of(x: np.ndarray) -> torch.Tensor:
-        return torch.softmax(torch.from_numpy(session.run([out_name], {in_name: x})[0]), dim=1)
+        return activate(torch.from_numpy(session.run([out_name], {in_name: x})[0]))
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
-        probs = probs_of(x)
-        if plan.infer.tta:
-            flips = [c for r in range(1, x.ndim - 1) for c in itertools.combinations(range(2, x.ndim), r)]
-            for axes in flips:
-                probs += probs_of(np.ascontiguousarray(np.flip(x, axes))).flip(axes)
-            probs /= len(flips) + 1
-        return probs
+        return tta_average(lambda x: probs_of(np.ascontiguousarray(x.numpy())), batch.detach().to("cpu", torch.float32),
+                           plan)
 
     return fn
 

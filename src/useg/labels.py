@@ -257,3 +257,31 @@ def infer_label_map(
         else:
             logger.info("mask values %s form no known encoding; using them as %d classes", sorted(keep), len(keep))
     return LabelMap(tuple(sorted(keep)), mode, pal), problems
+
+
+def region_classes(regions: Sequence[Sequence[int]]) -> list[int]:
+    """The class each region writes when it is the innermost region that applies.
+
+    nnU-Net's rule for nested regions: walk the regions in order and let every region whose
+    probability passes 0.5 overwrite the label; region r writes the smallest of its classes that no
+    later region contains (BraTS WT=1-4, TC=1,3,4, ET=4 write 2, 1 and 4).
+
+    Raises:
+        ValueError: a region whose classes all lie in later regions (it could never be written).
+    """
+    out = []
+    for i, r in enumerate(regions):
+        later = {c for q in regions[i + 1:] for c in q}
+        own = sorted(set(r) - later)
+        if not own:
+            raise ValueError(f"region {tuple(r)} has no class outside the regions after it; order regions outer to inner")
+        out.append(own[0])
+    return out
+
+
+def regions_to_labels(probs: np.ndarray, regions: Sequence[Sequence[int]], threshold: float = 0.5) -> np.ndarray:
+    """Region probabilities (R, *S) -> class indices (*S) int64 by :func:`region_classes`' rule."""
+    labels = np.zeros(probs.shape[1:], dtype=np.int64)
+    for p, c in zip(probs, region_classes(regions)):
+        labels[p > threshold] = c
+    return labels

@@ -123,6 +123,39 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
             + dice_weight * soft_dice_loss(logits, target, ignore_index, include_background))
 
 
+def region_targets(target: torch.Tensor, regions: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Class indices (B, *S) -> multi-hot region targets (B, R, *S) float: 1 where the class is in region r."""
+    return torch.stack([torch.isin(target, torch.tensor(r, device=target.device)) for r in regions], 1).float()
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, regions: tuple[tuple[int, ...], ...],
+                weight: torch.Tensor | None = None, smooth: float = 1e-5) -> torch.Tensor:
+    """nnU-Net's region-based loss: binary cross-entropy + soft Dice on sigmoid outputs, per region.
+
+    Nested regions (BraTS: whole tumour contains tumour core contains enhancing tumour) are each a
+    binary task, so the network optimises the evaluated regions directly (Isensee et al. 2021).
+
+    Args:
+        logits: (B, R, *S) float, one channel per region.
+        target: (B, *S) integer class indices.
+        regions: R tuples of the class indices each region unites.
+        weight: (B, *S) per-pixel weights for the cross-entropy term, or None.
+
+    Returns:
+        A float32 scalar.
+    """
+    if logits.shape[1] != len(regions):
+        raise ValueError(f"logits have {logits.shape[1]} channels but there are {len(regions)} regions")
+    y = region_targets(target, regions)
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
+    bce = (bce * weight).sum() / weight.sum().clamp_min(1e-8) if weight is not None else bce.mean()
+    p = torch.sigmoid(logits)
+    axes = (0, *range(2, logits.dim()))  # batch Dice, as for classes
+    dice = (2 * (p * y).sum(axes) + smooth) / (p.sum(axes) + y.sum(axes) + smooth)
+    return bce + 1.0 - dice.mean()
+
+
 class SegLoss(nn.Module):
     """The training loss by name: "dice_ce", "ce" (the paper's weighted cross-entropy) or "dice".
 
@@ -130,20 +163,26 @@ class SegLoss(nn.Module):
         kind: one of :data:`KINDS`.
         ignore_index: a target value excluded from the loss.
         include_background: count class 0 in the Dice term.
+        regions: nested regions (tuples of class indices): the network has one sigmoid output per
+            region and the loss is :func:`region_loss`, whatever ``kind`` says.
 
     Shapes:
         forward(logits (B, K, *S), target (B, *S), weight (B, *S) | None) -> float32 scalar.
     """
 
-    def __init__(self, kind: str = "dice_ce", ignore_index: int | None = None, include_background: bool = False):
+    def __init__(self, kind: str = "dice_ce", ignore_index: int | None = None, include_background: bool = False,
+                 regions: tuple[tuple[int, ...], ...] = ()):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind, self.ignore_index, self.include_background = kind, ignore_index, include_background
+        self.regions = tuple(tuple(r) for r in regions)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """The loss (float32 scalar); ``weight`` scales the cross-entropy term only."""
+        if self.regions:
+            return region_loss(logits, target, self.regions, weight)
         if self.kind == "ce":
             return weighted_cross_entropy(logits, target, weight, self.ignore_index)
         if self.kind == "dice":

@@ -49,6 +49,7 @@ class DataConfig:
     intensity: tuple[tuple[float, ...], ...] = ()  # per channel (lo, hi, mean, std) of the foreground, for "ct"
     resample: bool = False  # resample every case to ``spacing`` (3D data of varying spacing)
     channel_names: tuple[str, ...] = ()  # channel file prefixes of case-folder data (to find them at predict time)
+    regions: tuple[tuple[int, ...], ...] = ()  # nested regions (class indices, outer to inner): one sigmoid output each
     fg_fraction: float = 0.33  # share of patches centred on a foreground pixel (nnU-Net: 1/3)
     spacing: tuple[float, ...] = (1.0, 1.0)  # target spacing: median of the training images (nnU-Net's rule)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # joint image/label transforms
@@ -82,6 +83,7 @@ class InferConfig:
     overlap: float = 0.5  # sliding-window overlap for same padding (nnU-Net: 0.5)
     batch_size: int = 4  # tiles per forward
     tta: bool = False  # average over flips at test time
+    tta_rotate: bool = False  # with tta, also the transposed versions (2D square tiles): all 8 symmetries
     largest_component: bool = False  # keep only the largest connected component of each class (nnU-Net's option)
 
 
@@ -222,9 +224,9 @@ def make_plan(
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     dims = len(image_shapes[0])
     base = PRESETS[preset]
-    mcfg = dataclasses.replace(
-        base.model, in_channels=channels, num_classes=label_map.num_classes, dims=dims, **(model or {})
-    )
+    regions = (data or {}).get("regions", ())
+    mcfg = dataclasses.replace(base.model, **{
+        "in_channels": channels, "num_classes": len(regions) or label_map.num_classes, "dims": dims, **(model or {})})
     if patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
@@ -287,7 +289,7 @@ PRESETS: dict[str, _Preset] = {
         ModelConfig(width=64, depth=4, padding="valid", up="transpose", norm=None, dropout=0.5),
         TrainConfig(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=0.0, loss="ce", batch_size=1,
                     schedule="constant", warmup=0.0),
-        InferConfig(tta=True, batch_size=1),
+        InferConfig(tta=True, tta_rotate=True, batch_size=1),
         data={"border_weights": True, "w0": 10.0, "sigma": 5.0,
               "augment": AugmentConfig(p_elastic=0.5, elastic_grid=3, elastic_std=10.0)},
         max_edge=572,

@@ -97,7 +97,8 @@ def _fit(patch: list[int], limit) -> list[int]:
 
 def plan_dataset(report, preset: str = "default", memory_gb: float | None = None, device: str = "auto",
                  model: dict | None = None, train: dict | None = None, infer: dict | None = None,
-                 patch_size: tuple[int, ...] | None = None) -> tuple[Plan, list[str]]:
+                 patch_size: tuple[int, ...] | None = None,
+                 regions: dict[str, tuple[int, ...]] | None = None) -> tuple[Plan, list[str]]:
     """Plan a training from a checked dataset, with one line of reasoning per choice.
 
     2D data keeps the preset's patch rules (:func:`useg.plan.make_plan`); 3D data gets the
@@ -110,6 +111,8 @@ def plan_dataset(report, preset: str = "default", memory_gb: float | None = None
         device: where training will run ("auto", "cpu", "cuda"), for the default budget.
         model, train, infer: explicit overrides (they win over the planner).
         patch_size: an explicit patch.
+        regions: nested regions in mask values, outer to inner (``{"WT": (1, 2, 3, 4), ...}``): the
+            network gets one sigmoid output per region and a region loss (nnU-Net's BraTS setup).
 
     Returns:
         (plan, reasons).
@@ -133,6 +136,21 @@ def plan_dataset(report, preset: str = "default", memory_gb: float | None = None
                        "voxels are a constant background that would skew the statistics")
     else:
         reasons.append("normalization: z-score per image and channel (no CT, little constant background)")
+    if regions:
+        from .errors import UsegError
+        from .labels import region_classes
+
+        values = report.label_map.values
+        unknown = sorted({v for r in regions.values() for v in r} - set(values))
+        if unknown:
+            raise UsegError(f"--regions names mask values {unknown} that the masks do not use; use values of {list(values)}")
+        data["regions"] = tuple(tuple(values.index(v) for v in r) for r in regions.values())
+        try:
+            writes = region_classes(data["regions"])
+        except ValueError as e:
+            raise UsegError(f"--regions: {e}") from None
+        reasons.append(f"targets: {len(regions)} nested regions {', '.join(regions)} with a sigmoid each "
+                       f"(binary cross-entropy + Dice), written back as mask values {[values[c] for c in writes]}")
     if report.info.get("layout") == "folders":
         data["channel_names"] = tuple(fp["channel_names"])
     spacings = report.spacings or [(1.0,) * dims]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ from .checkpoint import load_weights
 from .dataset import Case, normalize
 from .errors import UsegError
 from .io import Image, stem_of, suffix_of, write_mask
+from .labels import regions_to_labels
 from .layouts import read_case_image
 from .model import UNet, output_size, valid_input_size
 from .plan import Plan
-from .tiling import overlap_tile, sliding_window, sliding_window_labels
+from .tiling import overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
 
 logger = logging.getLogger(__name__)
 
@@ -38,27 +40,55 @@ def tile_fn(model: torch.nn.Module, plan: Plan, device: torch.device,
             precision: runtime.Precision) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-tile network call: (B, C, *tile) -> (B, K, *out_tile) softmax probabilities.
 
-    With ``plan.infer.tta`` each tile is also predicted mirrored along every combination of
-    spatial axes and the flipped-back probabilities averaged (nnU-Net mirrors per tile too), which
-    keeps tiling and its memory bound unchanged.
+    With ``plan.infer.tta`` each tile is also predicted under the symmetries of
+    :func:`symmetries` and the probabilities mapped back and averaged (nnU-Net mirrors per tile
+    too), which keeps tiling and its memory bound unchanged.
     """
     fmt = runtime.memory_format(plan.model.dims, precision)
+    activate = output_activation(plan)
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device).contiguous(memory_format=fmt)
         with torch.inference_mode(), runtime.autocast(device, precision):
-            probs = torch.softmax(model(batch).float(), dim=1)
-            if plan.infer.tta:
-                # every combination of mirrored axes (4 in 2D, 8 in 3D): a group, so the result is
-                # exactly flip-equivariant
-                flips = [c for r in range(1, batch.dim() - 1) for c in itertools.combinations(range(2, batch.dim()), r)]
-                for axes in flips:
-                    flipped = model(batch.flip(axes).contiguous(memory_format=fmt)).float()
-                    probs += torch.softmax(flipped, dim=1).flip(axes)
-                probs /= len(flips) + 1
-        return probs
+            return tta_average(lambda x: activate(model(x.contiguous(memory_format=fmt)).float()), batch, plan)
 
     return fn
+
+
+def symmetries(plan: Plan, shape: Sequence[int]) -> list[tuple[bool, tuple[int, ...]]]:
+    """The test-time transforms of a (B, C, *tile) batch: (transpose the last two axes?, flipped axes).
+
+    Identity first. Without ``plan.infer.tta`` only the identity; with it every combination of
+    mirrored axes (4 in 2D, 8 in 3D); with ``plan.infer.tta_rotate`` and a square 2D tile also the
+    transposed ones, so all 8 symmetries of the square (the paper averaged rotated and mirrored
+    versions). Each set is a group, so the average is exactly equivariant under it.
+    """
+    if not plan.infer.tta:
+        return [(False, ())]
+    axes = range(2, len(shape))
+    flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    rotate = plan.infer.tta_rotate and len(shape) == 4 and shape[-1] == shape[-2]
+    return [(t, f) for t in ((False, True) if rotate else (False,)) for f in flips]
+
+
+def tta_average(probs_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Mean of ``probs_of`` over :func:`symmetries`, each mapped back to the input's frame."""
+    out = None
+    transforms = symmetries(plan, tuple(batch.shape))
+    for transpose, axes in transforms:
+        x = batch.transpose(-1, -2) if transpose else batch
+        p = probs_of(x.flip(axes) if axes else x)
+        p = p.flip(axes) if axes else p  # undo in reverse order: flip, then transpose
+        p = p.transpose(-1, -2) if transpose else p
+        out = p if out is None else out + p
+    return out / len(transforms) if len(transforms) > 1 else out
+
+
+def output_activation(plan: Plan) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Softmax over classes, or a sigmoid per region for region-trained plans."""
+    if plan.data.regions:
+        return torch.sigmoid
+    return lambda logits: torch.softmax(logits, dim=1)
 
 
 def _same_tile(plan: Plan, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -96,8 +126,10 @@ def predict_probs(
     """
     m, fn = plan.model, fn or tile_fn(model, plan, device, precision)
     if m.padding == "same":
+        # tile starts on the pooling grid, so every tile sees the same max-pooling phase
         return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
-                              overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress)
+                              overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress,
+                              align=2**m.depth)
     tile = tuple(plan.infer.tile)
     return overlap_tile(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
                         batch_size=plan.infer.batch_size, progress=progress)
@@ -115,15 +147,23 @@ def predict_labels(
     """Class indices (*S) of a normalised image; same arguments as :func:`predict_probs`.
 
     For same padding the sliding window is streamed (:func:`useg.tiling.sliding_window_labels`),
-    so no (K, *S) float buffer is ever held: memory is bounded by one slab of tiles.
+    so no (K, *S) float buffer is ever held: memory is bounded by one slab of tiles. For valid
+    padding each overlap-tile output tile writes its argmax directly
+    (:func:`useg.tiling.overlap_tile_labels`). Region plans hold (R, *S) region probabilities.
     """
     m = plan.model
+    if plan.data.regions:  # region probabilities are thresholded, not arg-maxed: R channels held, R small
+        return regions_to_labels(predict_probs(model, image, plan, device, precision, progress, fn), plan.data.regions)
     if m.padding == "same":
         fn = fn or tile_fn(model, plan, device, precision)
         return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                                      overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
-                                     progress=progress)
-    return predict_probs(model, image, plan, device, precision, progress, fn).argmax(0)
+                                     progress=progress, align=2**m.depth)
+    # overlap-tile output tiles do not overlap: each tile's argmax is final, no (K, *S) buffer
+    tile = tuple(plan.infer.tile)
+    return overlap_tile_labels(fn or tile_fn(model, plan, device, precision), image, tile,
+                               output_size(tile, m.depth, m.padding), m.num_classes,
+                               batch_size=plan.infer.batch_size, progress=progress)
 
 
 def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarray:
@@ -202,6 +242,13 @@ class Segmenter:
             raise UsegError(f"{weights} is missing; the training did not finish, resume it with 'useg train --resume'")
         model = build_model(plan)
         load_weights(model, weights)
+        checked = run / "inference.json"  # training compared the fast path with fp32 on this model
+        if precision == "auto" and checked.exists():
+            try:
+                if json.loads(checked.read_text(encoding="utf-8")).get("precision") == "fp32":
+                    precision = "fp32"
+            except (OSError, ValueError):
+                pass  # an unreadable record only costs the fallback
         return cls(plan, model, device=device, precision=precision)
 
     @property
@@ -285,18 +332,32 @@ class Segmenter:
             if target.exists() and not overwrite:
                 raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
             targets.append(target)
-        written = []
-        for c, target in zip(cases, targets):
-            image = read_case_image(c.files)
-            labels = self.predict_image(image)
-            if instances:
-                from .instances import label_instances
+        from concurrent.futures import ThreadPoolExecutor
 
-                written.append(write_mask(target, label_instances(labels, object_class=1), like=image))
-            else:
-                written.append(write_mask(target, labels, like=image, label_map=self.plan.data.label_map))
-            if progress is not None:
-                progress(c.image)
+        from .instances import label_instances
+
+        def write(target: Path, labels: np.ndarray, image: Image) -> Path:
+            if instances:
+                return write_mask(target, label_instances(labels, object_class=1), like=image)
+            return write_mask(target, labels, like=image, label_map=self.plan.data.label_map)
+
+        # Reading the next file and writing the last mask overlap with the network's work on this
+        # one (file I/O and compression release the GIL); at most one read and one write are queued.
+        written: list[Path] = []
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reading = pool.submit(read_case_image, cases[0].files) if cases else None
+            writing = None
+            for i, (c, target) in enumerate(zip(cases, targets)):
+                image = reading.result()
+                reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
+                labels = self.predict_image(image)
+                if writing is not None:
+                    written.append(writing.result())
+                writing = pool.submit(write, target, labels, image)
+                if progress is not None:
+                    progress(c.image)
+            if writing is not None:
+                written.append(writing.result())
         return written
 
 

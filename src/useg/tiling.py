@@ -13,7 +13,8 @@ Two strategies, one per kind of network:
 ``fn`` is any callable mapping a float32 batch ``(B, C, *tile)`` to ``(B, K, *out_tile)``; the
 caller handles device placement of the model and autocast inside it. Tiles are cut with index
 arrays straight from the image, so the mirror-padded image is never materialised: the only
-full-size buffers are the (K, *S) result (and, for the sliding window, the weight sum).
+full-size buffers are the (K, *S) result (and, for the sliding window, the weight sum). The
+``*_labels`` variants return argmax labels without ever holding a (K, *S) float buffer.
 """
 
 from __future__ import annotations
@@ -31,33 +32,58 @@ TileFn = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 
-def tile_starts(size: int, tile: int, step: int) -> list[int]:
+def tile_starts(size: int, tile: int, step: int, align: int = 1) -> list[int]:
     """Start offsets of windows of ``tile`` covering ``[0, size)``.
 
     The starts are spread evenly (nnU-Net's choice) so consecutive ones are at most ``step``
     apart; the first is 0 and the last is flush with the end (``size - tile``).
 
+    With ``align > 1`` every start but the last is a multiple of ``align``: a same-padding U-Net
+    of depth ``d`` is translation-consistent only for shifts by multiples of ``2**d`` (its
+    max-pooling grid moves otherwise), so ``align=2**d`` makes overlapping tiles agree with each
+    other and with a whole-image forward. The last window stays flush with the end and may be
+    unaligned; that only matters where it overlaps its neighbour. The aligned starts are spread
+    as evenly as alignment allows with the fewest windows. When ``step < align`` the densest
+    aligned spacing, ``align``, is used instead of ``step``.
+
     Args:
         size: length of the axis, >= 1.
         tile: window length, >= 1.
         step: largest allowed distance between consecutive starts, in [1, tile].
+        align: starts (but the last) are multiples of this, in [1, tile] when ``tile < size``.
 
     Returns:
-        Strictly increasing start offsets; ``[0]`` when ``tile >= size``.
+        Strictly increasing start offsets; ``[0]`` when ``tile >= size``. ``align=1`` gives the
+        plain even spread.
     """
-    for name, value in (("size", size), ("tile", tile), ("step", step)):
+    for name, value in (("size", size), ("tile", tile), ("step", step), ("align", align)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    size, tile, step = int(size), int(tile), int(step)
+    size, tile, step, align = int(size), int(tile), int(step), int(align)
     if step > tile:
         raise ValueError(f"step {step} > tile {tile} would leave gaps between windows")
     if tile >= size:
         return [0]
+    if align > tile:
+        raise ValueError(f"align {align} > tile {tile} would leave gaps between aligned windows")
     span = size - tile
-    n_gaps = -(-span // step)  # ceil
-    gap = span / n_gaps  # <= step, and >= 1 because span >= n_gaps
-    # floor(x + 0.5) rather than round(): banker's rounding could make two starts equal.
-    return [int(np.floor(gap * i + 0.5)) for i in range(n_gaps + 1)]
+    if align == 1:
+        n_gaps = -(-span // step)  # ceil
+        gap = span / n_gaps  # <= step, and >= 1 because span >= n_gaps
+        # floor(x + 0.5) rather than round(): banker's rounding could make two starts equal.
+        return [int(np.floor(gap * i + 0.5)) for i in range(n_gaps + 1)]
+    # Aligned starts k * align for k = k_0 = 0 < k_1 < ... < k_m, then the flush one at span.
+    step = max(step, align)
+    units = step // align  # largest gap between aligned starts, in units of align
+    lo = max(0, -(-(span - step) // align))  # k_m >= lo so the flush window is <= step away
+    hi = -(-span // align) - 1  # k_m * align < span: strictly before the flush start
+    m = -(-lo // units)  # fewest aligned gaps that reach lo
+    if m == 0:
+        return [0, span]
+    # place k_m where an even spread of m + 1 gaps over span would put it, within its bounds
+    k_m = min(max(round(m * span / ((m + 1) * align)), lo), hi, m * units)
+    # k_m >= lo >= m, so the integer spread below is strictly increasing with gaps <= units
+    return [(2 * i * k_m + m) // (2 * m) * align for i in range(m + 1)] + [span]
 
 
 def gaussian_weights(tile: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -97,11 +123,13 @@ def sliding_window(
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    *,
+    align: int = 1,
 ) -> np.ndarray:
     """Gaussian-blended sliding-window prediction for same-padding networks.
 
     Windows of ``tile`` are spaced by ``tile * (1 - overlap)`` (at least 1) and the last one on
-    each axis is flush with the end. An image smaller than the tile along an axis is mirrored
+    each axis is flush with the end (with ``align``, the others are multiples of it). An image smaller than the tile along an axis is mirrored
     (reflect; edge when the axis has a single voxel) up to the tile, centred, and the result is
     cropped back. Outputs are accumulated as a Gaussian-weighted sum divided by the weight sum.
 
@@ -114,11 +142,16 @@ def sliding_window(
         batch_size: tiles per call to ``fn``.
         device: where each batch is moved before calling ``fn``; results come back to the CPU.
         progress: optional callable(n_done, n_total) called after each batch.
+        align: window starts (but the last, flush one per axis) are multiples of this; pass
+            ``2**depth`` for a U-Net so every tile sees the same pooling grid (see
+            :func:`tile_starts`). Ignored on an axis where the image is smaller than the tile.
 
     Returns:
         (K, *S) float32 blend of what ``fn`` returned.
     """
-    spatial, tile, padded, before, grid, weights = _window_grid(image, tile, num_classes, overlap, batch_size)
+    spatial, tile, padded, before, grid, weights = _window_grid(
+        image, tile, num_classes, overlap, batch_size, align=align
+    )
     acc = np.zeros((num_classes, *padded), dtype=np.float32)
     wsum = np.zeros(padded, dtype=np.float32)
     starts = list(itertools.product(*grid))
@@ -146,6 +179,8 @@ def sliding_window_labels(
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    *,
+    align: int = 1,
 ) -> np.ndarray:
     """:func:`sliding_window` followed by argmax, streamed so memory stays bounded.
 
@@ -155,12 +190,15 @@ def sliding_window_labels(
     16k x 16k slide and 256-px tiles that is 64 times less.
 
     Args:
-        fn, image, tile, num_classes, overlap, batch_size, device, progress: as :func:`sliding_window`.
+        fn, image, tile, num_classes, overlap, batch_size, device, progress, align: as
+            :func:`sliding_window`.
 
     Returns:
         (*S) class indices: uint8 when ``num_classes`` <= 256, else int32.
     """
-    spatial, tile, padded, before, grid, weights = _window_grid(image, tile, num_classes, overlap, batch_size)
+    spatial, tile, padded, before, grid, weights = _window_grid(
+        image, tile, num_classes, overlap, batch_size, align=align
+    )
     rest = list(itertools.product(*grid[1:]))
     labels = np.empty(spatial, dtype=np.uint8 if num_classes <= 256 else np.int32)
     total, done = len(grid[0]) * len(rest), 0
@@ -225,31 +263,42 @@ def overlap_tile(
     Returns:
         (K, *S) float32 assembled from what ``fn`` returned.
     """
-    spatial = _check_image(image)
-    in_tile = _as_size(in_tile, "in_tile", len(spatial))
-    out_tile = _as_size(out_tile, "out_tile", len(spatial))
-    _check_common(num_classes, batch_size)
-    for i, o in zip(in_tile, out_tile):
-        if i < o or (i - o) % 2:
-            raise ValueError(
-                f"in_tile {in_tile} must be >= out_tile {out_tile} with an even difference per axis"
-            )
-    margin = tuple((i - o) // 2 for i, o in zip(in_tile, out_tile))
-    grid = [tile_starts(s, o, o) for s, o in zip(spatial, out_tile)]
-    starts = list(itertools.product(*grid))
-    logger.debug("overlap-tile: %d tiles %s -> %s over %s", len(starts), in_tile, out_tile, spatial)
+    spatial, pieces = _overlap_tiles(fn, image, in_tile, out_tile, num_classes, batch_size, device, progress)
     result = np.zeros((num_classes, *spatial), dtype=np.float32)
-    windows = [[s - m for s, m in zip(start, margin)] for start in starts]
-    batches = _run_batches(fn, image, windows, in_tile, out_tile, num_classes, batch_size, device, progress)
-    for chunk, out in batches:
-        for window, pred in zip(chunk, out):
-            start = [w + m for w, m in zip(window, margin)]
-            # An output tile larger than the image sticks out past its end: keep the inside.
-            keep = [min(o, s - st) for o, s, st in zip(out_tile, spatial, start)]
-            dst = tuple(slice(st, st + k) for st, k in zip(start, keep))
-            src = tuple(slice(0, k) for k in keep)
-            result[(slice(None), *dst)] = pred[(slice(None), *src)]
+    for dst, pred in pieces:
+        result[(slice(None), *dst)] = pred
     return result
+
+
+def overlap_tile_labels(
+    fn: TileFn,
+    image: np.ndarray,
+    in_tile: Sequence[int],
+    out_tile: Sequence[int],
+    num_classes: int,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """:func:`overlap_tile` followed by argmax, without the (K, *S) float buffer.
+
+    Each output pixel is written by one tile (the flush last tile per axis overwrites its
+    neighbour's overlap, as in :func:`overlap_tile`), so each tile's argmax is final and is
+    written straight into the labels: memory is the labels plus one batch of tiles, and the result
+    equals ``overlap_tile(...).argmax(0)`` exactly.
+
+    Args:
+        fn, image, in_tile, out_tile, num_classes, batch_size, device, progress: as
+            :func:`overlap_tile`.
+
+    Returns:
+        (*S) class indices: uint8 when ``num_classes`` <= 256, else int32.
+    """
+    spatial, pieces = _overlap_tiles(fn, image, in_tile, out_tile, num_classes, batch_size, device, progress)
+    labels = np.zeros(spatial, dtype=np.uint8 if num_classes <= 256 else np.int32)
+    for dst, pred in pieces:
+        labels[dst] = pred.argmax(0)
+    return labels
 
 
 def mirror_indices(start: int, length: int, size: int) -> np.ndarray:
@@ -280,7 +329,8 @@ def mirror_indices(start: int, length: int, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _window_grid(image: np.ndarray, tile: Sequence[int], num_classes: int, overlap: float, batch_size: int):
+def _window_grid(image: np.ndarray, tile: Sequence[int], num_classes: int, overlap: float, batch_size: int,
+                 *, align: int = 1):
     """Validate sliding-window arguments and lay out its tiles.
 
     Returns:
@@ -295,8 +345,53 @@ def _window_grid(image: np.ndarray, tile: Sequence[int], num_classes: int, overl
     padded = tuple(max(s, t) for s, t in zip(spatial, tile))
     before = tuple((p - s) // 2 for p, s in zip(padded, spatial))
     steps = [max(1, int(t * (1 - overlap))) for t in tile]
-    grid = [tile_starts(p, t, st) for p, t, st in zip(padded, tile, steps)]
+    grid = [tile_starts(p, t, st, align) for p, t, st in zip(padded, tile, steps)]
     return spatial, tile, padded, before, grid, gaussian_weights(tile)
+
+
+def _overlap_tiles(
+    fn: TileFn,
+    image: np.ndarray,
+    in_tile: Sequence[int],
+    out_tile: Sequence[int],
+    num_classes: int,
+    batch_size: int,
+    device: str | torch.device,
+    progress: Progress | None,
+) -> tuple[tuple[int, ...], Iterator[tuple[tuple[slice, ...], np.ndarray]]]:
+    """Validate overlap-tile arguments (eagerly) and lay out its tiles.
+
+    Returns:
+        (spatial size, iterator of (destination slices in the image, (K, *kept) float32
+        prediction) per output tile, in order; later tiles overwrite earlier ones where the flush
+        last tile of an axis overlaps its neighbour).
+    """
+    spatial = _check_image(image)
+    in_tile = _as_size(in_tile, "in_tile", len(spatial))
+    out_tile = _as_size(out_tile, "out_tile", len(spatial))
+    _check_common(num_classes, batch_size)
+    for i, o in zip(in_tile, out_tile):
+        if i < o or (i - o) % 2:
+            raise ValueError(
+                f"in_tile {in_tile} must be >= out_tile {out_tile} with an even difference per axis"
+            )
+    margin = tuple((i - o) // 2 for i, o in zip(in_tile, out_tile))
+    grid = [tile_starts(s, o, o) for s, o in zip(spatial, out_tile)]
+    starts = list(itertools.product(*grid))
+    logger.debug("overlap-tile: %d tiles %s -> %s over %s", len(starts), in_tile, out_tile, spatial)
+    windows = [[s - m for s, m in zip(start, margin)] for start in starts]
+
+    def pieces() -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+        batches = _run_batches(fn, image, windows, in_tile, out_tile, num_classes, batch_size, device, progress)
+        for chunk, out in batches:
+            for window, pred in zip(chunk, out):
+                start = [w + m for w, m in zip(window, margin)]
+                # An output tile larger than the image sticks out past its end: keep the inside.
+                keep = [min(o, s - st) for o, s, st in zip(out_tile, spatial, start)]
+                dst = tuple(slice(st, st + k) for st, k in zip(start, keep))
+                yield dst, pred[(slice(None), *(slice(0, k) for k in keep))]
+
+    return spatial, pieces()
 
 
 def _run_batches(

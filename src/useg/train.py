@@ -26,10 +26,11 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .dataset import Case, PatchDataset, load_case, normalize
 from .errors import UsegError
 from .io import atomic_path
+from .labels import regions_to_labels
 from .losses import SegLoss
 from .metrics import confusion, dice
 from .plan import Plan
-from .predict import build_model, predict_probs
+from .predict import build_model, predict_labels, predict_probs
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,21 @@ def validate(model, images, labels, plan: Plan, device, precision, dist: runtime
     every process gets the same numbers (sum the counts, then compute Dice).
     """
     images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
-    k = plan.model.num_classes
+    regions = plan.data.regions
+    k = plan.data.label_map.num_classes
     counts = np.zeros((k, 3), dtype=np.int64)
     ce, n = 0.0, 0
     model.eval()
     for image, label in zip(images, labels):
         probs = predict_probs(model, image, plan, device, precision)
-        counts += confusion(probs.argmax(0), label, k)
-        p_true = np.take_along_axis(probs, label[None], 0)
-        ce += float(-np.log(np.clip(p_true, 1e-8, 1.0)).sum())
+        if regions:  # binary cross-entropy per region, classes from the nested-region rule
+            y = np.stack([np.isin(label, r) for r in regions])
+            p_true = np.where(y, probs, 1.0 - probs)
+            counts += confusion(regions_to_labels(probs, regions), label, k)
+        else:
+            counts += confusion(probs.argmax(0), label, k)
+            p_true = np.take_along_axis(probs, label[None], 0)
+        ce += float(-np.log(np.clip(p_true, 1e-8, 1.0)).sum()) / len(p_true)
         n += label.size
     model.train()
     totals = runtime.all_reduce_sum(torch.tensor([*counts.ravel().tolist(), ce, n], dtype=torch.float64), dist)
@@ -191,7 +198,7 @@ def fit(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = make_optimizer(model, plan)
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
-    loss_fn = SegLoss(plan.train.loss)
+    loss_fn = SegLoss(plan.train.loss, regions=plan.data.regions)
     out_size = model.output_size(plan.data.patch_size)
     images, labels = train_data
     weights = border_weights(labels, plan) if plan.data.border_weights else None
@@ -308,6 +315,7 @@ def fit(
                          state["epoch"], state["step"], state["seconds"] / 60.0)
     if dist.main:
         _plot(run)
+        check_low_precision(plan, run, val_data[0] or images, dev)
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         summary.update(world_size=dist.world, ranks_in_sync=in_sync)
         with atomic_path(run / "summary.json") as tmp:
@@ -318,6 +326,48 @@ def fit(
         td.barrier()  # rank 0's files are complete before any process exits
         td.destroy_process_group()
     return result
+
+
+AGREEMENT_MIN = 0.999  # share of pixels on which bf16 inference must match fp32, or fp32 is used
+
+
+def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], device: torch.device,
+                        max_images: int = 2) -> dict:
+    """Compare the trained model's labels under the inference fast path (bf16) and fp32.
+
+    Writes ``run/inference.json`` with the agreement and the precision :class:`useg.predict.Segmenter`
+    uses when asked for "auto": the fast path when at least :data:`AGREEMENT_MIN` of the pixels
+    agree, else fp32. Nothing is written when the fast path is fp32 anyway.
+
+    Returns:
+        The written record (empty when there was nothing to check).
+    """
+    from .checkpoint import load_weights
+
+    fast = runtime.pick_precision(device, "auto")
+    if fast.dtype is None or not images or not (run / "model.safetensors").exists():
+        return {}
+    model = build_model(plan)
+    load_weights(model, run / "model.safetensors")
+    fp32 = runtime.pick_precision(device, "fp32")
+    same = total = 0
+    for image in images[:max_images]:
+        # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
+        image = image[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))]
+        a = predict_labels(model.to(device, memory_format=runtime.memory_format(plan.model.dims, fp32)).eval(),
+                           image, plan, device, fp32)
+        b = predict_labels(model.to(device, memory_format=runtime.memory_format(plan.model.dims, fast)).eval(),
+                           image, plan, device, fast)
+        same, total = same + int((a == b).sum()), total + a.size
+    agreement = same / max(total, 1)
+    record = {"fast_path": fast.name, "agreement": round(agreement, 6), "threshold": AGREEMENT_MIN,
+              "precision": fast.name if agreement >= AGREEMENT_MIN else "fp32"}
+    if record["precision"] == "fp32":
+        logger.warning("%s inference agrees with fp32 on only %.4f of the pixels; predictions will use fp32",
+                       fast.name, agreement)
+    with atomic_path(run / "inference.json") as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
 
 
 def _drop_records_after(path: Path, epoch: int) -> None:
@@ -412,6 +462,7 @@ def train_folder(
     channels: Sequence[str] | None = None,
     label: str | None = None,
     memory_gb: float | None = None,
+    regions: dict[str, tuple[int, ...]] | None = None,
 ) -> TrainResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
@@ -431,6 +482,7 @@ def train_folder(
         quiet: no progress bar.
         channels, label: channel and label file-name prefixes of case-folder data.
         memory_gb: the planner's training memory budget (default from the machine).
+        regions: nested regions in mask values to train on (see :func:`useg.planner.plan_dataset`).
 
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
@@ -466,7 +518,7 @@ def train_folder(
             val_names=parse_names(val) or None,
         )
         plan, reasons = plan_dataset(report, preset, memory_gb=memory_gb, device=device, model=model,
-                                     train=train, infer=infer, patch_size=patch_size)
+                                     train=train, infer=infer, patch_size=patch_size, regions=regions)
         for reason in reasons:
             logger.info("plan: %s", reason)
     d = plan.data

@@ -1,0 +1,84 @@
+"""Multi-channel cases, nnU-Net's raw layout and case folders."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from useg.dataset import check_dataset, discover, load_case
+
+
+def _save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+
+
+def _case(rng, shape=(9, 10, 7)):
+    img = rng.normal(size=shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[2:6, 3:7, 2:5] = 1
+    lab[3:4, 4:5, 3:4] = 2
+    return img, lab
+
+
+def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng):
+    root = tmp_path / "Dataset001"
+    (root / "dataset.json").parent.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": 3, "file_ending": ".nii.gz"}))
+    for k in range(3):
+        img, lab = _case(rng)
+        _save(root / "imagesTr" / f"c{k}_0000.nii.gz", img)
+        _save(root / "imagesTr" / f"c{k}_0001.nii.gz", -img)
+        _save(root / "labelsTr" / f"c{k}.nii.gz", lab)
+    report = check_dataset(root)
+    assert report.ok, report.problems
+    assert report.channels == 2 and report.label_map.values == (0, 1, 2) and report.info["layout"] == "nnunet"
+    image, labels = load_case(report.cases[0], report.label_map)
+    assert image.shape == (2, 9, 10, 7) and labels.shape == (9, 10, 7)
+    np.testing.assert_array_equal(image[1], -image[0])
+    (root / "imagesTr" / "c2_0001.nii.gz").unlink()
+    assert any("c2" in p and "channel" in p for p in check_dataset(root).problems)
+
+
+def test_case_folders_need_and_use_channel_prefixes(tmp_path, rng):
+    for name in ("p1", "p2"):
+        img, lab = _case(rng)
+        _save(tmp_path / name / "Flair_norm.nii.gz", img)
+        _save(tmp_path / name / "T1c_norm.nii.gz", img * 2)
+        _save(tmp_path / name / "seg.nii.gz", lab.astype(np.float32))
+    report = check_dataset(tmp_path)
+    assert not report.ok and "--channels" in report.problems[0]
+    report = check_dataset(tmp_path, channels=["Flair", "T1c"], label="seg")
+    assert report.ok, report.problems
+    assert [c.name for c in report.cases] == ["p1", "p2"] and report.channels == 2
+    assert report.spacings == [(1.0, 1.0, 1.0)] * 2 and len(report.intensities) == 2
+    assert [c.name for c in discover(tmp_path, ["Flair", "T1c"])] == ["p1", "p2"]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".tif"])
+def test_plain_layout_groups_channel_files(tmp_path, rng, suffix):
+    import tifffile
+
+    for k in range(2):
+        img, lab = _case(rng)
+        for c in range(2):
+            p = tmp_path / "images" / f"case{k}_{c:04d}{suffix}"
+            _save(p, img + c) if suffix == ".nii.gz" else (p.parent.mkdir(exist_ok=True), tifffile.imwrite(p, img + c))
+        m = tmp_path / "masks" / f"case{k}{suffix}"
+        _save(m, lab) if suffix == ".nii.gz" else (m.parent.mkdir(exist_ok=True), tifffile.imwrite(m, lab))
+    report = check_dataset(tmp_path)
+    assert report.ok, report.problems
+    assert [c.name for c in report.cases] == ["case0", "case1"] and report.channels == 2
+
+
+def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng):
+    img, lab = _case(rng)
+    nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "images" / "a.nii.gz")) if (
+        tmp_path / "images").mkdir() is None else None
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "masks" / "a.nii.gz"))
+    report = check_dataset(tmp_path)
+    assert any("a.nii.gz has spacing 1x1x1 but its image has 1x1x3" in p for p in report.problems)
