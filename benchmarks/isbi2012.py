@@ -101,10 +101,13 @@ def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str)
     return {"minutes": result.minutes, "steps": result.steps, "epochs": result.epochs}
 
 
-def predict_useg(run: Path, data: Path, device: str) -> list[np.ndarray]:
+def predict_useg(run: Path, data: Path, device: str, tta: bool = False) -> list[np.ndarray]:
+    """Labels of the test slices; ``tta`` adds the 8 flips and rotations of each tile."""
     from useg.predict import Segmenter
 
     seg = Segmenter.load(run, device=device)
+    if tta:
+        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True, tta_rotate=True))
     return [seg.predict(load_slice(data, n)[0]) for n in TEST]
 
 
@@ -217,6 +220,13 @@ def run_variant(name: str, data: Path, runs: Path, budget_min: float, device: st
            "budget_minutes": budget_min, "threads": torch.get_num_threads()}
     write_json(runs / f"{name}.json", row)
     print(f"[{name}] {format_row(row)}", flush=True)
+    if name == "default":  # the same model with 8-fold flip/rotation averaging: what TTA buys
+        t0 = time.perf_counter()
+        preds = predict_useg(run, data, device, tta=True)
+        tta_row = {**row, "name": "default+tta", **score(preds, truths),
+                   "predict_seconds": round(time.perf_counter() - t0, 1)}
+        write_json(runs / "default+tta.json", tta_row)
+        print(f"[default+tta] {format_row(tta_row)}", flush=True)
     return row
 
 
@@ -229,7 +239,7 @@ def write_json(path: Path, obj) -> None:
 
 def merge(runs: Path, out: Path) -> list[dict]:
     rows = []
-    for name in VARIANTS:
+    for name in (*VARIANTS[:1], "default+tta", *VARIANTS[1:]):
         path = runs / f"{name}.json"
         if path.exists():
             rows.append(json.loads(path.read_text(encoding="utf-8")))

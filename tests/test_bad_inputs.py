@@ -84,9 +84,45 @@ def _mixed_channels(d):
     return "cell_001.png"
 
 
+def _nifti_volumes(d, image_zooms=(1.0, 1.0, 1.0)):
+    """Replace the PNG cells by small NIfTI volumes (one NIfTI mask per image)."""
+    import nibabel as nib
+
+    shutil.rmtree(d / "images")
+    shutil.rmtree(d / "masks")
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        lab = np.zeros((16, 16, 8), np.uint8)
+        lab[4:12, 4:12, 2:6] = 1
+        for folder, arr, zooms in (("images", (lab + rng.normal(0, 0.2, lab.shape)).astype(np.float32), image_zooms),
+                                   ("masks", lab, (1.0, 1.0, 1.0))):
+            (d / folder).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.diag([*zooms, 1.0])), str(d / folder / f"v{k}.nii.gz"))
+
+
+def _truncated_nifti(d):
+    _nifti_volumes(d)
+    p = d / "images" / "v1.nii.gz"
+    p.write_bytes(p.read_bytes()[:300])
+    return "v1.nii.gz"
+
+
+def _spacing_mismatch(d):
+    _nifti_volumes(d, image_zooms=(1.0, 1.0, 3.0))
+    return "v0.nii.gz has spacing 1x1x1 but its image has 1x1x3"
+
+
+def _fractional_labels(d):
+    import nibabel as nib
+
+    _nifti_volumes(d)
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), 0.5, np.float32), np.eye(4)), str(d / "masks" / "v2.nii.gz"))
+    return "v2.nii.gz holds non-integral label values"
+
+
 CASES = {f.__name__[1:]: f for f in (_truncated_png, _truncated_tiff, _size_mismatch, _unknown_values,
                                        _nan_image, _duplicate_stem, _missing_mask, _jpeg_mask, _empty,
-                                       _mixed_channels)}
+                                       _mixed_channels, _truncated_nifti, _spacing_mismatch, _fractional_labels)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -82,3 +82,16 @@ def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng):
     nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "masks" / "a.nii.gz"))
     report = check_dataset(tmp_path)
     assert any("a.nii.gz has spacing 1x1x1 but its image has 1x1x3" in p for p in report.problems)
+
+
+def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng):
+    for k, offset in enumerate((0.0, 0.0, 1000.0)):  # the third case is much brighter
+        img, lab = _case(rng)
+        _save(tmp_path / "images" / f"c{k}.nii.gz", img + offset)
+        _save(tmp_path / "masks" / f"c{k}.nii.gz", lab)
+    report = check_dataset(tmp_path)
+    assert report.ok, report.problems
+    kept = report.without({"c2"})
+    assert [c.name for c in kept.cases] == ["c0", "c1"] and len(kept.shapes) == 2
+    assert kept.intensities[0].max() < 100 < report.intensities[0].max()
+    assert report.without(set()) is report

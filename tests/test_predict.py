@@ -148,3 +148,21 @@ def test_rotation_tta_averages_all_eight_symmetries_of_a_square_tile(tmp_path):
     assert len(symmetries(seg.plan, (1, 1, 32, 32))) == 8 and len(symmetries(seg.plan, (1, 1, 32, 16))) == 4
     assert transpose_gap() < 1e-5
     np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_probabilities_are_written_in_the_asked_precision(tmp_path, cells_dir, dtype):
+    import tifffile
+
+    _run(tmp_path)
+    seg = Segmenter.load(tmp_path, precision="fp32")
+    src = cells_dir / "images" / "cell_000.png"
+    (path,) = seg.predict_files([src], tmp_path / "out", probabilities=dtype)
+    assert path.name == "cell_000_probs.tif"
+    probs = tifffile.imread(path)
+    assert probs.dtype == np.dtype(dtype) and probs.shape == (2, 64, 64)
+    from useg.io import read_image
+
+    exact = seg.predict_image_proba(read_image(src))
+    scale = 255.0 if dtype == "uint8" else 1.0
+    np.testing.assert_allclose(probs.astype(np.float32) / scale, exact, atol=1 / 255 if dtype == "uint8" else 1e-3)

@@ -149,7 +149,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     with Progress(disable=a.quiet) as progress:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
-                                    progress=lambda _p: progress.advance(task))
+                                    probabilities=a.probabilities, progress=lambda _p: progress.advance(task))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
 
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only the largest connected component of each class")
     pr.add_argument("--instances", action="store_true",
                     help="write instance labels (objects of the foreground class split by a seeded watershed)")
+    pr.add_argument("--probabilities", choices=["float16", "uint8"],
+                    help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
     common(pr)

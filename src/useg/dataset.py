@@ -8,25 +8,23 @@ every file once and lists every problem, one sentence each naming the file and t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .errors import UsegError
 from . import layouts, volumes
+from .errors import UsegError
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask, stem_of, suffix_of
 from .labels import LabelMap, infer_label_map
-from .tiling import mirror_indices
 
 logger = logging.getLogger(__name__)
 
 MASK_STEM_SUFFIXES = ("_mask", "_label", "_labels", "_seg")  # mask stem = image stem + one of these
-FG_SAMPLES_PER_CLASS = 10_000  # foreground locations kept per class and image (nnU-Net keeps as many)
 
 
 @dataclass(frozen=True)
@@ -160,6 +158,21 @@ class CheckReport:
     spacings: list[tuple[float, ...]] = field(default_factory=list)
     intensities: list[np.ndarray] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    per_case: dict[str, dict] = field(default_factory=dict)  # name -> shape, spacing, samples, background
+
+    def without(self, names) -> CheckReport:
+        """The report of the cases not in ``names`` (held-out test cases), so a plan's fingerprint,
+        intensity statistics included, never sees them."""
+        names = set(names)
+        if not names:
+            return self
+        keep = {n: v for n, v in self.per_case.items() if n not in names}
+        samples = [v["samples"] for v in keep.values() if v.get("samples") is not None]
+        info = {**self.info, "background_share": float(np.mean([v["background"] for v in keep.values()] or [0.0]))}
+        return dataclasses.replace(
+            self, cases=[c for c in self.cases if c.name not in names],
+            shapes=[v["shape"] for v in keep.values()], spacings=[v["spacing"] for v in keep.values()],
+            intensities=[np.concatenate(c) for c in zip(*samples)] if samples else [], info=info, per_case=keep)
 
     @property
     def ok(self) -> bool:
@@ -202,6 +215,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
     dims: dict[int, list[Path]] = {}
     shapes, spacings, dtypes, samples, background = [], [], set(), [], []
     pixel_counts: dict[int, int] = {}
+    per_case: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     for case in cases:
         try:
@@ -218,6 +232,8 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
             spacings.append(image.spacing)
             lowest = image.array.reshape(image.channels, -1).min(axis=1).reshape((-1,) + (1,) * image.dims)
             background.append(float((image.array == lowest).all(axis=0).mean()))
+            per_case[case.name] = {"shape": image.spatial_shape, "spacing": image.spacing,
+                                   "background": background[-1], "samples": None}
             dtypes.add(str(image.array.dtype))
         if case.mask is None:
             continue
@@ -237,6 +253,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
             continue
         if image is not None and mode == "grey" and (not samples or len(samples[0]) == image.channels):
             samples.append(_foreground_sample(image.array, raw > raw.min(initial=0), rng))
+            per_case[case.name]["samples"] = samples[-1]
         values, counts = np.unique(raw, return_counts=True)
         value_sets[str(case.mask)] = set(values.tolist())
         for v, c in zip(values.tolist(), counts.tolist()):
@@ -285,7 +302,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
     intensities = [np.concatenate(c) for c in zip(*samples)] if samples else []
     if background:
         info = {**info, "background_share": float(np.mean(background))}
-    return CheckReport(cases, problems, label_map, nchan, stats, shapes, spacings, intensities, info)
+    return CheckReport(cases, problems, label_map, nchan, stats, shapes, spacings, intensities, info, per_case)
 
 
 def _fmt(spacing: Sequence[float]) -> str:
@@ -425,117 +442,3 @@ def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
     n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
     chosen = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
-
-
-def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """The window ``start:start+size`` over the trailing axes, mirror-extended outside the array."""
-    lead = array.ndim - len(size)
-    index = np.ix_(*(mirror_indices(s, n, d) for s, n, d in zip(start, size, array.shape[lead:])))
-    return array[(slice(None),) * lead + index]
-
-
-class PatchDataset(torch.utils.data.Dataset):
-    """Random training patches with foreground oversampling, reproducible per (seed, epoch, index).
-
-    Item i of epoch e draws everything from ``np.random.default_rng([seed, e, i])``, so it is
-    the same in any worker process and differs between epochs. With probability
-    ``fg_fraction`` the output window is centred on a foreground pixel: a foreground class
-    present in the image is chosen uniformly, then one of its pixels (as nnU-Net does, so rare
-    classes are seen); otherwise the output window lies uniformly inside the image. The input
-    window adds the context margin ``(patch_size - out_size) / 2`` around it and is mirrored
-    where it leaves the image (the U-Net paper's overlap-tile extrapolation), so images smaller
-    than the patch work.
-
-    Args:
-        images: (C, *S) float32 normalised images, S two or three sizes.
-        labels: (*S) int64 class labels, one per image.
-        patch_size: network input size (len(S) values).
-        out_size: network output size (smaller with valid convolutions); labels and weights are
-            centre-cropped to it. None: same as ``patch_size``.
-        length: patches per epoch.
-        seed: base seed.
-        augment: ``augment(image, label, weight, rng) -> (image, label, weight)`` on the full
-            patch (weight may be None), sizes unchanged.
-        weights: optional (*S) float32 per-pixel loss weights, one per image.
-        fg_fraction: share of patches centred on a foreground (label > 0) pixel.
-
-    Items are dicts of tensors: ``image`` (C, *patch) float32, ``label`` (*out) int64 and, when
-    weights are given, ``weight`` (*out) float32.
-    """
-
-    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], patch_size: Sequence[int],
-                 out_size: Sequence[int] | None = None, length: int = 250, seed: int = 0,
-                 augment: Callable | None = None, weights: list[np.ndarray] | None = None,
-                 fg_fraction: float = 0.33):
-        if not images or len(images) != len(labels):
-            raise ValueError(f"images and labels must be non-empty lists of one length, "
-                             f"got {len(images)} and {len(labels)}")
-        if weights is not None and len(weights) != len(images):
-            raise ValueError(f"weights must hold one array per image, got {len(weights)} for {len(images)}")
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.out_size = tuple(int(p) for p in (out_size if out_size is not None else patch_size))
-        nd = len(self.patch_size)
-        if nd not in (2, 3) or len(self.out_size) != nd or min(self.patch_size) < 1 or min(self.out_size) < 1:
-            raise ValueError(f"patch_size and out_size must be 2 or 3 positive sizes, got {patch_size}, {out_size}")
-        if any(o > p for o, p in zip(self.out_size, self.patch_size)):
-            raise ValueError(f"out_size {self.out_size} must not exceed patch_size {self.patch_size}")
-        for k, (img, lab) in enumerate(zip(images, labels)):
-            if img.ndim != nd + 1 or lab.shape != img.shape[1:]:
-                raise ValueError(f"image {k} {img.shape} and label {lab.shape} must be (C, *S) and S with {nd} sizes")
-            if weights is not None and weights[k].shape != lab.shape:
-                raise ValueError(f"weight {k} {weights[k].shape} must have its label's shape {lab.shape}")
-        if not 0 <= fg_fraction <= 1 or length < 1 or seed < 0:
-            raise ValueError(f"fg_fraction must lie in [0, 1], length be positive and seed non-negative, "
-                             f"got {fg_fraction}, {length}, {seed}")
-        self.images, self.labels, self.weights = images, labels, weights
-        self.length, self.seed, self.augment, self.fg_fraction = int(length), int(seed), augment, fg_fraction
-        self.epoch = 0
-        # foreground locations per image and class, found once (searching per item would dominate)
-        self._fg = [_class_locations(lab, np.random.default_rng([self.seed, k])) for k, lab in enumerate(labels)]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose patches ``__getitem__`` draws."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        k = int(rng.integers(len(self.images)))
-        image, label = self.images[k], self.labels[k]
-        shape = label.shape
-        fg = self._fg[k]
-        if fg and rng.random() < self.fg_fraction:
-            locations = fg[int(rng.integers(len(fg)))]
-            centre = np.unravel_index(locations[rng.integers(locations.size)], shape)
-            out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
-        else:  # uniform inside the image; an image smaller than the output is centred and mirrored
-            out_start = [int(rng.integers(d - o + 1)) if d >= o else (d - o) // 2
-                         for d, o in zip(shape, self.out_size)]
-        margin = [(p - o) // 2 for p, o in zip(self.patch_size, self.out_size)]
-        start = [s - m for s, m in zip(out_start, margin)]
-        img = _window(image, start, self.patch_size)
-        lab = _window(label, start, self.patch_size)
-        w = _window(self.weights[k], start, self.patch_size) if self.weights is not None else None
-        if self.augment is not None:
-            img, lab, w = self.augment(img, lab, w, rng)
-        crop = tuple(slice(m, m + o) for m, o in zip(margin, self.out_size))
-        out = {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
-               "label": torch.from_numpy(np.ascontiguousarray(lab[crop], dtype=np.int64))}
-        if w is not None:
-            out["weight"] = torch.from_numpy(np.ascontiguousarray(w[crop], dtype=np.float32))
-        return out
-
-
-def _class_locations(label: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """Flat indices of each foreground class present, at most FG_SAMPLES_PER_CLASS each (random subset)."""
-    out = []
-    for c in np.unique(label):
-        if c <= 0:
-            continue
-        idx = np.flatnonzero(label == c)
-        if idx.size > FG_SAMPLES_PER_CLASS:
-            idx = np.sort(rng.choice(idx, FG_SAMPLES_PER_CLASS, replace=False))
-        out.append(idx)
-    return out

@@ -278,20 +278,35 @@ class Segmenter:
         x = self._prepare(array)
         return predict_labels(self.model, x, self.plan, self.device, self.precision, progress, self._fn()).astype(np.int64)
 
+    def _image_input(self, image: Image) -> tuple[np.ndarray, bool]:
+        d = self.plan.data
+        array = image.array
+        resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
+        if resample:
+            from .resample import resample_image
+
+            array = resample_image(array.astype(np.float32), image.spacing, d.spacing)
+        return self._prepare(array, name=str(image.path or "the image")), resample
+
+    def predict_image_proba(self, image: Image) -> np.ndarray:
+        """Class (or region) probabilities (K, *S) float32 for an :class:`useg.io.Image`, in its geometry."""
+        x, resample = self._image_input(image)
+        probs = predict_probs(self.model, x, self.plan, self.device, self.precision, fn=self._fn())
+        if resample:
+            from .resample import resample_probs
+
+            probs = resample_probs(probs, image.spatial_shape)
+        return probs
+
     def predict_image(self, image: Image) -> np.ndarray:
         """Class indices (*S) for an :class:`useg.io.Image`, in the image's own geometry.
 
         A plan trained at another spacing (``plan.data.resample``) sees the image resampled to
         that spacing, and the labels come back to the image's grid by nearest neighbour.
         """
-        from .resample import largest_component, resample_image, resample_labels
+        from .resample import largest_component, resample_labels
 
-        d = self.plan.data
-        array = image.array
-        resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
-        if resample:
-            array = resample_image(array.astype(np.float32), image.spacing, d.spacing)
-        x = self._prepare(array, name=str(image.path or "the image"))
+        x, resample = self._image_input(image)
         labels = predict_labels(self.model, x, self.plan, self.device, self.precision, fn=self._fn())
         if resample:
             labels = resample_labels(labels, image.spatial_shape)
@@ -306,6 +321,7 @@ class Segmenter:
         overwrite: bool = False,
         progress: Callable[[Path], None] | None = None,
         instances: bool = False,
+        probabilities: str | None = None,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -314,17 +330,27 @@ class Segmenter:
         Inputs are files, DICOM series folders or :class:`useg.dataset.Case` objects (several
         channel files). Existing outputs are refused unless ``overwrite``. With ``instances`` the
         masks hold object ids (connected components of class 1, :func:`useg.instances.label_instances`)
-        instead of classes.
+        instead of classes. With ``probabilities`` ("float16" or "uint8", probability x 255) the
+        class probabilities are written instead, as ``<name>_probs.tif`` (K, *S) or, for volumes,
+        ``<name>_probs.nii.gz`` (*S, K).
 
         Returns:
             The written paths, in input order.
         """
         out_dir = Path(out_dir)
+        if probabilities not in (None, "float16", "uint8"):
+            raise ValueError(f"probabilities must be float16 or uint8, not {probabilities!r}")
+        passes = len(symmetries(self.plan, (1, 1, *self.plan.infer.tile)))
+        if passes > 1:
+            logger.info("test-time augmentation: %d forward passes per tile, about %dx the time of plain "
+                        "prediction%s", passes, passes, " on a CPU" if self.device.type == "cpu" else "")
         cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
         targets = []
         for c in cases:
             suffix = suffix_of(c.image)
             suffix = MASK_OUT_SUFFIX.get(suffix, ".nii.gz" if c.image.is_dir() else ".png")
+            if probabilities:
+                suffix = "_probs" + (".nii.gz" if suffix in (".nii", ".nii.gz") else ".tif")
             # no separators in the name, so whatever the input names, the output stays in out_dir
             target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
             if target in targets:
@@ -337,6 +363,8 @@ class Segmenter:
         from .instances import label_instances
 
         def write(target: Path, labels: np.ndarray, image: Image) -> Path:
+            if probabilities:
+                return write_probabilities(target, labels, image, probabilities)
             if instances:
                 return write_mask(target, label_instances(labels, object_class=1), like=image)
             return write_mask(target, labels, like=image, label_map=self.plan.data.label_map)
@@ -350,7 +378,7 @@ class Segmenter:
             for i, (c, target) in enumerate(zip(cases, targets)):
                 image = reading.result()
                 reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
-                labels = self.predict_image(image)
+                labels = self.predict_image_proba(image) if probabilities else self.predict_image(image)
                 if writing is not None:
                     written.append(writing.result())
                 writing = pool.submit(write, target, labels, image)
@@ -360,4 +388,25 @@ class Segmenter:
                 written.append(writing.result())
         return written
 
+
+def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str = "float16") -> Path:
+    """Write (K, *S) probabilities atomically: float16, or uint8 as round(p * 255).
+
+    TIFF holds (K, *S) with the image's resolution; NIfTI (for volumes) holds (*S, K) with the
+    image's affine, the channel last as NIfTI's 4th axis.
+    """
+    from .io import _write_tiff, atomic_path
+
+    data = probs.astype(np.float16) if dtype == "float16" else np.round(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        affine = like.affine if like.affine is not None else np.diag([*(list(like.spacing) + [1.0] * 3)[:3], 1.0])
+        arr = np.moveaxis(data.astype(np.float32) if dtype == "float16" else data, 0, -1)  # NIfTI has no float16
+        with atomic_path(path) as tmp:
+            nib.save(nib.Nifti1Image(arr, affine), str(tmp))
+        return path
+    with atomic_path(path) as tmp:
+        _write_tiff(tmp, data, like, rgb=False)
+    return path
 

@@ -23,7 +23,8 @@ import torch
 from . import runtime
 from .augment import Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
-from .dataset import Case, PatchDataset, load_case, normalize
+from .dataset import Case, load_case, normalize
+from .patches import PatchDataset
 from .errors import UsegError
 from .io import atomic_path
 from .labels import regions_to_labels
@@ -517,7 +518,7 @@ def train_folder(
             cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
             val_names=parse_names(val) or None,
         )
-        plan, reasons = plan_dataset(report, preset, memory_gb=memory_gb, device=device, model=model,
+        plan, reasons = plan_dataset(report.without(held), preset, memory_gb=memory_gb, device=device, model=model,
                                      train=train, infer=infer, patch_size=patch_size, regions=regions)
         for reason in reasons:
             logger.info("plan: %s", reason)
