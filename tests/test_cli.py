@@ -148,5 +148,9 @@ def test_export_onnx_and_predict_with_onnxruntime_and_instances(tmp_path, cells_
     assert main(["predict", str(run), str(image), "--out", str(c), "--instances", "--quiet", "--device", "cpu"]) == 0
     inst = read_mask(c / "cell_000.png")[0]
     assert inst.max() == len(np.unique(inst)) - 1  # object ids 0..N without gaps
+    d = tmp_path / "split"
+    assert main(["predict", str(run), str(image), "--out", str(d), "--instances", "--watershed", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert read_mask(d / "cell_000.png")[0].max() >= inst.max()  # a watershed only ever splits objects
     assert main(["evaluate", str(a), str(cells_dir), "--instances", "--quiet"]) == 0
     assert "instances" in json.loads((a / "metrics.json").read_text())["summary_extra"]

@@ -95,3 +95,21 @@ def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng):
     assert [c.name for c in kept.cases] == ["c0", "c1"] and len(kept.shapes) == 2
     assert kept.intensities[0].max() < 100 < report.intensities[0].max()
     assert report.without(set()) is report
+
+
+def test_cases_are_resampled_to_the_plans_spacing(tmp_path, rng):
+    img, lab = _case(rng, shape=(9, 10, 7))
+    nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 2.0, 1.0])), str(_mk(tmp_path / "images" / "a.nii.gz")))
+    nib.save(nib.Nifti1Image(lab, np.diag([1.0, 1.0, 2.0, 1.0])), str(_mk(tmp_path / "masks" / "a.nii.gz")))
+    report = check_dataset(tmp_path)
+    assert report.ok, report.problems
+    image, labels = load_case(report.cases[0], report.label_map, spacing=(1.0, 1.0, 1.0))
+    assert image.shape == (1, 9, 10, 14) and labels.shape == (9, 10, 14)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    same, _ = load_case(report.cases[0], report.label_map, spacing=(1.0, 1.0, 2.0))
+    np.testing.assert_array_equal(same[0], img)  # at its own spacing nothing is resampled
+
+
+def _mk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -166,3 +166,26 @@ def test_probabilities_are_written_in_the_asked_precision(tmp_path, cells_dir, d
     exact = seg.predict_image_proba(read_image(src))
     scale = 255.0 if dtype == "uint8" else 1.0
     np.testing.assert_allclose(probs.astype(np.float32) / scale, exact, atol=1 / 255 if dtype == "uint8" else 1e-3)
+
+
+def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
+    import dataclasses
+
+    from useg.io import Image
+
+    plan, model = _run(tmp_path, dims=3)
+    plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, resample=True, spacing=(2.0, 1.0, 1.0)))
+    seg = Segmenter(plan, model, device="cpu", precision="fp32")
+    x = np.random.default_rng(5).normal(size=(1, 13, 19, 23)).astype(np.float32)
+    image = Image(x, spacing=(1.0, 1.0, 1.0))
+    labels, probs = seg.predict_image(image), seg.predict_image_proba(image)
+    assert labels.shape == (13, 19, 23) and probs.shape == (2, 13, 19, 23)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    # the network saw the image at its training spacing: half as many slices
+    from useg.resample import new_shape
+
+    seen = []
+    orig = seg._prepare
+    seg._prepare = lambda a, name="": (seen.append(a.shape), orig(a, name))[1]
+    seg.predict_image(image)
+    assert seen[-1][1:] == new_shape((13, 19, 23), (1.0, 1.0, 1.0), (2.0, 1.0, 1.0)) == (6, 19, 23)

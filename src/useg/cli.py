@@ -149,7 +149,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     with Progress(disable=a.quiet) as progress:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
-                                    probabilities=a.probabilities, progress=lambda _p: progress.advance(task))
+                                    probabilities=a.probabilities, watershed=a.watershed,
+                                    progress=lambda _p: progress.advance(task))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
 
@@ -274,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lcc", dest="largest_component", action="store_true",
                     help="keep only the largest connected component of each class")
     pr.add_argument("--instances", action="store_true",
-                    help="write instance labels (objects of the foreground class split by a seeded watershed)")
+                    help="write instance labels: connected components of the foreground class (class 1)")
+    pr.add_argument("--watershed", action="store_true",
+                    help="with --instances: split touching objects by a seeded watershed on the distance map")
     pr.add_argument("--probabilities", choices=["float16", "uint8"],
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],

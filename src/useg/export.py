@@ -109,7 +109,8 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         "output_name": OUTPUT_NAME,
         "input": f"(B, {m.in_channels}, {'D, ' if m.dims == 3 else ''}H, W) float32, normalised: "
                  f"{plan.data.normalization}",
-        "output": f"(B, {m.num_classes}, *S') logits; softmax over axis 1",
+        "output": f"(B, {m.num_classes}, *S') logits; "
+                  + ("a sigmoid per region" if plan.data.regions else "softmax over axis 1"),
         "tile": list(plan.infer.tile),
         "output_tile": list(output_size(tuple(plan.infer.tile), m.depth, m.padding)),
         "padding": m.padding,

@@ -322,6 +322,7 @@ class Segmenter:
         progress: Callable[[Path], None] | None = None,
         instances: bool = False,
         probabilities: str | None = None,
+        watershed: bool = False,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -330,7 +331,7 @@ class Segmenter:
         Inputs are files, DICOM series folders or :class:`useg.dataset.Case` objects (several
         channel files). Existing outputs are refused unless ``overwrite``. With ``instances`` the
         masks hold object ids (connected components of class 1, :func:`useg.instances.label_instances`)
-        instead of classes. With ``probabilities`` ("float16" or "uint8", probability x 255) the
+        instead of classes (split further by a seeded watershed with ``watershed``). With ``probabilities`` ("float16" or "uint8", probability x 255) the
         class probabilities are written instead, as ``<name>_probs.tif`` (K, *S) or, for volumes,
         ``<name>_probs.nii.gz`` (*S, K).
 
@@ -366,7 +367,7 @@ class Segmenter:
             if probabilities:
                 return write_probabilities(target, labels, image, probabilities)
             if instances:
-                return write_mask(target, label_instances(labels, object_class=1), like=image)
+                return write_mask(target, label_instances(labels, object_class=1, watershed=watershed), like=image)
             return write_mask(target, labels, like=image, label_map=self.plan.data.label_map)
 
         # Reading the next file and writing the last mask overlap with the network's work on this
