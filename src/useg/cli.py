@@ -111,31 +111,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(paths: list[str], channel_names: tuple[str, ...] = ()) -> list:
-    """Files, DICOM series folders, case folders and data folders -> Cases (or plain paths)."""
-    from .dataset import Case, discover
-    from .layouts import _pick, _volume_files
-    from .volumes import is_dicom_dir
-
-    found: list = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise UsegError(f"{p} does not exist; check the path")
-        if not p.is_dir() or is_dicom_dir(p):
-            found.append(p)
-        elif channel_names and _volume_files(p) and all(len(_pick(_volume_files(p), n)) == 1 for n in channel_names):
-            files = [_pick(_volume_files(p), n)[0] for n in channel_names]  # one case folder
-            found.append(Case(p.name, files[0], None, tuple(files[1:])))
-        else:  # images/ of a data folder, the folder itself (channels grouped), or a folder of case folders
-            found.extend(discover(p, channels=channel_names or None))
-    return found
-
-
 def cmd_predict(a: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     import dataclasses
 
+    from rich.progress import Progress
+
+    from .dataset import prediction_inputs
     from .predict import Segmenter
 
     missing = [p for p in a.inputs if not Path(p).exists()]
@@ -145,7 +126,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
     if changes:
         seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
-    files = _inputs(a.inputs, seg.plan.data.channel_names)
+    files = prediction_inputs(a.inputs, seg.plan.data.channel_names)
     with Progress(disable=a.quiet) as progress:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,

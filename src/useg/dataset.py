@@ -132,6 +132,26 @@ def discover(root: str | Path, channels: Sequence[str] | None = None, label: str
     return cases
 
 
+def prediction_inputs(paths: Sequence[str | Path], channel_names: Sequence[str] = ()) -> list[Case]:
+    """What ``useg predict`` was given, as cases: files, DICOM series folders, one case folder
+    (its channel files found by ``channel_names``), data folders and folders of case folders.
+
+    Raises:
+        UsegError: a path that does not exist, or a folder holding no images.
+    """
+    found: list[Case] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UsegError(f"{p} does not exist; check the path")
+        if not p.is_dir() or volumes.is_dicom_dir(p):
+            found.append(Case(stem_of(p), p))
+        elif (files := layouts.case_folder_files(p, channel_names)) is not None:
+            found.append(Case(p.name, files[0], None, tuple(files[1:])))
+        else:  # images/ of a data folder, the folder itself (channels grouped), or a folder of case folders
+            found.extend(discover(p, channels=list(channel_names) or None))
+    return found
+
+
 @dataclass
 class CheckReport:
     """What :func:`check_dataset` found.

@@ -148,6 +148,13 @@ def _pick(files: list[Path], prefix: str) -> list[Path]:
     return [p for p in files if stem_of(p).lower().startswith(prefix.lower())]
 
 
+def case_folder_files(folder: Path, channel_names: Sequence[str]) -> list[Path] | None:
+    """The channel files of one case folder, in ``channel_names`` order; None when it is not one."""
+    files = _volume_files(folder) if channel_names else []
+    picked = [_pick(files, n) for n in channel_names]
+    return [p[0] for p in picked] if files and all(len(p) == 1 for p in picked) else None
+
+
 def folder_cases(root: Path, channels: Sequence[str] | None, label: str | None, case_type):
     """Cases of a folder of case folders, channels and label picked by file-name prefix.
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from . import runtime
 from .checkpoint import load_weights
 from .dataset import Case, normalize
 from .errors import UsegError
+from .instances import label_instances
 from .io import Image, stem_of, suffix_of, write_mask
 from .labels import regions_to_labels
 from .layouts import read_case_image
@@ -329,11 +331,13 @@ class Segmenter:
         Output names are the case names or input stems (never a path outside ``out_dir``) with the
         input's suffix for PNG/TIFF/NIfTI, ``.nii.gz`` for DICOM series and ``.png`` otherwise.
         Inputs are files, DICOM series folders or :class:`useg.dataset.Case` objects (several
-        channel files). Existing outputs are refused unless ``overwrite``. With ``instances`` the
-        masks hold object ids (connected components of class 1, :func:`useg.instances.label_instances`)
-        instead of classes (split further by a seeded watershed with ``watershed``). With ``probabilities`` ("float16" or "uint8", probability x 255) the
-        class probabilities are written instead, as ``<name>_probs.tif`` (K, *S) or, for volumes,
-        ``<name>_probs.nii.gz`` (*S, K).
+        channel files). Existing outputs are refused unless ``overwrite``.
+
+        With ``instances`` the masks hold object ids (connected components of class 1,
+        :func:`useg.instances.label_instances`, split further by a seeded watershed with
+        ``watershed``) instead of classes. With ``probabilities`` ("float16", or "uint8" as
+        probability x 255) the class probabilities are written instead, as ``<name>_probs.tif``
+        (K, *S) or, for volumes, ``<name>_probs.nii.gz`` (*S, K).
 
         Returns:
             The written paths, in input order.
@@ -346,22 +350,7 @@ class Segmenter:
             logger.info("test-time augmentation: %d forward passes per tile, about %dx the time of plain "
                         "prediction%s", passes, passes, " on a CPU" if self.device.type == "cpu" else "")
         cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
-        targets = []
-        for c in cases:
-            suffix = suffix_of(c.image)
-            suffix = MASK_OUT_SUFFIX.get(suffix, ".nii.gz" if c.image.is_dir() else ".png")
-            if probabilities:
-                suffix = "_probs" + (".nii.gz" if suffix in (".nii", ".nii.gz") else ".tif")
-            # no separators in the name, so whatever the input names, the output stays in out_dir
-            target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
-            if target in targets:
-                raise UsegError(f"{c.image} and another input both map to {target.name}; rename one of them")
-            if target.exists() and not overwrite:
-                raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
-            targets.append(target)
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .instances import label_instances
+        targets = _output_paths(cases, out_dir, overwrite, probabilities is not None)
 
         def write(target: Path, labels: np.ndarray, image: Image) -> Path:
             if probabilities:
@@ -388,6 +377,23 @@ class Segmenter:
             if writing is not None:
                 written.append(writing.result())
         return written
+
+
+def _output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool) -> list[Path]:
+    """One output per case inside ``out_dir``; clashes and existing files are refused up front."""
+    targets: list[Path] = []
+    for c in cases:
+        suffix = MASK_OUT_SUFFIX.get(suffix_of(c.image), ".nii.gz" if c.image.is_dir() else ".png")
+        if probabilities:
+            suffix = "_probs" + (".nii.gz" if suffix in (".nii", ".nii.gz") else ".tif")
+        # no separators in the name, so whatever the input names, the output stays in out_dir
+        target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
+        if target in targets:
+            raise UsegError(f"{c.image} and another input both map to {target.name}; rename one of them")
+        if target.exists() and not overwrite:
+            raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
+        targets.append(target)
+    return targets
 
 
 def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str = "float16") -> Path:
