@@ -67,7 +67,8 @@ def _pair(root: Path, channels: Sequence[str] | None = None, label: str | None =
     if not root.is_dir():
         return [], [f"{root} is not a folder; give a folder with images/ and masks/"], [], {}
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
-        return (*layouts.nnunet_cases(root, Case)[:2], [], layouts.read_dataset_json(root))
+        cases, problems, info = layouts.nnunet_cases(root, Case)
+        return cases, problems, [], info
     if channels or label or layouts.is_case_folders(root):
         cases, problems, info = layouts.folder_cases(root, channels, label, Case)
         return cases, problems, [], info
