@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from .metrics import dice, iou
-from .weightmap import _check_spacing
+from .weightmap import check_spacing
 
 # BraTS tumour sub-regions as unions of the annotated labels (Menze et al. 2015, "The Multimodal
 # Brain Tumor Image Segmentation Benchmark (BRATS)", IEEE TMI 34(10)): 1 necrosis, 2 oedema,
@@ -83,7 +83,7 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray,
     pred, truth = _check_mask(pred, "pred"), _check_mask(truth, "truth")
     if pred.shape != truth.shape:
         raise ValueError(f"pred shape {pred.shape} differs from truth shape {truth.shape}")
-    spacing = _check_spacing(spacing, pred.ndim)
+    spacing = check_spacing(spacing, pred.ndim)
     union = pred | truth
     if not union.any():
         return np.zeros(0), np.zeros(0)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .weightmap import _check_spacing
+from .weightmap import check_spacing
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 
@@ -41,8 +41,8 @@ def new_shape(shape: Sequence[int], spacing_in: Sequence[float],
         The new spatial shape; every axis keeps at least one voxel.
     """
     shape = _check_shape(shape, "shape")
-    s_in = _check_spacing(spacing_in, len(shape))
-    s_out = _check_spacing(spacing_out, len(shape))
+    s_in = check_spacing(spacing_in, len(shape))
+    s_out = check_spacing(spacing_out, len(shape))
     return tuple(max(1, round(n * a / b)) for n, a, b in zip(shape, s_in, s_out))
 
 
@@ -61,7 +61,7 @@ def anisotropic_axis(spacing: Sequence[float], threshold: float = ANISOTROPY_THR
         ndim = len(spacing)
     except TypeError:
         raise ValueError(f"spacing must be a sequence of positive numbers, got {spacing!r}") from None
-    values = _check_spacing(spacing, ndim)
+    values = check_spacing(spacing, ndim)
     if len(values) != 3 or max(values) / min(values) <= threshold:
         return None
     coarse = [i for i, s in enumerate(values) if s == max(values)]

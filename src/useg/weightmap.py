@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 CLASS_WEIGHTS = ("balanced", "none")
 
 
-def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+def check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """Validated voxel spacing: ``ndim`` positive finite numbers, 1.0 each when None (shared by
+    the distance-based modules so their errors read the same)."""
     if spacing is None:
         return (1.0,) * ndim
     try:
@@ -125,7 +127,7 @@ def two_nearest_distances(labels: np.ndarray, spacing: Sequence[float] | None = 
         (d1, d2), float64 arrays of labels' shape.
     """
     labels = _compact(_check_labels(labels))
-    spacing = _check_spacing(spacing, labels.ndim)
+    spacing = check_spacing(spacing, labels.ndim)
     d1 = np.full(labels.shape, np.inf)
     d2 = np.full(labels.shape, np.inf)
     if math.isinf(max_distance):
@@ -170,7 +172,7 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
         float32 array of labels' shape.
     """
     labels = _check_labels(labels)
-    spacing = _check_spacing(spacing, labels.ndim)
+    spacing = check_spacing(spacing, labels.ndim)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite positive number, got {sigma}")
     if not (math.isfinite(w0) and w0 >= 0):
