@@ -26,7 +26,7 @@ from useg.dataset import discover  # noqa: E402
 from useg.distances import BRATS_REGIONS, evaluate_regions  # noqa: E402
 from useg.io import atomic_path, read_mask, read_image  # noqa: E402
 from useg.predict import Segmenter  # noqa: E402
-from useg.train import train_folder  # noqa: E402
+from useg.pipeline import train_folder  # noqa: E402
 
 CHANNELS, LABEL = ["Flair", "T1c"], "OTMultiClass"
 

@@ -73,7 +73,8 @@ def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str)
     """Plan, split and fit as ``useg train --exclude 25-29`` does, with the variant's plan changes."""
     from useg.dataset import check_dataset, split_cases
     from useg.plan import make_plan
-    from useg.train import fit, load_arrays
+    from useg.pipeline import load_arrays
+    from useg.train import fit
 
     report = check_dataset(data)
     if not report.ok:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from useg.dataset import normalize
 from useg.checkpoint import load_checkpoint, save_checkpoint
+from useg.dataset import normalize
 from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.plan import make_plan
 from useg.predict import Segmenter
-from useg.train import fit, lr_factor, parse_names, train_folder
+from useg.train import fit, lr_factor
 
 
 def test_lr_factor_shapes():
@@ -24,11 +24,6 @@ def test_lr_factor_shapes():
     assert lr_factor(0.3, "constant", 0.0) == 1.0
     with pytest.raises(ValueError):
         lr_factor(0.3, "steps", 0.0)
-
-
-def test_parse_names():
-    assert parse_names("25-27,a") == ["25", "26", "27", "a"]
-    assert parse_names(None) == []
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -101,21 +96,6 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert math.isnan(result.best_dice)
 
 
-def test_train_folder_refuses_bad_data_and_existing_runs(tmp_path, cells_dir):
-    with pytest.raises(UsegError):
-        train_folder(tmp_path / "nothing", tmp_path / "run", quiet=True)
-    kw = dict(quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
-              train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32"})
-    train_folder(cells_dir, tmp_path / "run", val="cell_000", exclude="cell_005", **kw)
-    split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert split["val"] == ["cell_000"]
-    assert "cell_005" not in split["train"] and len(split["train"]) == 4
-    with pytest.raises(UsegError, match="already holds a run"):
-        train_folder(cells_dir, tmp_path / "run", **kw)
-    with pytest.raises(UsegError, match="not in"):
-        train_folder(cells_dir, tmp_path / "run2", exclude="nope", **kw)
-
-
 def test_border_weights_peak_in_the_gap_between_touching_objects():
     import dataclasses
 
@@ -135,16 +115,16 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
     import json
 
     from useg import runtime
+    from useg.pipeline import load_arrays, train_folder
     from useg.predict import Segmenter
-    from useg.train import check_low_precision, train_folder
+    from useg.train import check_low_precision
 
     run = tmp_path / "run"
     train_folder(cells_dir, run, quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
                  train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32", "workers": 0},
                  device="cpu")
-    from useg.plan import Plan
-    from useg.train import load_arrays
     from useg.dataset import discover
+    from useg.plan import Plan
 
     plan = Plan.load(run / "plan.json")
     images, _ = load_arrays(discover(cells_dir)[:1], plan.data.label_map)

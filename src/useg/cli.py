@@ -95,7 +95,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from . import runtime
-    from .train import train_folder
+    from .pipeline import train_folder
 
     model, train, infer = _overrides(a)
     result = train_folder(

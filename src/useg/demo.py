@@ -37,7 +37,7 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
     from .predict import Segmenter
     from .report import save_overlay, write_report
     from .synthetic import write_cells_dataset
-    from .train import train_folder
+    from .pipeline import train_folder
 
     out = Path(out)
     if out.exists() and not out.is_dir():

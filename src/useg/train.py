@@ -23,13 +23,12 @@ import torch
 from . import runtime
 from .augment import Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
-from .dataset import Case, load_case, normalize
-from .patches import PatchDataset
 from .errors import UsegError
 from .io import atomic_path
 from .labels import regions_to_labels
 from .losses import SegLoss
 from .metrics import confusion, dice
+from .patches import PatchDataset
 from .plan import Plan
 from .predict import build_model, predict_labels, predict_probs
 
@@ -46,24 +45,6 @@ class TrainResult:
     epochs: int  # epochs completed
     steps: int  # optimizer steps taken
     minutes: float  # wall-clock training time, resumed parts included
-
-
-def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore", intensity=None,
-                spacing: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
-
-    Args:
-        cases: the cases to read.
-        label_map: decodes the masks.
-        normalization, intensity: see :func:`useg.dataset.normalize`.
-        spacing: resample every case to this spacing first (None keeps the files' grids).
-    """
-    images, labels = [], []
-    for case in cases:
-        image, label = load_case(case, label_map, spacing)
-        images.append(normalize(image, normalization, intensity))
-        labels.append(label)
-    return images, labels
 
 
 def lr_factor(t: float, schedule: str, warmup: float) -> float:
@@ -415,8 +396,14 @@ def _plot(run: Path) -> None:
 
 
 def _progress(quiet: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -426,114 +413,4 @@ def _progress(quiet: bool):
     )
 
 
-def parse_names(spec: str | Sequence[str] | None) -> list[str]:
-    """Case names from "25,26" or "25-29" (numeric ranges) or a list; None gives []."""
-    if spec is None:
-        return []
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    names: list[str] = []
-    for part in (p.strip() for p in parts):
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        if sep and lo.isdigit() and hi.isdigit():
-            names.extend(str(i) for i in range(int(lo), int(hi) + 1))
-        else:
-            names.append(part)
-    return names
-
-
-def train_folder(
-    data: str | Path,
-    out: str | Path,
-    *,
-    preset: str = "default",
-    labels: Sequence[int] | None = None,
-    val: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    time_budget_min: float | None = None,
-    patch_size: tuple[int, ...] | None = None,
-    model: dict | None = None,
-    train: dict | None = None,
-    infer: dict | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: str = "auto",
-    quiet: bool = False,
-    channels: Sequence[str] | None = None,
-    label: str | None = None,
-    memory_gb: float | None = None,
-    regions: dict[str, tuple[int, ...]] | None = None,
-) -> TrainResult:
-    """Check a data folder, plan, split and train: what ``useg train`` does.
-
-    Args:
-        data: a folder with images/ and masks/.
-        out: the run folder.
-        preset: the named recipe (see :data:`useg.plan.PRESETS`).
-        labels: the masks' values, when they should not be inferred (e.g. ``[0, 255]``).
-        val: validation case names ("3,7" or "25-29"); default a seeded random share.
-        exclude: case names kept out of training and validation (a held-out test set).
-        time_budget_min: wall-clock budget in minutes.
-        patch_size: training patch (rounded up to a size the network accepts).
-        model, train, infer: overrides of the plan's fields.
-        resume: continue the run in ``out`` with its own plan and split.
-        overwrite: replace an existing run in ``out``.
-        device: "auto", "cpu", "cuda", ...
-        quiet: no progress bar.
-        channels, label: channel and label file-name prefixes of case-folder data.
-        memory_gb: the planner's training memory budget (default from the machine).
-        regions: nested regions in mask values to train on (see :func:`useg.planner.plan_dataset`).
-
-    Raises:
-        UsegError: the data has problems (every one is listed), or ``out`` holds another run.
-    """
-    from .dataset import check_dataset, split_cases
-    from .planner import plan_dataset
-
-    out = Path(out)
-    report = check_dataset(data, labels=labels, channels=channels, label=label)
-    if not report.ok:
-        raise UsegError("\n".join(report.problems))
-    by_name = {c.name: c for c in report.cases}
-    split_path = out / "split.json"
-    if resume:
-        plan = Plan.load(out / "plan.json")
-        try:
-            split = json.loads(split_path.read_text(encoding="utf-8"))
-            train_cases = [by_name[n] for n in split["train"]]
-            val_cases = [by_name[n] for n in split["val"]]
-        except (OSError, KeyError, ValueError) as e:
-            raise UsegError(f"{split_path} does not match {data} ({e}); resume with the same data folder") from None
-    else:
-        if (out / "plan.json").exists() and not overwrite:
-            raise UsegError(f"{out} already holds a run; pass --overwrite to replace it or --resume to continue it")
-        held = set(parse_names(exclude))
-        unknown = sorted((held | set(parse_names(val))) - set(by_name))
-        if unknown:
-            raise UsegError(f"case names {unknown} are not in {data}; use image file stems such as {next(iter(by_name))!r}")
-        cases = [c for c in report.cases if c.name not in held]
-        tcfg = dict(train or {})
-        train_cases, val_cases = split_cases(
-            cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
-            val_names=parse_names(val) or None,
-        )
-        plan, reasons = plan_dataset(report.without(held), preset, memory_gb=memory_gb, device=device, model=model,
-                                     train=train, infer=infer, patch_size=patch_size, regions=regions)
-        for reason in reasons:
-            logger.info("plan: %s", reason)
-    d = plan.data
-    spacing = d.spacing if d.resample else None
-    train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing)
-    val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing)
-    if not resume:
-        if runtime.main_process():  # under torchrun only rank 0 writes
-            out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(split_path) as tmp:
-                Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
-                                                 "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
-    return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
-               device=device, quiet=quiet)
-
-
-__all__ = ["train_folder", "parse_names", "TrainResult", "fit", "load_arrays", "lr_factor", "validate"]
+__all__ = ["TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer", "validate"]
