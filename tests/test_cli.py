@@ -124,7 +124,7 @@ def test_3d_case_folders_train_predict_evaluate_regions(tmp_path, rng, regions):
     truth.mkdir()
     (truth / "case0.nii.gz").write_bytes((data / "case0" / "seg.nii.gz").read_bytes())
     assert main(["evaluate", str(out), str(truth), "--regions", "WT=2,4;ET=4", "--quiet"]) == 0
-    summary = json.loads((out / "metrics.json").read_text())["summary_extra"]["regions"]
+    summary = json.loads((out / "metrics.json").read_text())["summary"]["regions"]
     assert set(summary) == {"WT", "ET"} and 0 <= summary["WT"]["dice"] <= 1
 
 
@@ -153,4 +153,4 @@ def test_export_onnx_and_predict_with_onnxruntime_and_instances(tmp_path, cells_
                  "--device", "cpu"]) == 0
     assert read_mask(d / "cell_000.png")[0].max() >= inst.max()  # a watershed only ever splits objects
     assert main(["evaluate", str(a), str(cells_dir), "--instances", "--quiet"]) == 0
-    assert "instances" in json.loads((a / "metrics.json").read_text())["summary_extra"]
+    assert "instances" in json.loads((a / "metrics.json").read_text())["summary"]

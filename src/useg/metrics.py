@@ -170,7 +170,8 @@ def summarize(rows: Sequence[dict]) -> dict:
     }
 
 
-def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None = None,
+                  summary: dict | None = None) -> tuple[Path, Path]:
     """Write ``metrics.csv`` (one row per case and class) and ``metrics.json`` atomically.
 
     Each file is written to a temporary name in ``out_dir`` and moved into place with
@@ -181,13 +182,14 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None 
         rows: rows from :func:`evaluate_case`.
         out_dir: destination folder, created if missing.
         extra: more JSON-able results (regions, instances) stored beside ``cases`` and ``summary``.
+        summary: the summary the caller already has (default :func:`summarize` of ``rows``).
 
     Returns:
         (path of metrics.csv, path of metrics.json).
     """
     out_dir = Path(out_dir)
     clean = [{k: _plain(v) for k, v in row.items()} for row in rows]
-    summary = summarize(clean)
+    summary = _plain_tree(summary) if summary is not None else summarize(clean)
     # Both texts are built before either file is touched, so a failure leaves neither behind.
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
@@ -410,5 +412,5 @@ def evaluate_folders(
         keys = ("object_precision", "object_recall", "object_f1", "rand_error")
         summary["instances"] = {k: float(np.mean([r[k] for r in instance_rows])) for k in keys}
         extra["instances"] = instance_rows
-    paths = write_metrics(rows, out_dir or pred_dir, extra={"summary_extra": {k: summary[k] for k in ("regions", "instances") if k in summary}, **extra})
+    paths = write_metrics(rows, out_dir or pred_dir, extra=extra, summary=summary)
     return summary, paths
