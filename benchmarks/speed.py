@@ -274,7 +274,7 @@ def bench_predict(dev, work: Path, size, width, tile, repeats):
 
 
 def bench_train(dev, batch, size, width, repeats):
-    from useg.train import GRAD_CLIP
+    from useg.train import train_step
 
     prec = runtime.pick_precision(dev, "auto")
     fmt = runtime.memory_format(2, prec)
@@ -290,16 +290,8 @@ def bench_train(dev, batch, size, width, repeats):
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
     xf = x.contiguous(memory_format=fmt)
 
-    def useg_step():  # the body of useg.train.fit's loop
-        with runtime.autocast(dev, prec):
-            logits = net(xf)
-        loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
-        scaler.step(opt)
-        scaler.update()
+    def useg_step():  # the step useg.train.fit takes
+        train_step(net, xf, y, None, loss_fn, opt, scaler, dev, prec)
 
     plain = copy.deepcopy(base).to(dev).train()
     popt = torch.optim.AdamW(plain.parameters(), lr=1e-4)

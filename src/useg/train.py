@@ -123,6 +123,28 @@ def border_weights(labels: Sequence[np.ndarray], plan: Plan) -> list[np.ndarray]
     return maps
 
 
+def train_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, loss_fn,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+               precision: runtime.Precision) -> torch.Tensor:
+    """One optimizer step: forward under autocast, loss in fp32, scaled backward, gradient norm
+    clipped at :data:`GRAD_CLIP`. Returns the detached loss without a host sync.
+
+    Args:
+        net: the network (or its DDP wrapper), in train mode.
+        x: (B, C, *S) images in the network's memory format; y: (B, *S') labels; w: weights or None.
+    """
+    with runtime.autocast(device, precision):
+        logits = net(x)
+    loss = loss_fn(logits.float(), y, w)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def _workers(setting: int, device: torch.device) -> int:
     if setting >= 0:
         return setting
@@ -239,16 +261,8 @@ def fit(
                 x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
                 y = batch["label"].to(dev, non_blocking=True)
                 w = batch["weight"].to(dev, non_blocking=True) if "weight" in batch else None
-                with runtime.autocast(dev, prec):
-                    logits = net(x)
-                loss = loss_fn(logits.float(), y, w)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                scaler.step(optimizer)
-                scaler.update()
-                running += loss.detach()
+                loss = train_step(net, x, y, w, loss_fn, optimizer, scaler, dev, prec)
+                running += loss
                 count += 1
                 state["step"] += 1
                 if count % 5 == 0:  # .item() syncs with the device: only now and then
@@ -331,16 +345,14 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
         return {}
     model = build_model(plan)
     load_weights(model, run / "model.safetensors")
-    fp32 = runtime.pick_precision(device, "fp32")
-    same = total = 0
-    for image in images[:max_images]:
-        # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
-        image = image[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))]
-        a = predict_labels(model.to(device, memory_format=runtime.memory_format(plan.model.dims, fp32)).eval(),
-                           image, plan, device, fp32)
-        b = predict_labels(model.to(device, memory_format=runtime.memory_format(plan.model.dims, fast)).eval(),
-                           image, plan, device, fast)
-        same, total = same + int((a == b).sum()), total + a.size
+    # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
+    crops = [im[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))] for im in images[:max_images]]
+    labels = {}
+    for prec in (runtime.pick_precision(device, "fp32"), fast):  # one weight layout change per precision
+        net = model.to(device, memory_format=runtime.memory_format(plan.model.dims, prec)).eval()
+        labels[prec.name] = [predict_labels(net, im, plan, device, prec) for im in crops]
+    same = sum(int((a == b).sum()) for a, b in zip(labels["fp32"], labels[fast.name]))
+    total = sum(a.size for a in labels["fp32"])
     agreement = same / max(total, 1)
     record = {"fast_path": fast.name, "agreement": round(agreement, 6), "threshold": AGREEMENT_MIN,
               "precision": fast.name if agreement >= AGREEMENT_MIN else "fp32"}
@@ -413,4 +425,4 @@ def _progress(quiet: bool):
     )
 
 
-__all__ = ["TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer", "validate"]
+__all__ = ["TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer", "train_step", "validate"]
