@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # CPU-only machine. On a GPU machine install the torch build you want into .venv before `make`.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install dev clean bench-isbi
+.PHONY: demo test lint install dev clean bench-isbi
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,13 @@ dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/useg demo --out demo-out
 
+# lint first: a cycle-free, tidy package is part of passing
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
