@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from useg import runtime  # noqa: E402
 from useg.dataset import discover  # noqa: E402
 from useg.distances import BRATS_REGIONS, evaluate_regions  # noqa: E402
-from useg.io import atomic_path, read_mask, read_image  # noqa: E402
-from useg.predict import Segmenter  # noqa: E402
+from useg.io import atomic_path, read_image, read_mask  # noqa: E402
 from useg.pipeline import train_folder  # noqa: E402
+from useg.predict import Segmenter  # noqa: E402
 
 CHANNELS, LABEL = ["Flair", "T1c"], "OTMultiClass"
 
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'region':<8}{'Dice':>8}{'HD95 mm':>10}")
     for name in ("WT", "TC", "ET"):
         print(f"{name:<8}{rows[name]['dice']:>8.4f}{rows[name]['hd95']:>10.2f}")
-    print(f"training {minutes:.1f} min ({result.steps} steps), predict {predict_s:.0f} s, peak RSS {rss:.2f} GiB")
+    print(f"training {minutes:.1f} min ({result.steps} steps), predict {predict_s:.0f} s, "
+          f"peak RSS {rss:.2f} GiB")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(a.out) as tmp:
         Path(tmp).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

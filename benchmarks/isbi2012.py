@@ -72,8 +72,8 @@ def load_slice(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str) -> dict:
     """Plan, split and fit as ``useg train --exclude 25-29`` does, with the variant's plan changes."""
     from useg.dataset import check_dataset, split_cases
-    from useg.plan import make_plan
     from useg.pipeline import load_arrays
+    from useg.plan import make_plan
     from useg.train import fit
 
     report = check_dataset(data)
@@ -108,7 +108,8 @@ def predict_useg(run: Path, data: Path, device: str, tta: bool = False) -> list[
 
     seg = Segmenter.load(run, device=device)
     if tta:
-        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True, tta_rotate=True))
+        seg.plan = dataclasses.replace(seg.plan,
+                                       infer=dataclasses.replace(seg.plan.infer, tta=True, tta_rotate=True))
     return [seg.predict(load_slice(data, n)[0]) for n in TEST]
 
 
@@ -249,7 +250,8 @@ def merge(runs: Path, out: Path) -> list[dict]:
     return rows
 
 
-HEADER = f"{'variant':<18} {'Dice':>7} {'IoU':>7} {'pix err':>8} {'Rand err':>9} {'obj F1':>7} {'minutes':>8} {'steps':>6}"
+HEADER = (f"{'variant':<18} {'Dice':>7} {'IoU':>7} {'pix err':>8} {'Rand err':>9} {'obj F1':>7} "
+          f"{'minutes':>8} {'steps':>6}")
 
 
 def format_row(r: dict) -> str:

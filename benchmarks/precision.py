@@ -44,7 +44,7 @@ def bench(width: int, size: int, batch: int, repeats: int, train: bool) -> dict[
         loss_fn = SegLoss()
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
-        def step():
+        def step(net=net, x=x, y=y, loss_fn=loss_fn, opt=opt, bf16=bf16):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
@@ -52,7 +52,7 @@ def bench(width: int, size: int, batch: int, repeats: int, train: bool) -> dict[
             loss.backward()
             opt.step()
 
-        def forward():
+        def forward(net=net, x=x, bf16=bf16):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 net(x)
 
@@ -81,10 +81,12 @@ def main() -> None:
         base = times["fp32 NCHW"]
         for name, t in times.items():
             print(f"{label:<52} {name:<22} {t:>8.3f} {base / t:>7.2f}x")
-            results.append({"case": label, "path": name, "seconds": round(t, 4), "speedup_vs_fp32": round(base / t, 3)})
+            results.append({"case": label, "path": name, "seconds": round(t, 4),
+                            "speedup_vs_fp32": round(base / t, 3)})
     out = Path(__file__).parent / "results" / "precision.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": threads, "cpu_bf16": cpu_has_bf16(), "results": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"threads": threads, "cpu_bf16": cpu_has_bf16(), "results": results}, indent=1)
+                   + "\n")
     print(f"wrote {out}")
 
 

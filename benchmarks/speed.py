@@ -51,12 +51,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from useg import runtime
-from useg.checkpoint import load_weights, save_model
-from useg.labels import LabelMap
-from useg.losses import SegLoss
-from useg.model import UNet
-from useg.plan import make_plan
+# useg is imported from the checkout's src, so only after the sys.path line above
+from useg import runtime  # noqa: E402
+from useg.checkpoint import load_weights, save_model  # noqa: E402
+from useg.labels import LabelMap  # noqa: E402
+from useg.losses import SegLoss  # noqa: E402
+from useg.model import UNet  # noqa: E402
+from useg.plan import make_plan  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -94,7 +95,8 @@ def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
         else:
             total[0] += taps * out.numel() // m.out_channels
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, torch.nn.modules.conv._ConvNd)]
     with torch.inference_mode():
         model(x)
     for h in hooks:
@@ -106,7 +108,8 @@ def monai_unet(dims: int, width: int) -> torch.nn.Module:
     from monai.networks.nets import BasicUNet
 
     w = width
-    return BasicUNet(spatial_dims=dims, in_channels=1, out_channels=2, features=(w, w, 2 * w, 4 * w, 8 * w, w))
+    return BasicUNet(spatial_dims=dims, in_channels=1, out_channels=2,
+                     features=(w, w, 2 * w, 4 * w, 8 * w, w))
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -118,7 +121,8 @@ def bench_matmul(dev, n, repeats):
         a = torch.randn(n, n, device=dev).to(dtype)
         t = median_time(lambda a=a: torch.mm(a, a), repeats, dev)
         out[name] = 2 * n**3 / t / 1e9
-        rows.append({"section": "matmul", "name": f"torch.mm {n}^2 {name}", "seconds": t, "gflops": out[name]})
+        rows.append({"section": "matmul", "name": f"torch.mm {n}^2 {name}", "seconds": t,
+                     "gflops": out[name]})
     return rows, out
 
 
@@ -170,8 +174,8 @@ def bench_forward(dev, size, widths, repeats, bf16_mm):
         ]
         if prec.dtype is not None:
             t_amp = median_time(monai_amp, repeats, dev)
-            rows.append({"section": "forward", "name": f"MONAI BasicUNet {prec.name} {label}", "seconds": t_amp,
-                         "gflops": mon_flops / t_amp / 1e9, "ratio": t_amp / t_useg})
+            rows.append({"section": "forward", "name": f"MONAI BasicUNet {prec.name} {label}",
+                         "seconds": t_amp, "gflops": mon_flops / t_amp / 1e9, "ratio": t_amp / t_useg})
         if not ratios:  # the widest network gives the headline figures
             ratios = {"forward_vs_fp32": t_plain / t_useg, "forward_vs_bf16_matmul": gf / bf16_mm,
                       "forward_vs_monai": t_mon / t_useg, "forward_gflops": gf}
@@ -179,7 +183,8 @@ def bench_forward(dev, size, widths, repeats, bf16_mm):
 
 
 def make_run(folder: Path, shape, width, depth, tile, overlap, batch) -> Path:
-    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)], model={"width": width, "depth": depth, "padding": "same"},
+    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)],
+                     model={"width": width, "depth": depth, "padding": "same"},
                      infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile))
     torch.manual_seed(0)
     from useg.predict import build_model
@@ -215,8 +220,9 @@ def child(spec: dict) -> dict:
         img = (img - img.mean()) / max(float(img.std()), 1e-8)
         x = torch.from_numpy(img)[None, None].to(dev)
         with torch.inference_mode():
-            logits = sliding_window_inference(x, roi_size=tuple(plan.infer.tile), sw_batch_size=plan.infer.batch_size,
-                                              predictor=model, overlap=plan.infer.overlap, mode="gaussian")
+            logits = sliding_window_inference(x, roi_size=tuple(plan.infer.tile),
+                                              sw_batch_size=plan.infer.batch_size, predictor=model,
+                                              overlap=plan.infer.overlap, mode="gaussian")
             labels = logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
         out.mkdir(parents=True, exist_ok=True)
         PILImage.fromarray(labels * 255).save(out / (png.stem + ".png"))
@@ -239,9 +245,10 @@ def _peak_rss_mb() -> float:
 
 def run_child(spec: dict) -> dict:
     # keep the caller's path (a wheel folder on a GPU machine, say) behind the checkout's src
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, check=False)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                          text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"{spec['side']} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -263,9 +270,11 @@ def bench_predict(dev, work: Path, size, width, tile, repeats):
     b = np.asarray(PILImage.open(work / "out_monai" / "image.png"))
     agree = float((a == b).mean())
     cuda = dev.type == "cuda"
-    rows = [{"section": "predict", "name": f"useg predict_files {size}^2 w{width} tile {tile}", "seconds":
-             res["useg"]["seconds"], **({} if cuda else {"rss_mb": res["useg"]["rss_mb"]}), "label_agreement": agree},
-            {"section": "predict", "name": f"MONAI sliding_window fp32 {size}^2", "seconds": res["monai"]["seconds"],
+    rows = [{"section": "predict", "name": f"useg predict_files {size}^2 w{width} tile {tile}",
+             "seconds": res["useg"]["seconds"], **({} if cuda else {"rss_mb": res["useg"]["rss_mb"]}),
+             "label_agreement": agree},
+            {"section": "predict", "name": f"MONAI sliding_window fp32 {size}^2",
+             "seconds": res["monai"]["seconds"],
              **({} if cuda else {"rss_mb": res["monai"]["rss_mb"]}),
              "ratio": res["monai"]["seconds"] / res["useg"]["seconds"]}]
     ratios = {"predict_vs_monai": res["monai"]["seconds"] / res["useg"]["seconds"],
@@ -319,7 +328,8 @@ def bench_3d(dev, volume, tile, width, depth, repeats):
     from useg.predict import build_model, predict_labels
 
     prec = runtime.pick_precision(dev, "auto")
-    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)], model={"width": width, "depth": depth, "padding": "same"},
+    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)],
+                     model={"width": width, "depth": depth, "padding": "same"},
                      infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile))
     torch.manual_seed(0)
     base = build_model(plan).eval()
@@ -333,15 +343,17 @@ def bench_3d(dev, volume, tile, width, depth, repeats):
     def monai_pred():
         with torch.inference_mode():
             xt = torch.from_numpy(x)[None].to(dev)
-            out = sliding_window_inference(xt, roi_size=tuple(plan.infer.tile), sw_batch_size=plan.infer.batch_size,
-                                           predictor=plain, overlap=plan.infer.overlap, mode="gaussian")
+            out = sliding_window_inference(xt, roi_size=tuple(plan.infer.tile),
+                                           sw_batch_size=plan.infer.batch_size, predictor=plain,
+                                           overlap=plan.infer.overlap, mode="gaussian")
             return out.argmax(1)[0].cpu().numpy()
 
     t_useg = median_time(useg_pred, repeats, dev, warmup=False)
     t_mon = median_time(monai_pred, repeats, dev, warmup=False)
     label = f"{'x'.join(map(str, volume))} w{width} d{depth} tile {'x'.join(map(str, plan.infer.tile))}"
     rows = [{"section": "3d", "name": f"useg predict_labels {prec.name} {label}", "seconds": t_useg},
-            {"section": "3d", "name": f"MONAI sliding_window fp32 {label}", "seconds": t_mon, "ratio": t_mon / t_useg}]
+            {"section": "3d", "name": f"MONAI sliding_window fp32 {label}", "seconds": t_mon,
+             "ratio": t_mon / t_useg}]
     return rows, {"predict3d_vs_monai": t_mon / t_useg}
 
 
@@ -372,7 +384,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median); default 5")
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks the script runs, not a measurement")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes: checks the script runs, not a measurement")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/speed[_cuda].json")
     ap.add_argument("--heavy-repeats", type=int, default=None,
@@ -386,7 +399,8 @@ def main(argv=None) -> dict:
     threads = runtime.set_threads()
     q, reps = args.quick, max(1, args.repeats)
     heavy = max(1, args.heavy_repeats) if args.heavy_repeats else 1 if q else min(reps, 2)
-    out = args.out or ROOT / "benchmarks" / "results" / ("speed_cuda.json" if dev.type == "cuda" else "speed.json")
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "speed_cuda.json" if dev.type == "cuda" else "speed.json")
     rows: list[dict] = []
     t_start = time.perf_counter()
 
@@ -416,7 +430,8 @@ def main(argv=None) -> dict:
         "machine": {"cpu": cpu_name(), "cores": runtime.cpu_count(), "threads": threads,
                     "cpu_bf16": runtime.cpu_has_bf16(), "torch": torch.__version__, "device": str(dev),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-                    "precision": runtime.pick_precision(dev, "auto").name, "python": platform.python_version()},
+                    "precision": runtime.pick_precision(dev, "auto").name,
+                    "python": platform.python_version()},
         "quick": q, "repeats": reps, "heavy_repeats": heavy, "total_seconds": time.perf_counter() - t_start,
         "fp32_matmul_gflops": mm["fp32"], "bf16_matmul_gflops": mm["bf16"],
         **fwd, **pred, **tr, **p3, "rows": rows,

@@ -23,10 +23,10 @@ def sample(request):
     return image, label, (label + 1).astype(np.float32)
 
 
-def _check_together(i, l, w):
-    np.testing.assert_array_equal(i[0], l)
-    np.testing.assert_array_equal(i[1], -2 * l)
-    np.testing.assert_array_equal(w, l + 1)
+def _check_together(i, lab, w):
+    np.testing.assert_array_equal(i[0], lab)
+    np.testing.assert_array_equal(i[1], -2 * lab)
+    np.testing.assert_array_equal(w, lab + 1)
 
 
 def _fresh(out, inputs):
@@ -88,34 +88,34 @@ def test_inputs_are_never_written(sample):
 def test_flip_with_p1_mirrors_exactly_the_given_axes():
     label = np.arange(3 * 5 * 7).reshape(3, 5, 7)
     image = label[None].astype(np.float32)
-    _, l, w = random_flip(image, label, None, np.random.default_rng(0), p=1.0)
-    np.testing.assert_array_equal(l, label[::-1, ::-1, ::-1])
+    _, lab, w = random_flip(image, label, None, np.random.default_rng(0), p=1.0)
+    np.testing.assert_array_equal(lab, label[::-1, ::-1, ::-1])
     assert w is None
-    _, l, _ = random_flip(image, label, None, np.random.default_rng(0), axes=(1,), p=1.0)
-    np.testing.assert_array_equal(l, label[:, ::-1])
-    _, l, _ = random_flip(image, label, None, np.random.default_rng(0), p=0.0)
-    np.testing.assert_array_equal(l, label)
+    _, lab, _ = random_flip(image, label, None, np.random.default_rng(0), axes=(1,), p=1.0)
+    np.testing.assert_array_equal(lab, label[:, ::-1])
+    _, lab, _ = random_flip(image, label, None, np.random.default_rng(0), p=0.0)
+    np.testing.assert_array_equal(lab, label)
 
 
 def test_rot90_reaches_all_four_rotations():
     label = np.arange(25).reshape(5, 5)
     seen = set()
     for seed in range(40):
-        _, l, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
-        seen.add(next(k for k in range(4) if np.array_equal(l, np.rot90(label, k))))
+        _, lab, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
+        seen.add(next(k for k in range(4) if np.array_equal(lab, np.rot90(label, k))))
     assert seen == {0, 1, 2, 3}
 
 
 def test_rot90_skips_unequal_planes_and_respects_axes():
     label = np.arange(6).reshape(2, 3)
     for seed in range(5):
-        _, l, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
-        np.testing.assert_array_equal(l, label)
+        _, lab, _ = random_rot90(label[None].astype(np.float32), label, None, np.random.default_rng(seed))
+        np.testing.assert_array_equal(lab, label)
     # in (5, 7, 7) only the last two axes are equal; restricted to axes (0, 1) nothing may turn
     label3 = np.arange(5 * 7 * 7).reshape(5, 7, 7)
     for seed in range(5):
-        _, l, _ = random_rot90(label3[None], label3, None, np.random.default_rng(seed), axes=(0, 1))
-        np.testing.assert_array_equal(l, label3)
+        _, lab, _ = random_rot90(label3[None], label3, None, np.random.default_rng(seed), axes=(0, 1))
+        np.testing.assert_array_equal(lab, label3)
 
 
 def test_gamma_keeps_each_channel_min_and_max():
@@ -192,7 +192,8 @@ def test_elastic_field_shape_corners_and_smoothness(shape):
     # the lattice corners sit on the image corners, so the field there is the drawn value
     for corner in np.ndindex(*(2,) * len(shape)):
         pix = tuple(-1 if c else 0 for c in corner)
-        np.testing.assert_allclose(field[(slice(None),) + pix], coarse[(slice(None),) + pix], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(field[(slice(None),) + pix], coarse[(slice(None),) + pix],
+                                   rtol=1e-5, atol=1e-4)
     # smooth: along each axis the per-pixel change is about a lattice step spread over its pixels
     for a in range(1, field.ndim):
         lattice_step = np.abs(np.diff(coarse, axis=a)).max()
@@ -267,8 +268,8 @@ def test_elastic_off_draws_nothing_from_the_generator(sample):
     assert cfg.p_elastic == 0.0
     got = augment_sample(*sample, np.random.default_rng(9), cfg)
     rng = np.random.default_rng(9)
-    i, l, w = random_rot90(*random_flip(*sample, rng, p=cfg.flip), rng)
-    want = (random_intensity(i, rng, cfg.brightness, cfg.contrast, cfg.gamma, cfg.noise_std, 1.0), l, w)
+    i, lab, w = random_rot90(*random_flip(*sample, rng, p=cfg.flip), rng)
+    want = (random_intensity(i, rng, cfg.brightness, cfg.contrast, cfg.gamma, cfg.noise_std, 1.0), lab, w)
     for x, y in zip(got, want):
         np.testing.assert_array_equal(x, y)
 
@@ -296,7 +297,8 @@ def test_augment_config_round_trips_with_elastic_fields():
     assert (d["p_elastic"], d["elastic_grid"], d["elastic_std"]) == (0.3, 4, 6.5)
     assert AugmentConfig(**d) == cfg
     assert AugmentConfig(**json.loads(json.dumps(d))).elastic_std == 6.5
-    assert (AugmentConfig().p_elastic, AugmentConfig().elastic_grid, AugmentConfig().elastic_std) == (0.0, 3, 10.0)
+    default = AugmentConfig()
+    assert (default.p_elastic, default.elastic_grid, default.elastic_std) == (0.0, 3, 10.0)
 
 
 def test_elastic_bad_arguments_are_refused():

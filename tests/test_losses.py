@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from useg.losses import SegLoss, dice_ce_loss, soft_dice_loss, weighted_cross_entropy
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -5,8 +5,7 @@ import warnings
 import pytest
 import torch
 
-from useg.model import (UNet, center_crop, input_size_for_output, output_size, valid_input_size,
-                        valid_sizes)
+from useg.model import UNet, center_crop, input_size_for_output, output_size, valid_input_size, valid_sizes
 
 CONVS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
 
@@ -162,7 +161,8 @@ def test_config_rebuilds_the_same_network():
     assert net.config == dict(in_channels=3, num_classes=4, dims=3, width=2, depth=1, padding="valid",
                               up="interp", norm="instance", dropout=0.1, max_width=None)
     again = UNet(**net.config)
-    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert ({k: v.shape for k, v in again.state_dict().items()}
+            == {k: v.shape for k, v in net.state_dict().items()})
 
 
 @pytest.mark.parametrize("kw", [{"padding": "full"}, {"up": "pixelshuffle"}, {"norm": "group"}, {"dims": 4},
@@ -176,11 +176,12 @@ def test_bad_args(kw):
 def test_max_width_caps_the_deep_levels(dims):
     # nnU-Net caps 3D widths at 320; with a cap the up-convolution keeps the channels instead of halving
     net = UNet(1, 2, dims=dims, width=4, depth=3, max_width=8)
-    widths = [net.inc[0].out_channels] + [d[-1][-1].out_channels if hasattr(d[-1][-1], "out_channels") else None
-                                          for d in net.downs]
+    widths = [net.inc[0].out_channels] + [
+        d[-1][-1].out_channels if hasattr(d[-1][-1], "out_channels") else None for d in net.downs]
     convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     assert max(c.out_channels for c in convs) == 8 and widths[0] == 4
     x = torch.randn(1, 1, *([16] * dims))
     assert net(x).shape == (1, 2, *([16] * dims))
     uncapped = UNet(1, 2, dims=dims, width=4, depth=3)
-    assert max(m.out_channels for m in uncapped.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))) == 32
+    assert max(m.out_channels for m in uncapped.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))) == 32

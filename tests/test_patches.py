@@ -18,7 +18,8 @@ def _volume(shape, rng, channels=2):
 @pytest.mark.parametrize("shape,patch,out", [((30, 41), (16, 16), None), ((30, 41), (28, 28), (12, 12)),
                                              ((31, 17), (20, 15), (4, 7)), ((7, 9), (16, 16), None),
                                              ((5, 6), (24, 24), (8, 8)), ((9, 20, 17), (8, 8, 8), None),
-                                             ((9, 20, 17), (12, 12, 12), (4, 4, 4)), ((3, 5, 4), (8, 8, 8), None)])
+                                             ((9, 20, 17), (12, 12, 12), (4, 4, 4)),
+                                             ((3, 5, 4), (8, 8, 8), None)])
 def test_patch_dataset_shapes_and_reproducibility(shape, patch, out):
     rng = np.random.default_rng(0)
     images, labels = _volume(shape, rng)
@@ -30,7 +31,8 @@ def test_patch_dataset_shapes_and_reproducibility(shape, patch, out):
     assert item["label"].shape == out and item["label"].dtype == torch.int64
     assert item["weight"].shape == out and item["weight"].dtype == torch.float32
     assert torch.equal(ds[1]["image"], item["image"]) and torch.equal(ds[1]["label"], item["label"])
-    assert torch.equal(PatchDataset(images, labels, patch, out_size=out, length=5, seed=3)[1]["image"], item["image"])
+    again = PatchDataset(images, labels, patch, out_size=out, length=5, seed=3)
+    assert torch.equal(again[1]["image"], item["image"])
     assert "weight" not in PatchDataset(images, labels, patch, out_size=out, length=5)[0]
     if all(s >= p for s, p in zip(shape, patch)):  # smaller images are always centred when not on foreground
         ds.set_epoch(1)
@@ -39,7 +41,8 @@ def test_patch_dataset_shapes_and_reproducibility(shape, patch, out):
         assert not torch.equal(ds[2]["image"], item["image"])
 
 
-@pytest.mark.parametrize("shape,patch,out", [((40, 50), (12, 12), (8, 8)), ((13, 16, 18), (10, 9, 8), (6, 5, 4))])
+@pytest.mark.parametrize("shape,patch,out", [((40, 50), (12, 12), (8, 8)),
+                                             ((13, 16, 18), (10, 9, 8), (6, 5, 4))])
 def test_patches_align_and_foreground_oversampling(shape, patch, out):
     label = np.zeros(shape, np.int64)
     label[tuple(slice(s - 6, s - 3) for s in shape)] = 1
@@ -82,7 +85,8 @@ def test_augment_sees_full_patches_and_its_output_is_cropped():
 
 
 @pytest.mark.parametrize("kwargs", [{"patch_size": (8, 8), "out_size": (10, 10)}, {"patch_size": (8, 8, 8)},
-                                    {"patch_size": (8, 8), "fg_fraction": 1.5}, {"patch_size": (8, 8), "seed": -1}, {"patch_size": (8,)}])
+                                    {"patch_size": (8, 8), "fg_fraction": 1.5},
+                                    {"patch_size": (8, 8), "seed": -1}, {"patch_size": (8,)}])
 def test_patch_dataset_validates_arguments(kwargs):
     with pytest.raises(ValueError):
         PatchDataset([np.zeros((1, 9, 9), np.float32)], [np.zeros((9, 9), np.int64)], **kwargs)

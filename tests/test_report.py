@@ -67,8 +67,8 @@ def test_save_overlay_refuses_mismatched_shapes(tmp_path):
 def test_write_report_links_relative_and_escapes(tmp_path):
     curves = plot_curves([{"epoch": 0, "train_loss": 1.0}], tmp_path / "run" / "curves.png")
     overlay = save_overlay(np.zeros((8, 8)), np.zeros((8, 8), int), None, tmp_path / "overlays" / "a b.png")
-    page = write_report(tmp_path, "run <b>1</b>", "dice <0.9> & more", [curves, overlay, tmp_path / "gone.png"],
-                        {"epochs<": 5, "note": "x & y"})
+    page = write_report(tmp_path, "run <b>1</b>", "dice <0.9> & more",
+                        [curves, overlay, tmp_path / "gone.png"], {"epochs<": 5, "note": "x & y"})
     assert page == tmp_path / "report.html"
     text = page.read_text(encoding="utf-8")
     assert 'src="run/curves.png"' in text and 'src="overlays/a%20b.png"' in text

@@ -80,7 +80,8 @@ def test_semantic_separates_instances_under_full_connectivity(dims):
     rng = np.random.default_rng(dims)
     shape = (9, 11, 13)[-dims:]
     # a random tessellation: touching instances in every direction, diagonals included
-    inst = ndi.zoom(rng.integers(1, 6, [3] * dims), [s / 3 for s in shape], order=0)[tuple(slice(s) for s in shape)]
+    inst = ndi.zoom(rng.integers(1, 6, [3] * dims), [s / 3 for s in shape], order=0)
+    inst = inst[tuple(slice(s) for s in shape)]
     inst = inst.astype(np.int32)
     sem = semantic_from_instances(inst)
     comps, n = ndi.label(sem, structure=np.ones([3] * dims))
@@ -130,14 +131,16 @@ def test_write_cells_dataset_deterministic_and_idempotent(tmp_path):
     for sub in ("images", "masks", "instances"):
         np.testing.assert_array_equal(_read(a / sub / "cell_001.png")[1], _read(b / sub / "cell_001.png")[1])
     other = write_cells_dataset(tmp_path / "c", n_images=1, shape=(32, 32), seed=2)
-    assert not np.array_equal(_read(a / "images" / "cell_000.png")[1], _read(other / "images" / "cell_000.png")[1])
+    assert not np.array_equal(_read(a / "images" / "cell_000.png")[1],
+                              _read(other / "images" / "cell_000.png")[1])
     # re-running with fewer images leaves exactly the new set
     (a / "images" / "notes.txt").write_text("kept")
     write_cells_dataset(a, n_images=2, shape=(32, 32), seed=1)
     for sub in ("images", "masks", "instances"):
         assert sorted(p.name for p in (a / sub).glob("cell_*.png")) == ["cell_000.png", "cell_001.png"]
     assert (a / "images" / "notes.txt").exists()
-    np.testing.assert_array_equal(_read(a / "masks" / "cell_001.png")[1], _read(b / "masks" / "cell_001.png")[1])
+    np.testing.assert_array_equal(_read(a / "masks" / "cell_001.png")[1],
+                                  _read(b / "masks" / "cell_001.png")[1])
 
 
 def test_write_cells_dataset_rejects_zero_images(tmp_path):

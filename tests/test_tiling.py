@@ -93,9 +93,9 @@ OLD_STARTS = [
     ((200, 64, 32), [0, 27, 54, 82, 109, 136]),
     ((31, 12, 9), [0, 6, 13, 19]),
     ((130, 48, 24), [0, 21, 41, 62, 82]),
-    ((1000, 48, 24), [0, 24, 48, 71, 95, 119, 143, 167, 190, 214, 238, 262, 286, 309, 333, 357, 381, 405, 428,
-                      452, 476, 500, 524, 547, 571, 595, 619, 643, 666, 690, 714, 738, 762, 785, 809, 833, 857,
-                      881, 904, 928, 952]),
+    ((1000, 48, 24), [0, 24, 48, 71, 95, 119, 143, 167, 190, 214, 238, 262, 286, 309, 333, 357, 381, 405,
+                      428, 452, 476, 500, 524, 547, 571, 595, 619, 643, 666, 690, 714, 738, 762, 785, 809,
+                      833, 857, 881, 904, 928, 952]),
 ]
 
 
@@ -343,7 +343,8 @@ def test_overlap_tile_rejects_bad_arguments(in_tile, out_tile, num_classes):
                      num_classes)
 
 
-@pytest.mark.parametrize("shape,tile,overlap", [((1, 37, 53), (16, 16), 0.5), ((2, 9, 20, 31), (8, 8, 8), 0.25),
+@pytest.mark.parametrize("shape,tile,overlap", [((1, 37, 53), (16, 16), 0.5),
+                                                ((2, 9, 20, 31), (8, 8, 8), 0.25),
                                                 ((1, 5, 7), (16, 16), 0.5), ((1, 64, 40), (16, 16), 0.0)])
 def test_streamed_labels_equal_argmax_of_the_full_blend(shape, tile, overlap):
     from useg.tiling import sliding_window_labels
@@ -414,7 +415,8 @@ def test_sliding_window_aligned_tiles_agree_with_whole_image(rng, shape, tile, o
     np.testing.assert_allclose(aligned, whole, atol=1e-5)
     labels = sliding_window_labels(fn, image, tile, 2, overlap=overlap, batch_size=4, align=4)
     np.testing.assert_array_equal(labels, aligned.argmax(0))
-    plain = sliding_window(fn, image, tile, 2, overlap=overlap, batch_size=4)  # align=1: the pooling grid moves
+    # align=1: the pooling grid moves
+    plain = sliding_window(fn, image, tile, 2, overlap=overlap, batch_size=4)
     assert not np.allclose(plain, whole, atol=1e-3)
 
 

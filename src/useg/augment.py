@@ -49,7 +49,8 @@ class AugmentConfig:
         if self.gamma[0] <= 0:
             raise ValueError(f"gamma must be positive, got {self.gamma}")
         if self.brightness < 0 or self.noise_std < 0:
-            raise ValueError(f"brightness and noise_std must be >= 0, got {self.brightness}, {self.noise_std}")
+            raise ValueError(
+                f"brightness and noise_std must be >= 0, got {self.brightness}, {self.noise_std}")
 
 
 def _check_p(p: float, name: str = "p") -> None:
@@ -197,7 +198,8 @@ def random_intensity(image: np.ndarray, rng: np.random.Generator, brightness: fl
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def elastic_field(shape: Sequence[int], rng: np.random.Generator, grid: int = 3, std: float = 10.0) -> np.ndarray:
+def elastic_field(shape: Sequence[int], rng: np.random.Generator, grid: int = 3,
+                  std: float = 10.0) -> np.ndarray:
     """A smooth random displacement field as in the U-Net paper (Ronneberger et al. 2015, sec. 3.1).
 
     Displacements are drawn from N(0, std^2) pixels on a coarse ``grid`` x ``grid`` [x ``grid``]

@@ -25,7 +25,8 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict) -> None:
     """Model, optimizer and loop state in one safetensors file (scalars in its JSON metadata)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     osd = optimizer.state_dict()
@@ -78,7 +79,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             s for s in (
                 f"missing {missing[:3]}" if missing else "",
                 f"unexpected {extra[:3]}" if extra else "",
-                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}" if wrong else "",
+                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}"
+                if wrong else "",
             ) if s
         )
         raise UsegError(f"{path} does not match its plan.json ({detail}); the run folder is inconsistent")

@@ -21,7 +21,8 @@ KINDS = ("dice_ce", "ce", "dice")
 
 def _check(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> None:
     if logits.dim() < 3 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a float tensor (B, K, *S), got {logits.dtype} {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be a float tensor (B, K, *S), got {logits.dtype} {tuple(logits.shape)}")
     if logits.shape[1] < 2:
         raise ValueError(f"logits need K >= 2 classes (background included), got {logits.shape[1]}")
     if target.shape != (logits.shape[0], *logits.shape[2:]):
@@ -124,8 +125,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 
 def region_targets(target: torch.Tensor, regions: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """Class indices (B, *S) -> multi-hot region targets (B, R, *S) float: 1 where the class is in region r."""
-    return torch.stack([torch.isin(target, torch.tensor(r, device=target.device)) for r in regions], 1).float()
+    """Class indices (B, *S) -> multi-hot region targets (B, R, *S) float: 1 where the class is in
+    region r."""
+    return torch.stack([torch.isin(target, torch.tensor(r, device=target.device)) for r in regions],
+                       1).float()
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, regions: tuple[tuple[int, ...], ...],
@@ -170,8 +173,8 @@ class SegLoss(nn.Module):
         forward(logits (B, K, *S), target (B, *S), weight (B, *S) | None) -> float32 scalar.
     """
 
-    def __init__(self, kind: str = "dice_ce", ignore_index: int | None = None, include_background: bool = False,
-                 regions: tuple[tuple[int, ...], ...] = ()):
+    def __init__(self, kind: str = "dice_ce", ignore_index: int | None = None,
+                 include_background: bool = False, regions: tuple[tuple[int, ...], ...] = ()):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(KINDS)}")
@@ -187,7 +190,8 @@ class SegLoss(nn.Module):
             return weighted_cross_entropy(logits, target, weight, self.ignore_index)
         if self.kind == "dice":
             return soft_dice_loss(logits, target, self.ignore_index, self.include_background)
-        return dice_ce_loss(logits, target, weight, self.ignore_index, include_background=self.include_background)
+        return dice_ce_loss(logits, target, weight, self.ignore_index,
+                            include_background=self.include_background)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, ignore_index={self.ignore_index}, "

@@ -61,12 +61,14 @@ class PatchDataset(torch.utils.data.Dataset):
         self.out_size = tuple(int(p) for p in (out_size if out_size is not None else patch_size))
         nd = len(self.patch_size)
         if nd not in (2, 3) or len(self.out_size) != nd or min(self.patch_size) < 1 or min(self.out_size) < 1:
-            raise ValueError(f"patch_size and out_size must be 2 or 3 positive sizes, got {patch_size}, {out_size}")
+            raise ValueError(
+                f"patch_size and out_size must be 2 or 3 positive sizes, got {patch_size}, {out_size}")
         if any(o > p for o, p in zip(self.out_size, self.patch_size)):
             raise ValueError(f"out_size {self.out_size} must not exceed patch_size {self.patch_size}")
         for k, (img, lab) in enumerate(zip(images, labels)):
             if img.ndim != nd + 1 or lab.shape != img.shape[1:]:
-                raise ValueError(f"image {k} {img.shape} and label {lab.shape} must be (C, *S) and S with {nd} sizes")
+                raise ValueError(
+                    f"image {k} {img.shape} and label {lab.shape} must be (C, *S) and S with {nd} sizes")
             if weights is not None and weights[k].shape != lab.shape:
                 raise ValueError(f"weight {k} {weights[k].shape} must have its label's shape {lab.shape}")
         if not 0 <= fg_fraction <= 1 or length < 1 or seed < 0:
@@ -76,7 +78,8 @@ class PatchDataset(torch.utils.data.Dataset):
         self.length, self.seed, self.augment, self.fg_fraction = int(length), int(seed), augment, fg_fraction
         self.epoch = 0
         # foreground locations per image and class, found once (searching per item would dominate)
-        self._fg = [_class_locations(lab, np.random.default_rng([self.seed, k])) for k, lab in enumerate(labels)]
+        self._fg = [_class_locations(lab, np.random.default_rng([self.seed, k]))
+                    for k, lab in enumerate(labels)]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose patches ``__getitem__`` draws."""

@@ -77,7 +77,8 @@ def semantic_from_instances(instances: np.ndarray) -> np.ndarray:
     """
     instances = np.asarray(instances)
     if instances.ndim not in (2, 3) or not np.issubdtype(instances.dtype, np.integer):
-        raise ValueError(f"instances must be a 2D or 3D integer array, got {instances.dtype} {instances.shape}")
+        raise ValueError(
+            f"instances must be a 2D or 3D integer array, got {instances.dtype} {instances.shape}")
     return ((instances > 0) & ~_contacts(instances)).astype(np.uint8)
 
 

@@ -55,6 +55,29 @@ def tile_starts(size: int, tile: int, step: int, align: int = 1) -> list[int]:
     Returns:
         Strictly increasing start offsets; ``[0]`` when ``tile >= size``. ``align=1`` gives the
         plain even spread.
+
+    Examples:
+        Half-overlapping windows of 48 on an axis of 100, the last one flush with the end:
+
+        >>> tile_starts(100, 48, 24)
+        [0, 17, 35, 52]
+
+        A tile at least as long as the axis needs one window:
+
+        >>> tile_starts(30, 48, 24)
+        [0]
+
+        Aligned to 16 (a depth-4 U-Net), all starts but the flush last one are multiples of 16:
+
+        >>> tile_starts(100, 48, 24, align=16)
+        [0, 16, 32, 52]
+
+        A step longer than the tile would leave gaps:
+
+        >>> tile_starts(100, 48, 64)
+        Traceback (most recent call last):
+            ...
+        ValueError: step 64 > tile 48 would leave gaps between windows
     """
     for name, value in (("size", size), ("tile", tile), ("step", step), ("align", align)):
         if int(value) != value or value < 1:
@@ -129,9 +152,10 @@ def sliding_window(
     """Gaussian-blended sliding-window prediction for same-padding networks.
 
     Windows of ``tile`` are spaced by ``tile * (1 - overlap)`` (at least 1) and the last one on
-    each axis is flush with the end (with ``align``, the others are multiples of it). An image smaller than the tile along an axis is mirrored
-    (reflect; edge when the axis has a single voxel) up to the tile, centred, and the result is
-    cropped back. Outputs are accumulated as a Gaussian-weighted sum divided by the weight sum.
+    each axis is flush with the end (with ``align``, the others are multiples of it). An image
+    smaller than the tile along an axis is mirrored (reflect; edge when the axis has a single
+    voxel) up to the tile, centred, and the result is cropped back. Outputs are accumulated as a
+    Gaussian-weighted sum divided by the weight sum.
 
     Args:
         fn: maps a (B, C, *tile) float32 tensor to (B, num_classes, *tile).
@@ -212,7 +236,8 @@ def sliding_window_labels(
             wsum = np.concatenate([wsum, np.zeros((grow, *padded[1:]), np.float32)], axis=0)
         windows = [[s0 - before[0], *(r - b for r, b in zip(start, before[1:]))] for start in rest]
         report = None if progress is None else (lambda d, _t, off=done: progress(off + d, total))
-        for chunk, out in _run_batches(fn, image, windows, tile, tile, num_classes, batch_size, device, report):
+        for chunk, out in _run_batches(fn, image, windows, tile, tile, num_classes, batch_size, device,
+                                       report):
             for window, pred in zip(chunk, out):
                 region = (slice(window[0] + before[0] - base, window[0] + before[0] - base + tile[0]),
                           *(slice(w + b, w + b + t) for w, b, t in zip(window[1:], before[1:], tile[1:])))
@@ -382,7 +407,8 @@ def _overlap_tiles(
     windows = [[s - m for s, m in zip(start, margin)] for start in starts]
 
     def pieces() -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-        batches = _run_batches(fn, image, windows, in_tile, out_tile, num_classes, batch_size, device, progress)
+        batches = _run_batches(fn, image, windows, in_tile, out_tile, num_classes, batch_size, device,
+                               progress)
         for chunk, out in batches:
             for window, pred in zip(chunk, out):
                 start = [w + m for w, m in zip(window, margin)]
