@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from useg.errors import UsegError
-from useg.labels import LabelMap, infer_label_map, pack_rgb, plausible
+from useg.labels import LabelMap, infer_label_map, label_map_of_masks, pack_rgb, plausible
 
 
 def _binary_sets(n=5):
@@ -153,3 +153,27 @@ def test_nested_regions_write_their_innermost_class():
     np.testing.assert_array_equal(regions_to_labels(probs, brats), [[4, 1, 1], [2, 2, 2]])
     with pytest.raises(ValueError, match="outer to inner"):
         region_classes(((4,), (1, 3, 4), (1, 4)))
+
+
+def test_label_map_of_masks_majority_mode_palettes_and_one_class():
+    grey = {"a.png": {0, 255}, "b.png": {0, 255}, "c.png": {0, 1}}
+    modes = {"a.png": "grey", "b.png": "grey", "c.png": "palette"}
+    lm, problems = label_map_of_masks(grey, modes, {"c.png": (0,) * 768})
+    assert lm == LabelMap((0, 255)) and problems == [
+        "c.png is a palette mask but most masks are grey; save all masks the same way"]
+    # a tie goes to the mode seen first
+    lm, problems = label_map_of_masks({"x": {0, 1}, "y": {0, 1}}, {"x": "palette", "y": "grey"},
+                                      {"x": tuple(range(768))})
+    assert lm.mode == "palette" and lm.palette == tuple(range(768)) and len(problems) == 1
+    # palette masks whose palettes give a used index different colours
+    red, blue = (0, 0, 0, 255, 0, 0) + (0,) * 762, (0, 0, 0, 0, 0, 255) + (0,) * 762
+    lm, problems = label_map_of_masks({"p": {0, 1}, "q": {0, 1}}, {"p": "palette", "q": "palette"},
+                                      {"p": red, "q": blue})
+    assert lm.palette == red and len(problems) == 1 and problems[0].startswith("q gives palette indices [1]")
+    _, problems = label_map_of_masks({"m": {3}}, {"m": "grey"}, folder="data/masks")
+    assert problems == ["every mask in data/masks holds only the value 3; a segmentation needs at least two "
+                        "classes, check the masks or pass --labels"]
+    _, problems = label_map_of_masks({"m": {0, 9}}, {"m": "grey"}, explicit=[0, 1])
+    assert len(problems) == 1 and "not in --labels" in problems[0]
+    with pytest.raises(ValueError, match="at least one mask"):
+        label_map_of_masks({}, {})

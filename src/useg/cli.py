@@ -145,7 +145,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .metrics import evaluate_folders, format_table
+    from .evaluate import evaluate_folders, format_table
 
     summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
                                       regions=a.regions, instances=a.instances)
@@ -171,7 +171,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _regions(spec: str | None) -> dict | None:
-    from .metrics import parse_regions
+    from .evaluate import parse_regions
 
     try:
         return parse_regions(spec)

@@ -20,7 +20,7 @@ import numpy as np
 from . import layouts, volumes
 from .errors import UsegError
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask, stem_of, suffix_of
-from .labels import LabelMap, infer_label_map
+from .labels import LabelMap, label_map_of_masks
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
     Problems: missing or empty folders, images without masks and masks without images,
     duplicate names, unreadable files, JPEG masks, image/mask size mismatches, inconsistent
     channel counts or dimensions, palettes that disagree, unknown mask values (see
-    :func:`useg.labels.infer_label_map`) and a single class only.
+    :func:`useg.labels.label_map_of_masks`) and a single class only.
 
     Args:
         root: a folder with images/ and masks/.
@@ -291,19 +291,9 @@ def check_dataset(root: str | Path, labels: Sequence[int] | None = None,
                                 for p in paths if c != common)
     label_map = None
     if value_sets:
-        mode = _majority(modes)
-        for m, names in modes.items():
-            problems.extend(f"{n} is a {m} mask but most masks are {mode}; save all masks the same way"
-                            for n in names if m != mode)
-        kept = {n: v for n, v in value_sets.items() if n in modes[mode]}
-        palette = palettes[modes[mode][0]] if mode == "palette" else None
-        label_map, label_problems = infer_label_map(kept, mode, palette, explicit=labels)
+        label_map, label_problems = label_map_of_masks(
+            value_sets, {n: m for m, names in modes.items() for n in names}, palettes, labels, root / "masks")
         problems.extend(label_problems)
-        if mode == "palette":
-            problems.extend(_palette_problems(palettes, kept, label_map))
-        if label_map.num_classes < 2:
-            problems.append(f"every mask in {root / 'masks'} holds only the value {label_map.values[0]}; "
-                            "a segmentation needs at least two classes, check the masks or pass --labels")
     stats: dict = {"cases": len(cases), "labelled": sum(c.mask is not None for c in cases)}
     if shapes:
         stats["dims"] = sorted(dims)
@@ -337,21 +327,6 @@ def _foreground_sample(image: np.ndarray, fg: np.ndarray, rng: np.random.Generat
         idx = rng.choice(idx, n, replace=False)
     flat = image.reshape(image.shape[0], -1)
     return [flat[c, idx].astype(np.float32) for c in range(image.shape[0])]
-
-
-def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_map: LabelMap) -> list[str]:
-    """Masks whose palette gives a used index another colour than the label map's palette."""
-    ref = label_map.palette
-    if ref is None:
-        return []
-    out = []
-    for name in names:
-        pal = palettes[name]
-        differ = [v for v in label_map.values if pal[3 * v: 3 * v + 3] != ref[3 * v: 3 * v + 3]]
-        if differ:
-            out.append(f"{name} gives palette indices {differ[:8]} other colours than the other masks; "
-                       "re-save the masks with one palette, or as RGB colours")
-    return out
 
 
 def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] | None = None

@@ -32,12 +32,12 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
         shape: synthetic image size.
         train, model: plan overrides (the tests use a tiny network).
     """
+    from .evaluate import evaluate_folders, format_table
     from .io import read_image, read_mask
-    from .metrics import evaluate_folders, format_table
+    from .pipeline import train_folder
     from .predict import Segmenter
     from .report import save_overlay, write_report
     from .synthetic import write_cells_dataset
-    from .pipeline import train_folder
 
     out = Path(out)
     if out.exists() and not out.is_dir():

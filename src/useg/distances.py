@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .arrays import check_label_image, check_spacing
 from .metrics import dice, iou
-from .weightmap import check_spacing
 
 # BraTS tumour sub-regions as unions of the annotated labels (Menze et al. 2015, "The Multimodal
 # Brain Tumor Image Segmentation Benchmark (BRATS)", IEEE TMI 34(10)): 1 necrosis, 2 oedema,
@@ -167,9 +167,7 @@ def region_masks(labels: np.ndarray, regions: Mapping[str, Sequence[int]]) -> di
     Returns:
         region name -> bool array of labels' shape, True where the label is in the region.
     """
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer label array, got dtype {labels.dtype}")
+    labels = check_label_image(labels, "labels", spatial=False, kinds="iu", must="be an integer label array")
     if not isinstance(regions, Mapping) or not regions:
         raise ValueError(f"regions must be a non-empty mapping of name -> labels, got {regions!r}")
     out = {}
@@ -224,13 +222,9 @@ def evaluate_regions(pred_labels: np.ndarray, true_labels: np.ndarray,
 
 
 def _check_mask(mask: np.ndarray, name: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim not in (2, 3):
-        raise ValueError(f"{name} must be 2D (H, W) or 3D (D, H, W), got shape {mask.shape}")
-    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
-        # A float array is most likely probabilities; "nonzero" would make it all foreground.
-        raise ValueError(f"{name} must be a bool or integer mask, got dtype {mask.dtype}; "
-                         "threshold probabilities first")
+    # A float array is most likely probabilities; "nonzero" would make it all foreground.
+    mask = check_label_image(mask, name, must="be a bool or integer mask",
+                             hint="; threshold probabilities first")
     return mask.astype(bool, copy=False)
 
 

@@ -21,27 +21,18 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .arrays import check_label_image, check_label_pair
 from .metrics import dice, precision, recall
 
 QUANT = 16  # distance transform resolution of the watershed: 1/16 pixel, integer arithmetic
 
 
 def _check_image(a: np.ndarray, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim not in (2, 3):
-        raise ValueError(f"{name} must be 2D (H, W) or 3D (D, H, W), got shape {a.shape}")
-    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
-        raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
-    if a.size and a.min() < 0:
-        raise ValueError(f"{name} must be non-negative, got minimum {a.min()}")
-    return a
+    return check_label_image(a, name, non_negative=True)
 
 
 def _check_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred, truth = _check_image(pred, "pred"), _check_image(truth, "truth")
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred shape {pred.shape} differs from truth shape {truth.shape}")
-    return pred, truth
+    return check_label_pair(pred, truth, non_negative=True)
 
 
 def _structure(ndim: int, connectivity: int) -> np.ndarray:

@@ -259,6 +259,75 @@ def infer_label_map(
     return LabelMap(tuple(sorted(keep)), mode, pal), problems
 
 
+def label_map_of_masks(
+    value_sets: Mapping[str, set[int]],
+    modes: Mapping[str, str],
+    palettes: Mapping[str, Sequence[int]] | None = None,
+    explicit: Sequence[int] | None = None,
+    folder: str | Path = "the masks",
+) -> tuple[LabelMap, list[str]]:
+    """The label map of a set of mask files from what each holds, with every problem found.
+
+    Used by the data check and by folder evaluation alike, so both read and flag masks the same
+    way. The way most masks are saved (grey, palette or rgb) wins; every mask saved another way
+    is a problem and left out. The values then go through :func:`infer_label_map`; palette masks
+    whose palette gives a used index another colour are problems, and so is a single class.
+
+    Args:
+        value_sets: mask file name -> its set of stored values; at least one file.
+        modes: mask file name -> "grey", "palette" or "rgb" (from :func:`useg.io.read_mask`).
+        palettes: mask file name -> its flat 768-entry palette, for palette masks.
+        explicit: the user's values (``--labels 0,255``), see :func:`infer_label_map`.
+        folder: the masks' folder, named in the single-class problem.
+
+    Returns:
+        (label map, problems): one sentence per problem, naming the file and the fix.
+
+    >>> values = {"a.png": {0, 255}, "b.png": {0, 255}}
+    >>> lm, problems = label_map_of_masks(values, {"a.png": "grey", "b.png": "grey"})
+    >>> lm.values, problems
+    ((0, 255), [])
+    >>> _, problems = label_map_of_masks({"a.png": {0}}, {"a.png": "grey"}, folder="masks")
+    >>> problems[0].startswith("every mask in masks holds only the value 0")
+    True
+    """
+    if not value_sets:
+        raise ValueError("label_map_of_masks needs the values of at least one mask")
+    by_mode: dict[str, list[str]] = {}
+    for name in value_sets:
+        by_mode.setdefault(modes[name], []).append(name)
+    mode = max(by_mode, key=lambda m: len(by_mode[m]))  # ties: the mode seen first
+    problems = [f"{n} is a {m} mask but most masks are {mode}; save all masks the same way"
+                for m, names in by_mode.items() if m != mode for n in names]
+    kept = {n: value_sets[n] for n in by_mode[mode]}
+    palettes = palettes or {}
+    palette = palettes[by_mode[mode][0]] if mode == "palette" else None
+    label_map, label_problems = infer_label_map(kept, mode, palette, explicit=explicit)
+    problems.extend(label_problems)
+    if mode == "palette":
+        problems.extend(_palette_problems(palettes, kept, label_map))
+    if label_map.num_classes < 2:
+        problems.append(f"every mask in {folder} holds only the value {label_map.values[0]}; "
+                        "a segmentation needs at least two classes, check the masks or pass --labels")
+    return label_map, problems
+
+
+def _palette_problems(palettes: Mapping[str, Sequence[int]], names: Mapping,
+                      label_map: LabelMap) -> list[str]:
+    """Masks whose palette gives a used index another colour than the label map's palette."""
+    ref = label_map.palette
+    if ref is None:
+        return []
+    out = []
+    for name in names:
+        pal = tuple(palettes[name])
+        differ = [v for v in label_map.values if pal[3 * v: 3 * v + 3] != ref[3 * v: 3 * v + 3]]
+        if differ:
+            out.append(f"{name} gives palette indices {differ[:8]} other colours than the other masks; "
+                       "re-save the masks with one palette, or as RGB colours")
+    return out
+
+
 def region_classes(regions: Sequence[Sequence[int]]) -> list[int]:
     """The class each region writes when it is the innermost region that applies.
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .weightmap import check_spacing
+from .arrays import check_spacing
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 

@@ -20,37 +20,17 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .arrays import check_label_image, check_spacing
+
 logger = logging.getLogger(__name__)
 
 CLASS_WEIGHTS = ("balanced", "none")
 
 
-def check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    """Validated voxel spacing: ``ndim`` positive finite numbers, 1.0 each when None (shared by
-    the distance-based modules so their errors read the same)."""
-    if spacing is None:
-        return (1.0,) * ndim
-    try:
-        values = tuple(float(s) for s in spacing)
-    except TypeError:
-        raise ValueError(f"spacing must be a sequence of {ndim} positive numbers, got {spacing!r}") from None
-    if len(values) != ndim:
-        raise ValueError(f"spacing must hold one value per axis ({ndim}), got {len(values)}: {values}")
-    if not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing values must be finite and positive, got {values}")
-    return values
-
-
 def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim not in (2, 3):
-        raise ValueError(f"labels must be 2D (H, W) or 3D (D, H, W), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer instance image (0 = background, 1..N objects), "
-                         f"got dtype {labels.dtype}; use instances_from_semantic for a binary mask")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be non-negative, got minimum {labels.min()}")
-    return labels
+    return check_label_image(labels, "labels", kinds="iu", non_negative=True,
+                             must="be an integer instance image (0 = background, 1..N objects)",
+                             hint="; use instances_from_semantic for a binary mask")
 
 
 def class_balance_weights(labels: np.ndarray, mode: str = "balanced") -> np.ndarray:
@@ -204,9 +184,7 @@ def instances_from_semantic(mask: np.ndarray, connectivity: int = 1) -> np.ndarr
     Returns:
         int32 instance image of mask's shape: 0 = background, components 1..N.
     """
-    mask = np.asarray(mask)
-    if mask.ndim not in (2, 3):
-        raise ValueError(f"mask must be 2D (H, W) or 3D (D, H, W), got shape {mask.shape}")
+    mask = check_label_image(mask, "mask", kinds="")  # any dtype: foreground is mask > 0
     if not (isinstance(connectivity, (int, np.integer)) and 1 <= connectivity <= mask.ndim):
         raise ValueError(f"connectivity must be an int in [1, {mask.ndim}], got {connectivity!r}")
     structure = ndimage.generate_binary_structure(mask.ndim, int(connectivity))
