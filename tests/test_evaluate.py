@@ -170,7 +170,7 @@ def _one_class(root):
         _png(p, np.zeros((12, 10), np.uint8))
 
 
-@pytest.mark.parametrize("spoil", [_grey_and_palette, _antialiased, _one_class])
+@pytest.mark.parametrize("spoil", [_grey_and_palette, _antialiased])
 def test_evaluate_folders_refuses_what_the_check_flags(tmp_path, spoil):
     pred, data = _folder(tmp_path)
     spoil(data)
@@ -181,6 +181,17 @@ def test_evaluate_folders_refuses_what_the_check_flags(tmp_path, spoil):
     for p in problems:  # the same sentences, each naming the file and the fix
         assert p in str(err.value)
     assert not (pred / "metrics.json").exists()
+
+
+def test_evaluate_folders_scores_an_all_background_truth_set(tmp_path):
+    pred, data = _folder(tmp_path)
+    _one_class(data)  # training would refuse it (one class), but it is a fair test set
+    assert any("holds only the value 0" in p for p in check_dataset(data).problems)
+    for p in pred.iterdir():
+        if p.suffix == ".png":
+            _png(p, np.zeros((12, 10), np.uint8))
+    summary, _ = evaluate_folders(pred, data)
+    assert summary["pixel_error"] == 0.0
 
 
 def test_evaluate_folders_lists_at_most_ten_problems(tmp_path):

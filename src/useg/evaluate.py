@@ -280,7 +280,7 @@ def _label_map(raw_truth: Mapping[Path, tuple], truth_dir: Path, run: str | Path
     value_sets = {str(t): set(np.unique(raw).tolist()) for t, (raw, _, _) in raw_truth.items()}
     modes = {str(t): mode for t, (_, mode, _) in raw_truth.items()}
     palettes = {str(t): pal for t, (_, _, pal) in raw_truth.items() if pal is not None}
-    label_map, problems = label_map_of_masks(value_sets, modes, palettes, labels, truth_dir)
+    label_map, problems = label_map_of_masks(value_sets, modes, palettes, labels, truth_dir, min_classes=1)
     if problems:
         listed = problems[:MAX_LISTED]
         if len(problems) > MAX_LISTED:

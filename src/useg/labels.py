@@ -265,6 +265,7 @@ def label_map_of_masks(
     palettes: Mapping[str, Sequence[int]] | None = None,
     explicit: Sequence[int] | None = None,
     folder: str | Path = "the masks",
+    min_classes: int = 2,
 ) -> tuple[LabelMap, list[str]]:
     """The label map of a set of mask files from what each holds, with every problem found.
 
@@ -279,6 +280,8 @@ def label_map_of_masks(
         palettes: mask file name -> its flat 768-entry palette, for palette masks.
         explicit: the user's values (``--labels 0,255``), see :func:`infer_label_map`.
         folder: the masks' folder, named in the single-class problem.
+        min_classes: fewer classes than this is a problem: 2 to train on the masks, 1 to score
+            predictions against them (an all-background truth set is a fair test).
 
     Returns:
         (label map, problems): one sentence per problem, naming the file and the fix.
@@ -306,7 +309,7 @@ def label_map_of_masks(
     problems.extend(label_problems)
     if mode == "palette":
         problems.extend(_palette_problems(palettes, kept, label_map))
-    if label_map.num_classes < 2:
+    if label_map.num_classes < min_classes:
         problems.append(f"every mask in {folder} holds only the value {label_map.values[0]}; "
                         "a segmentation needs at least two classes, check the masks or pass --labels")
     return label_map, problems
