@@ -142,8 +142,8 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
 def test_loop_state_is_stored_under_the_same_keys():
     from useg.train import LoopState
 
-    assert LoopState().to_dict() == {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
-    assert list(LoopState().to_dict()) == ["epoch", "step", "seconds", "best_dice", "best_epoch"]
+    fresh = {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
+    assert list(LoopState().to_dict().items()) == list(fresh.items())  # the keys in the order stored before
     state = {"epoch": 3, "step": 9, "seconds": 1.5, "best_dice": 0.25, "best_epoch": 2}
     assert LoopState.from_dict(state).to_dict() == state
 
@@ -180,9 +180,11 @@ def test_a_refused_resume_leaves_the_global_state_as_it_was(tmp_path, checkpoint
 def test_time_budget_stops_after_validating(tmp_path):
     images, labels = _tiny()
     plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
-                     train={"epochs": 3, "iters_per_epoch": 4, "batch_size": 2, "precision": "fp32", "workers": 0})
+                     train={"epochs": 3, "iters_per_epoch": 4, "batch_size": 2, "precision": "fp32",
+                            "workers": 0})
     run = tmp_path / "run"
-    result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), run, time_budget_min=1e-9, quiet=True)
+    result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), run, time_budget_min=1e-9,
+                 quiet=True)
     assert result.epochs == 1 and result.steps == 1  # the first step spends the budget
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and "val_dice" in records[0]
