@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -42,3 +44,54 @@ def test_device_and_info():
         assert runtime.set_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_global_state_puts_the_thread_count_back_even_on_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(runtime.cpu_count() + 1)  # a count global_state would never pick
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with runtime.global_state("cpu") as (dist, dev):
+                assert dist == runtime.Dist() and dev.type == "cpu"
+                assert torch.get_num_threads() == runtime.cpu_count()  # one process takes every core
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == runtime.cpu_count() + 1
+        with runtime.global_state("cpu"):
+            pass
+        assert torch.get_num_threads() == runtime.cpu_count() + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_deterministic_mode_sets_and_restores_the_flags(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with runtime.deterministic_mode(True, torch.device("cpu")):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()  # the CPU only warns
+            assert cudnn.deterministic and not cudnn.benchmark
+            raise RuntimeError("inside")
+    assert not torch.are_deterministic_algorithms_enabled() and not cudnn.deterministic
+    with runtime.deterministic_mode(True, torch.device("cuda")):  # sets flags only; runs nothing on a GPU
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    # what the caller had set (warn-only included) comes back; enabled=False changes nothing
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with runtime.deterministic_mode(True, torch.device("cuda")):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        with runtime.deterministic_mode(False, torch.device("cpu")):
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_single_process_collectives_are_no_ops():
+    one = runtime.Dist()
+    assert runtime.any_rank(True, one) and not runtime.any_rank(False, one)
+    assert runtime.replicas_in_sync(torch.nn.Linear(2, 2), one)
+    assert torch.equal(runtime.all_reduce_sum(torch.ones(3), one), torch.ones(3))

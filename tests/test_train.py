@@ -137,3 +137,55 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
     # a disagreeing fast path makes "auto" fall back to fp32
     (run / "inference.json").write_text(json.dumps({**record, "precision": "fp32"}))
     assert Segmenter.load(run, device="cpu").precision.dtype is None
+
+
+def test_loop_state_is_stored_under_the_same_keys():
+    from useg.train import LoopState
+
+    fresh = {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
+    assert list(LoopState().to_dict().items()) == list(fresh.items())  # the keys in the order stored before
+    state = {"epoch": 3, "step": 9, "seconds": 1.5, "best_dice": 0.25, "best_epoch": 2}
+    assert LoopState.from_dict(state).to_dict() == state
+
+
+@pytest.mark.parametrize("checkpoint", [None, b"garbage"])
+def test_a_refused_resume_leaves_the_global_state_as_it_was(tmp_path, checkpoint):
+    import dataclasses
+
+    from useg import runtime
+
+    images, labels = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
+                     train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "workers": 0})
+    plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, deterministic=True))
+    run = tmp_path / "run"
+    if checkpoint is not None:
+        run.mkdir()
+        (run / "last.safetensors").write_bytes(checkpoint)
+    before = torch.get_num_threads()
+    torch.set_num_threads(runtime.cpu_count() + 1)  # a count fit would never pick
+    try:
+        with pytest.raises(UsegError, match="nothing to resume" if checkpoint is None else "cannot read"):
+            fit(plan, (images, labels), ([], []), run, resume=True, device="cpu", quiet=True)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == runtime.cpu_count() + 1
+        # a run that finishes puts them back too
+        fit(plan, (images, labels), ([], []), tmp_path / "done", device="cpu", quiet=True)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == runtime.cpu_count() + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_time_budget_stops_after_validating(tmp_path):
+    images, labels = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
+                     train={"epochs": 3, "iters_per_epoch": 4, "batch_size": 2, "precision": "fp32",
+                            "workers": 0})
+    run = tmp_path / "run"
+    result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), run, time_budget_min=1e-9,
+                 quiet=True)
+    assert result.epochs == 1 and result.steps == 1  # the first step spends the budget
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and "val_dice" in records[0]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -198,3 +199,95 @@ def all_reduce_sum(values: torch.Tensor, dist: Dist) -> torch.Tensor:
 
         td.all_reduce(values, op=td.ReduceOp.SUM)
     return values
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """Whether ``flag`` is true on any process; ranks that must stop together (or hang) agree on it."""
+    if dist.world == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), dist)[0] > 0)
+
+
+def replicas_in_sync(model: torch.nn.Module, dist: Dist) -> bool:
+    """DDP keeps replicas identical; check it once at the end (sum of weights, max minus min over ranks)."""
+    if dist.world == 1:
+        return True
+    import torch.distributed as td
+
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    hi, lo = total.clone(), total.clone()
+    td.all_reduce(hi, op=td.ReduceOp.MAX)
+    td.all_reduce(lo, op=td.ReduceOp.MIN)
+    same = bool(hi == lo)
+    if not same:
+        logger.error("DDP replicas differ at the end of training (weight sums %r vs %r)",
+                     float(hi), float(lo))
+    return same
+
+
+@contextlib.contextmanager
+def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """Join the torchrun job, set the thread count, and put both back afterwards, even on an error.
+
+    On the CPU each process takes its share of the cores (all of them without torchrun); on other
+    devices the threads feed the host side and take every core. On leaving, the thread count is the
+    one before, and a process group this call started is ended: after a barrier when the body
+    returned (rank 0's files are complete before any process exits), at once when it raised (the
+    other ranks may never reach a barrier). Deterministic kernels are :func:`deterministic_mode`'s.
+
+    Args:
+        device: "auto", "cpu", "cuda", ... as for :func:`pick_device`.
+
+    Yields:
+        (the process's :class:`Dist`, the device it uses), as :func:`init_distributed` returns them.
+    """
+    threads = torch.get_num_threads()
+    dist = Dist()
+    try:
+        dist, dev = init_distributed(device)
+        set_threads(max(1, cpu_count() // dist.world) if dev.type == "cpu" else None)
+        yield dist, dev
+        if dist.owner:
+            import torch.distributed as td
+
+            td.barrier()
+    finally:
+        torch.set_num_threads(threads)
+        if dist.owner:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels inside the block when ``enabled``; the previous settings afterwards.
+
+    Sets ``torch.use_deterministic_algorithms`` (only a warning for ops without a deterministic CPU
+    kernel), cuDNN's deterministic flag without benchmarking, and on CUDA the cuBLAS workspace that
+    deterministic matrix products need. Whatever was set before, warn-only and the environment
+    variable included, is restored on leaving, also when the block raises. With ``enabled=False``
+    nothing is set.
+
+    Args:
+        enabled: whether to switch deterministic kernels on.
+        device: the device the block runs on (picks warn-only on the CPU and the cuBLAS setting).
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        if enabled:
+            torch.use_deterministic_algorithms(True, warn_only=device.type == "cpu")
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]

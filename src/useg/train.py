@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import runtime
+from . import runlog, runtime
 from .augment import Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
@@ -75,7 +74,10 @@ def make_optimizer(model: torch.nn.Module, plan: Plan) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {t.optimizer!r}; choose adamw or sgd")
 
 
-def validate(model, images, labels, plan: Plan, device, precision, dist: runtime.Dist = runtime.Dist()) -> dict:
+_ONE_PROCESS = runtime.Dist()  # not under torchrun
+
+
+def validate(model, images, labels, plan: Plan, device, precision, dist: runtime.Dist = _ONE_PROCESS) -> dict:
     """Foreground Dice (classes pooled over all validation images) and mean cross-entropy.
 
     Under DDP each process validates its share of the images and the counts are summed, so
@@ -99,7 +101,8 @@ def validate(model, images, labels, plan: Plan, device, precision, dist: runtime
         ce += float(-np.log(np.clip(p_true, 1e-8, 1.0)).sum()) / len(p_true)
         n += label.size
     model.train()
-    totals = runtime.all_reduce_sum(torch.tensor([*counts.ravel().tolist(), ce, n], dtype=torch.float64), dist)
+    totals = torch.tensor([*counts.ravel().tolist(), ce, n], dtype=torch.float64)
+    totals = runtime.all_reduce_sum(totals, dist)
     counts = totals[:-2].numpy().reshape(k, 3).round().astype(np.int64)
     ce, n = float(totals[-2]), float(totals[-1])
     per_class = [dice(*counts[c]) for c in range(k)]
@@ -153,6 +156,62 @@ def _workers(setting: int, device: torch.device) -> int:
     return 0 if device.type == "cpu" and cpus <= 4 else min(4, cpus // 2)
 
 
+@dataclass
+class LoopState:
+    """Where training stands; ``last.safetensors`` stores it as a dict with these keys."""
+
+    epoch: int = 0  # epochs completed, so the next one to run
+    step: int = 0  # optimizer steps taken
+    seconds: float = 0.0  # training wall time, resumed parts included
+    best_dice: float = -1.0  # best validation foreground Dice so far (-1 before any)
+    best_epoch: int = -1  # epoch of model.safetensors
+
+    def to_dict(self) -> dict:
+        """The checkpoint's ``state`` record (keys in this order, as run folders have always held)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LoopState:
+        """The state a checkpoint holds; keys it lacks keep their starting values."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What one call of :func:`fit` trains with, built once by :func:`_setup`."""
+
+    plan: Plan
+    run: Path
+    dist: runtime.Dist
+    dev: torch.device
+    prec: runtime.Precision
+    fmt: torch.memory_format  # the network's memory format; batches are converted to it
+    model: torch.nn.Module  # the network itself: saved, validated
+    net: torch.nn.Module  # what takes the steps: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: SegLoss
+    patches: PatchDataset
+    sampler: torch.utils.data.DistributedSampler | None  # this rank's share under DDP
+    loader: torch.utils.data.DataLoader
+    workers: int
+    images: list[np.ndarray]  # the training images
+
+
+@dataclass
+class _Clock:
+    """This call's wall time, time budget and progress bar (none of it is checkpointed)."""
+
+    start: float  # perf_counter() at the start, moved back by the seconds of resumed parts
+    budget_s: float | None
+    total_steps: int  # the plan's epochs x steps per epoch
+    bar: runlog.ProgressBar
+    val_seconds: float = 0.0  # the last validation's duration: the next one has to fit in the budget too
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def fit(
     plan: Plan,
     train_data: tuple[list[np.ndarray], list[np.ndarray]],
@@ -164,6 +223,10 @@ def fit(
     quiet: bool = False,
 ) -> TrainResult:
     """Train the plan's U-Net on in-memory arrays and write the run folder.
+
+    The steps: :func:`_setup`, :func:`_restore_or_start`, then per epoch :func:`_run_epoch` and
+    :func:`_end_epoch`, and :func:`_finish`. Threads, the process group and deterministic kernels are
+    put back as they were when fit returns or raises.
 
     Args:
         plan: what to train (saved as run/plan.json).
@@ -179,148 +242,169 @@ def fit(
         A :class:`TrainResult`.
     """
     run = Path(run)
-    dist, dev = runtime.init_distributed(device)
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-    quiet = quiet or not dist.main  # only rank 0 logs and writes
+    with runtime.global_state(device) as (dist, dev):
+        if dist.main:
+            run.mkdir(parents=True, exist_ok=True)
+        with runtime.deterministic_mode(plan.train.deterministic, dev):
+            s = _setup(plan, train_data, run, dist, dev)
+            state = _restore_or_start(s, resume)
+            _train(s, state, val_data, time_budget_min, quiet or not dist.main)  # only rank 0 logs and writes
+        return _finish(s, state, val_data)
+
+
+def _setup(plan: Plan, train_data: tuple[list[np.ndarray], list[np.ndarray]], run: Path, dist: runtime.Dist,
+           dev: torch.device) -> _Setup:
+    """Precision, model (DDP-wrapped under torchrun), optimizer, loss, border weights and data loader."""
     t = plan.train
     prec = runtime.pick_precision(dev, "fp32" if t.deterministic else t.precision)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=dev.type == "cpu")
-        if dev.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    runtime.set_threads(max(1, runtime.cpu_count() // dist.world) if dev.type == "cpu" else None)
-    torch.manual_seed(plan.train.seed)  # the same initial weights on every rank
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(plan)
     fmt = runtime.memory_format(plan.model.dims, prec)
     model = model.to(dev, memory_format=fmt)
-    torch.manual_seed(plan.train.seed + dist.rank)  # then per-rank randomness (dropout) differs
+    torch.manual_seed(t.seed + dist.rank)  # then per-rank randomness (dropout) differs
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = make_optimizer(model, plan)
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
-    loss_fn = SegLoss(plan.train.loss, regions=plan.data.regions)
-    out_size = model.output_size(plan.data.patch_size)
+    loss_fn = SegLoss(t.loss, regions=plan.data.regions)
     images, labels = train_data
     weights = border_weights(labels, plan) if plan.data.border_weights else None
-    ds = PatchDataset(
-        images, labels, plan.data.patch_size, out_size=out_size, weights=weights,
-        length=t.iters_per_epoch * t.batch_size * dist.world, seed=t.seed,
+    patches = PatchDataset(
+        images, labels, plan.data.patch_size, out_size=model.output_size(plan.data.patch_size),
+        weights=weights, length=t.iters_per_epoch * t.batch_size * dist.world, seed=t.seed,
         augment=Augmenter(plan.data.augment), fg_fraction=plan.data.fg_fraction,
     )
     # Under DDP each rank takes its own share of the epoch's (already random) patches.
-    sampler = (torch.utils.data.DistributedSampler(ds, dist.world, dist.rank, shuffle=True, seed=t.seed,
+    sampler = (torch.utils.data.DistributedSampler(patches, dist.world, dist.rank, shuffle=True, seed=t.seed,
                                                    drop_last=True) if dist.world > 1 else None)
     workers = _workers(t.workers, dev)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=t.batch_size, shuffle=False, sampler=sampler, drop_last=True, num_workers=workers,
+        patches, batch_size=t.batch_size, shuffle=False, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
-    state = {"epoch": 0, "step": 0, "seconds": 0.0, "best_dice": -1.0, "best_epoch": -1}
-    last = run / "last.safetensors"
-    if resume:
-        if not last.exists():
-            raise UsegError(f"{last} does not exist; there is nothing to resume, train without --resume")
-        state = load_checkpoint(last, model, optimizer)
-        logger.info("resuming %s at epoch %d (step %d)", run, state["epoch"], state["step"])
-        if dist.main:
-            _drop_records_after(run / "metrics.jsonl", state["epoch"])
-    elif dist.main:
-        plan.save(run / "plan.json")
-        (run / "metrics.jsonl").unlink(missing_ok=True)
-    budget_s = time_budget_min * 60.0 if time_budget_min else None
-    total_steps = t.epochs * t.iters_per_epoch
-    if dist.main:
-        logger.info("training on %s%s, %s, %d workers, %d train / %d val images", dev,
-                    f" x {dist.world} processes" if dist.world > 1 else "", prec.name, workers,
-                    len(images), len(val_data[0]))
+    return _Setup(plan, run, dist, dev, prec, fmt, model, net, optimizer, scaler, loss_fn, patches, sampler,
+                  loader, workers, images)
 
-    progress = _progress(quiet)
-    task = progress.add_task("train", total=total_steps, completed=state["step"], loss=float("nan"),
-                             dice=max(state["best_dice"], 0.0))
-    start = time.perf_counter() - state["seconds"]
-    val_seconds = 0.0
-    model.train()
-    with progress:
-        while state["epoch"] < t.epochs:
-            epoch = state["epoch"]
-            ds.set_epoch(epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            running, count, stop = torch.zeros((), device=dev), 0, False
-            for batch in loader:
-                elapsed = time.perf_counter() - start
-                frac = state["step"] / total_steps
-                if budget_s and not t.deterministic:  # wall time would make the schedule unrepeatable
-                    frac = max(frac, elapsed / budget_s)
-                for g in optimizer.param_groups:
-                    g["lr"] = t.lr * lr_factor(frac, t.schedule, t.warmup)
-                x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
-                y = batch["label"].to(dev, non_blocking=True)
-                w = batch["weight"].to(dev, non_blocking=True) if "weight" in batch else None
-                loss = train_step(net, x, y, w, loss_fn, optimizer, scaler, dev, prec)
-                running += loss
-                count += 1
-                state["step"] += 1
-                if count % 5 == 0:  # .item() syncs with the device: only now and then
-                    progress.update(task, completed=state["step"], loss=float(running) / count)
-                else:
-                    progress.update(task, completed=state["step"])
-                if budget_s and _out_of_time(time.perf_counter() - start + val_seconds > budget_s, dist):
-                    stop = True
-                    break
-            sums = runtime.all_reduce_sum(torch.stack([running.double().cpu(), torch.tensor(float(count))]), dist)
-            train_loss = float(sums[0]) / max(float(sums[1]), 1.0)
-            record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss,
-                      "lr": optimizer.param_groups[0]["lr"]}
-            if val_data[0]:
-                v0 = time.perf_counter()
-                record.update(validate(model, *val_data, plan, dev, prec, dist))
-                val_seconds = time.perf_counter() - v0
-                if record["val_dice"] > state["best_dice"]:
-                    state["best_dice"], state["best_epoch"] = record["val_dice"], epoch
-                    if dist.main:
-                        save_model(model, run / "model.safetensors")
-            else:
-                state["best_epoch"] = epoch
-                if dist.main:
-                    save_model(model, run / "model.safetensors")
-            state["epoch"] = epoch + 1
-            state["seconds"] = time.perf_counter() - start
-            record["seconds"] = round(state["seconds"], 2)
-            if dist.main:
-                with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                save_checkpoint(last, model, optimizer, state)
-            if budget_s and state["seconds"] > 0 and state["epoch"] < t.epochs:
-                # Re-estimate how many steps fit in the budget so the bar's ETA is honest.
-                per_step = state["seconds"] / max(state["step"], 1)
-                fits = int(budget_s / per_step)
-                progress.update(task, total=max(state["step"], min(total_steps, fits)))
-            progress.update(task, loss=train_loss, dice=max(state["best_dice"], 0.0))
-            logger.info("epoch %d: loss %.4f%s", epoch, train_loss,
-                        f", val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
+
+def _restore_or_start(s: _Setup, resume: bool) -> LoopState:
+    """Resume from ``last.safetensors`` (model, optimizer, RNG, loop state) or start a fresh run folder.
+
+    Raises:
+        UsegError: resume was asked for but there is no checkpoint, or it cannot be read.
+    """
+    if not resume:
+        if s.dist.main:
+            s.plan.save(s.run / "plan.json")
+            (s.run / "metrics.jsonl").unlink(missing_ok=True)
+        return LoopState()
+    last = s.run / "last.safetensors"
+    if not last.exists():
+        raise UsegError(f"{last} does not exist; there is nothing to resume, train without --resume")
+    state = LoopState.from_dict(load_checkpoint(last, s.model, s.optimizer))
+    logger.info("resuming %s at epoch %d (step %d)", s.run, state.epoch, state.step)
+    if s.dist.main:
+        runlog.drop_records_after(s.run / "metrics.jsonl", state.epoch)
+    return state
+
+
+def _train(s: _Setup, state: LoopState, val_data: tuple[list, list], time_budget_min: float | None,
+           quiet: bool) -> None:
+    """The epochs from ``state.epoch`` to the plan's last, or until the time budget is spent."""
+    t = s.plan.train
+    if s.dist.main:
+        logger.info("training on %s%s, %s, %d workers, %d train / %d val images", s.dev,
+                    f" x {s.dist.world} processes" if s.dist.world > 1 else "", s.prec.name, s.workers,
+                    len(s.images), len(val_data[0]))
+    total_steps = t.epochs * t.iters_per_epoch
+    bar = runlog.ProgressBar(quiet, total_steps, state.step, max(state.best_dice, 0.0))
+    clock = _Clock(time.perf_counter() - state.seconds, time_budget_min * 60.0 if time_budget_min else None,
+                   total_steps, bar)
+    s.model.train()
+    with bar:
+        while state.epoch < t.epochs:
+            train_loss, stop = _run_epoch(s, state, clock)
+            _end_epoch(s, state, clock, train_loss, val_data)
             if stop:
                 break
-    torch.use_deterministic_algorithms(was_deterministic)
-    in_sync = _ranks_in_sync(model, dist)
-    result = TrainResult(run, state["best_dice"] if val_data[0] else float("nan"), state["best_epoch"],
-                         state["epoch"], state["step"], state["seconds"] / 60.0)
-    if dist.main:
-        _plot(run)
-        check_low_precision(plan, run, val_data[0] or images, dev)
-        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-        summary.update(world_size=dist.world, ranks_in_sync=in_sync)
-        with atomic_path(run / "summary.json") as tmp:
-            Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if dist.owner:
-        import torch.distributed as td
 
-        td.barrier()  # rank 0's files are complete before any process exits
-        td.destroy_process_group()
+
+def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]:
+    """The optimizer steps of epoch ``state.epoch``.
+
+    Returns:
+        (the mean training loss over all ranks, whether the time budget ran out).
+    """
+    t = s.plan.train
+    s.patches.set_epoch(state.epoch)
+    if s.sampler is not None:
+        s.sampler.set_epoch(state.epoch)
+    running, count, stop = torch.zeros((), device=s.dev), 0, False
+    for batch in s.loader:
+        frac = state.step / clock.total_steps
+        if clock.budget_s and not t.deterministic:  # wall time would make the schedule unrepeatable
+            frac = max(frac, clock.elapsed() / clock.budget_s)
+        for g in s.optimizer.param_groups:
+            g["lr"] = t.lr * lr_factor(frac, t.schedule, t.warmup)
+        x = batch["image"].to(s.dev, non_blocking=True).contiguous(memory_format=s.fmt)
+        y = batch["label"].to(s.dev, non_blocking=True)
+        w = batch["weight"].to(s.dev, non_blocking=True) if "weight" in batch else None
+        running += train_step(s.net, x, y, w, s.loss_fn, s.optimizer, s.scaler, s.dev, s.prec)
+        count += 1
+        state.step += 1
+        if count % 5 == 0:  # .item() syncs with the device: only now and then
+            clock.bar.update(completed=state.step, loss=float(running) / count)
+        else:
+            clock.bar.update(completed=state.step)
+        if clock.budget_s and runtime.any_rank(clock.elapsed() + clock.val_seconds > clock.budget_s, s.dist):
+            stop = True
+            break
+    sums = runtime.all_reduce_sum(torch.stack([running.double().cpu(), torch.tensor(float(count))]), s.dist)
+    return float(sums[0]) / max(float(sums[1]), 1.0), stop
+
+
+def _end_epoch(s: _Setup, state: LoopState, clock: _Clock, train_loss: float,
+               val_data: tuple[list, list]) -> None:
+    """Validate, keep the best model, append the metrics record, checkpoint, and update the bar."""
+    epoch = state.epoch
+    record = {"epoch": epoch, "step": state.step, "train_loss": train_loss,
+              "lr": s.optimizer.param_groups[0]["lr"]}
+    if val_data[0]:
+        v0 = time.perf_counter()
+        record.update(validate(s.model, *val_data, s.plan, s.dev, s.prec, s.dist))
+        clock.val_seconds = time.perf_counter() - v0
+        best = record["val_dice"] > state.best_dice
+        if best:
+            state.best_dice, state.best_epoch = record["val_dice"], epoch
+    else:  # without validation the last model is the one kept
+        best, state.best_epoch = True, epoch
+    if best and s.dist.main:
+        save_model(s.model, s.run / "model.safetensors")
+    state.epoch = epoch + 1
+    state.seconds = clock.elapsed()
+    record["seconds"] = round(state.seconds, 2)
+    if s.dist.main:
+        runlog.append_record(s.run, record)
+        save_checkpoint(s.run / "last.safetensors", s.model, s.optimizer, state.to_dict())
+    if clock.budget_s and state.seconds > 0 and state.epoch < s.plan.train.epochs:
+        # Re-estimate how many steps fit in the budget so the bar's ETA is honest.
+        fits = int(clock.budget_s / (state.seconds / max(state.step, 1)))
+        clock.bar.update(total=max(state.step, min(clock.total_steps, fits)))
+    clock.bar.update(loss=train_loss, dice=max(state.best_dice, 0.0))
+    logger.info("epoch %d: loss %.4f%s", epoch, train_loss,
+                f", val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
+
+
+def _finish(s: _Setup, state: LoopState, val_data: tuple[list, list]) -> TrainResult:
+    """Check the DDP replicas agree; rank 0 plots the curves, checks bf16 inference, writes summary.json."""
+    in_sync = runtime.replicas_in_sync(s.model, s.dist)
+    result = TrainResult(s.run, state.best_dice if val_data[0] else float("nan"), state.best_epoch,
+                         state.epoch, state.step, state.seconds / 60.0)
+    if s.dist.main:
+        runlog.write_curves(s.run)
+        check_low_precision(s.plan, s.run, val_data[0] or s.images, s.dev)
+        runlog.write_summary(s.run, {**result.__dict__, "world_size": s.dist.world, "ranks_in_sync": in_sync})
     return result
 
 
@@ -364,65 +448,5 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
     return record
 
 
-def _drop_records_after(path: Path, epoch: int) -> None:
-    """Keep the metrics of epochs before ``epoch``: a crash may have logged one the checkpoint lacks."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line).get("epoch", 0) < epoch]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def _out_of_time(local: bool, dist: runtime.Dist) -> bool:
-    """Whether to stop for the time budget; under DDP all ranks stop at the same step or they hang."""
-    if dist.world == 1:
-        return local
-    return bool(runtime.all_reduce_sum(torch.tensor([float(local)]), dist)[0] > 0)
-
-
-def _ranks_in_sync(model: torch.nn.Module, dist: runtime.Dist) -> bool:
-    """DDP keeps replicas identical; check it once at the end (sum of weights, max minus min over ranks)."""
-    if dist.world == 1:
-        return True
-    import torch.distributed as td
-
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
-    hi, lo = total.clone(), total.clone()
-    td.all_reduce(hi, op=td.ReduceOp.MAX)
-    td.all_reduce(lo, op=td.ReduceOp.MIN)
-    same = bool(hi == lo)
-    if not same:
-        logger.error("DDP replicas differ at the end of training (weight sums %r vs %r)", float(hi), float(lo))
-    return same
-
-
-def _plot(run: Path) -> None:
-    from .report import plot_curves
-
-    path = run / "metrics.jsonl"
-    if path.exists():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if records:
-            plot_curves(records, run / "curves.png")
-
-
-def _progress(quiet: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("val dice {task.fields[dice]:.3f}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        disable=quiet, transient=False,
-    )
-
-
-__all__ = ["TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer", "train_step", "validate"]
+__all__ = ["LoopState", "TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer",
+           "train_step", "validate"]
