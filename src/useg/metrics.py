@@ -299,7 +299,7 @@ def _plain(value):
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    from .io import atomic_path
+    from .files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
@@ -339,7 +339,8 @@ def evaluate_folders(
     """
     from .dataset import mask_stem
     from .errors import UsegError
-    from .io import MASK_SUFFIXES, read_mask, stem_of, suffix_of
+    from .files import stem_of, suffix_of
+    from .io import MASK_SUFFIXES, read_mask
     from .labels import LabelMap, infer_label_map
 
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
