@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from useg import runtime  # noqa: E402
 from useg.dataset import discover  # noqa: E402
 from useg.distances import BRATS_REGIONS, evaluate_regions  # noqa: E402
-from useg.io import atomic_path, read_image, read_mask  # noqa: E402
+from useg.files import atomic_path  # noqa: E402
+from useg.io import read_image, read_mask  # noqa: E402
 from useg.pipeline import train_folder  # noqa: E402
 from useg.predict import Segmenter  # noqa: E402
 

@@ -45,8 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from useg import runtime
+from useg.files import atomic_path
 from useg.instances import adapted_rand_error, label_instances, match_instances
-from useg.io import atomic_path, read_image, read_mask
+from useg.io import read_image, read_mask
 from useg.metrics import confusion, dice, iou
 
 VARIANTS = ("default", "paper", "paper-no-weights", "paper-no-elastic", "monai-basicunet")

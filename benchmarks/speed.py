@@ -438,7 +438,7 @@ def main(argv=None) -> dict:
     }
     print_table(rows)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    from useg.io import atomic_path
+    from useg.files import atomic_path
 
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

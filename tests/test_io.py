@@ -5,8 +5,10 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
+from useg import io
 from useg.errors import UsegError
-from useg.io import Image, atomic_path, read_image, read_mask, write_image, write_mask
+from useg.files import NIFTI_SUFFIXES, Image
+from useg.io import read_image, read_mask, write_image, write_mask
 from useg.labels import infer_label_map
 
 PALETTE = tuple(int(v) for v in (np.arange(768) * 7) % 256)
@@ -180,14 +182,6 @@ def test_write_mask_checks_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["old.png"]  # the previous file, intact
     assert read_mask(tmp_path / "old.png")[0].max() == 0
-    with pytest.raises(RuntimeError), atomic_path(tmp_path / "sub" / "f.json") as tmp:
-        assert tmp.parent == tmp_path / "sub" and tmp.suffix == ".json"
-        tmp.write_text("half")
-        raise RuntimeError("crash")
-    assert list((tmp_path / "sub").iterdir()) == []
-    with atomic_path(tmp_path / "sub" / "f.json") as tmp:
-        tmp.write_text("{}")
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["f.json"]
 
 
 @pytest.mark.parametrize("suffix,shape,dtype", [(".png", (3, 5, 6), np.uint8), (".png", (1, 5, 6), np.uint16),
@@ -208,3 +202,52 @@ def test_write_image_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=".tif"):
         write_image(tmp_path / "a.png", np.zeros((1, 4, 4), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_format_table_is_the_single_source():
+    assert io.IMAGE_SUFFIXES == frozenset(io.FORMATS)
+    assert io.MASK_SUFFIXES <= io.IMAGE_SUFFIXES
+    for suffix in io.IMAGE_SUFFIXES | io.MASK_SUFFIXES:
+        assert isinstance(io.FORMATS[suffix], io.Format)
+    for suffix in io.MASK_SUFFIXES:
+        assert io.FORMATS[suffix].read_mask is not None
+    assert {".jpg", ".jpeg"} <= io.MASK_SUFFIXES  # listed, so that JPEG masks are found and refused clearly
+    writable = {s for s, f in io.FORMATS.items() if f.write_mask is not None}
+    assert writable == {".png", ".tif", ".tiff", ".nii", ".nii.gz"}
+    assert NIFTI_SUFFIXES <= io.IMAGE_SUFFIXES
+
+
+def test_a_new_table_entry_is_all_a_format_needs(tmp_path, monkeypatch):
+    calls = []
+
+    def read(path):
+        calls.append(("image", path))
+        return Image(np.full((1, 2, 3), 7, np.uint8), path=path, format="fake")
+
+    def read_values(path):
+        calls.append(("mask", path))
+        return np.array([[0, 255], [255, 0]], np.uint8)[..., None].repeat(3, -1), "rgb", None
+
+    def write(path, stored, like, label_map):
+        calls.append(("write", stored.dtype.name))
+        return path
+
+    fake = io.Format("fake", read, read_values, write, None)
+    monkeypatch.setattr(io, "FORMATS", {**io.FORMATS, ".fake": fake})
+    img = read_image(tmp_path / "a.FAKE")
+    assert img.format == "fake" and calls == [("image", tmp_path / "a.FAKE")]
+    raw, mode, pal = read_mask(tmp_path / "m.fake")  # the shared finish: equal colour channels are grey
+    assert mode == "grey" and raw.shape == (2, 2) and pal is None
+    assert write_mask(tmp_path / "o.fake", np.ones((2, 3), int), like=img) == tmp_path / "o.fake"
+    assert calls[-1] == ("write", "uint8")
+    with pytest.raises(ValueError, match="cannot write an image as '.fake'"):
+        write_image(tmp_path / "i.fake", np.zeros((1, 2, 3), np.uint8))
+
+
+def test_dicom_folders_are_found_by_content_and_nifti_names_stay_nifti(tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr(io, "DICOM_SERIES", io.Format("dicom", lambda p: read.append(p) or "series"))
+    monkeypatch.setattr(io.volumes, "is_dicom_dir", lambda p: True)
+    assert read_image(tmp_path / "series.png") == "series" and read == [tmp_path / "series.png"]
+    with pytest.raises(UsegError, match="does not exist"):
+        read_image(tmp_path / "vol.nii.gz")

@@ -171,7 +171,7 @@ def test_probabilities_are_written_in_the_asked_precision(tmp_path, cells_dir, d
 def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
     import dataclasses
 
-    from useg.io import Image
+    from useg.files import Image
 
     plan, model = _run(tmp_path, dims=3)
     plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, resample=True, spacing=(2.0, 1.0, 1.0)))

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from useg.errors import UsegError
-from useg.io import read_image, read_mask, stem_of, suffix_of, write_mask
+from useg.files import Image
+from useg.io import read_image, read_mask, write_mask
+from useg.volumes import nifti_affine, write_nifti
 
 
 def _nifti(path, arr, zooms=(1.0, 1.0, 1.0), affine=None, dtype=None, slope=None, inter=0.0):
@@ -18,11 +20,6 @@ def _nifti(path, arr, zooms=(1.0, 1.0, 1.0), affine=None, dtype=None, slope=None
         img.header.set_slope_inter(slope, inter)
     nib.save(img, str(path))
     return path
-
-
-def test_names_with_nii_gz():
-    assert suffix_of("a/case_0001.nii.gz") == ".nii.gz" and stem_of("a/case_0001.nii.gz") == "case_0001"
-    assert suffix_of("x.PNG") == ".png" and stem_of("x.png") == "x"
 
 
 @pytest.mark.parametrize("shape", [(7, 9, 5), (6, 11)])
@@ -75,7 +72,8 @@ def test_dicom_series_reads_in_slice_order(tmp_path, rng):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    series, vol = generate_uid(), rng.integers(0, 1000, size=(4, 6, 5)).astype(np.uint16)  # (slices, rows, cols)
+    # (slices, rows, cols)
+    series, vol = generate_uid(), rng.integers(0, 1000, size=(4, 6, 5)).astype(np.uint16)
     folder = tmp_path / "ct"
     folder.mkdir()
     for k in [2, 0, 3, 1]:  # written out of order: position decides
@@ -99,3 +97,34 @@ def test_dicom_series_reads_in_slice_order(tmp_path, rng):
     assert image.spacing == pytest.approx((0.6, 0.7, 2.0))
     out = write_mask(tmp_path / "ct.nii.gz", (image.array[0] > 0).astype(np.uint8), like=image)
     assert nib.load(str(out)).shape == (5, 6, 4)
+
+
+def test_nifti_affine_is_the_one_fallback():
+    rotated = np.array([[0, -0.8, 0, 10], [0.8, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]], float)
+    assert nifti_affine(Image(np.zeros((1, 2, 3, 4)), affine=rotated)) is rotated
+    np.testing.assert_array_equal(nifti_affine(Image(np.zeros((1, 2, 3, 4)), spacing=(2.0, 0.5, 0.25))),
+                                  np.diag([2.0, 0.5, 0.25, 1.0]))
+    np.testing.assert_array_equal(nifti_affine(Image(np.zeros((1, 3, 4)), spacing=(0.5, 0.25))),
+                                  np.diag([0.5, 0.25, 1.0, 1.0]))  # 2D: the missing axis is 1.0
+
+
+def test_write_nifti_keeps_the_geometry_and_the_values(tmp_path, rng):
+    src = _nifti(tmp_path / "img.nii", rng.normal(size=(4, 5, 6)).astype(np.float32), (0.8, 0.9, 2.5))
+    image = read_image(src)
+    probs = rng.random((4, 5, 6, 3)).astype(np.float32)  # a 4th axis of channels
+    out = write_nifti(tmp_path / "o" / "p.nii.gz", probs, image)
+    back = nib.load(str(out))
+    np.testing.assert_allclose(back.affine, nib.load(str(src)).affine)
+    assert back.get_data_dtype() == np.float32
+    assert back.header.get_zooms()[:3] == pytest.approx((0.8, 0.9, 2.5))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), probs)
+    vol = Image(np.zeros((1, 4, 5, 6), np.uint16), spacing=(2.0, 0.5, 0.25), format="tiff")  # no header
+    counts = rng.integers(0, 9, (4, 5, 6, 2)).astype(np.uint8)
+    back = nib.load(str(write_nifti(tmp_path / "t.nii.gz", counts, vol)))
+    np.testing.assert_array_equal(back.affine, np.diag([2.0, 0.5, 0.25, 1.0]))
+    assert back.header.get_zooms() == pytest.approx((2.0, 0.5, 0.25, 1.0))
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(back.dataobj), counts)
+    with pytest.raises(ValueError, match="use .nii.gz or .nii"):
+        write_nifti(tmp_path / "p.tif", probs, image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii", "o", "t.nii.gz"]  # no temporary left

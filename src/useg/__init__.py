@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .errors import UsegError
+from .model import UNet
+from .runtime import package_version
 
-from .errors import UsegError  # noqa: E402
-from .model import UNet  # noqa: E402
+__version__ = package_version()
 
 __all__ = ["UNet", "Segmenter", "UsegError", "__version__"]
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UsegError
-from .io import atomic_path
+from .files import atomic_path
 
 
 def save_model(model: torch.nn.Module, path: Path) -> None:

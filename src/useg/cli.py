@@ -186,10 +186,10 @@ def _layout_args(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .runtime import package_version
 
     p = argparse.ArgumentParser(prog="useg", description="U-Net segmentation for biomedical images.")
-    p.add_argument("--version", action="version", version=f"useg {__version__}")
+    p.add_argument("--version", action="version", version=f"useg {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, device=True):

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import layouts, volumes
 from .errors import UsegError
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask, stem_of, suffix_of
+from .files import stem_of, suffix_of
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask
 from .labels import LabelMap, label_map_of_masks
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,9 @@ import numpy as np
 from .dataset import mask_stem
 from .distances import BRATS_REGIONS, REGION_METRICS, evaluate_regions
 from .errors import UsegError
+from .files import atomic_write_text, stem_of, suffix_of
 from .instances import evaluate_instances
-from .io import MASK_SUFFIXES, atomic_path, read_mask, stem_of, suffix_of
+from .io import MASK_SUFFIXES, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .metrics import METRICS, evaluate_case
 from .volumes import is_nifti, nifti_spacing
@@ -170,8 +171,8 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None 
     csv_text = buf.getvalue()
     json_text = json.dumps({"cases": clean, "summary": summary, **_plain_tree(extra or {})}, indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_text(out_dir / "metrics.csv", csv_text)
-    json_path = _write_text(out_dir / "metrics.json", json_text)
+    csv_path = atomic_write_text(out_dir / "metrics.csv", csv_text)
+    json_path = atomic_write_text(out_dir / "metrics.json", json_text)
     logger.info("metrics of %d case(s) written to %s", summary["n_cases"], out_dir)
     return csv_path, json_path
 
@@ -322,9 +323,3 @@ def _plain_tree(obj):
 def _plain(value):
     """numpy scalars to Python scalars, so rows serialise to JSON."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
-    return path

@@ -26,7 +26,7 @@ import torch
 
 from . import runtime
 from .errors import UsegError
-from .io import atomic_path
+from .files import atomic_path
 from .model import output_size
 from .plan import Plan
 

@@ -10,7 +10,7 @@
   named by file-name prefix (``--channels Flair,T1c --label seg``).
 
 Each layout yields :class:`useg.dataset.Case` objects whose ``extra`` holds the channel files after
-the first; :func:`read_case_image` stacks them into one :class:`useg.io.Image`.
+the first; :func:`read_case_image` stacks them into one :class:`useg.files.Image`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsegError
-from .io import IMAGE_SUFFIXES, Image, read_image, stem_of, suffix_of
+from .files import Image, stem_of, suffix_of
+from .io import IMAGE_SUFFIXES, read_image
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
 

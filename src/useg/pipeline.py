@@ -15,7 +15,7 @@ import numpy as np
 from . import runtime
 from .dataset import Case, load_case, normalize
 from .errors import UsegError
-from .io import atomic_path
+from .files import atomic_path
 from .plan import Plan
 from .train import TrainResult, fit
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .augment import AugmentConfig
-from .io import atomic_path
+from .files import atomic_path
 from .labels import LabelMap
 from .model import valid_input_size
 

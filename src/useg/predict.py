@@ -16,8 +16,9 @@ from . import runtime
 from .checkpoint import load_weights
 from .dataset import Case, normalize
 from .errors import UsegError
+from .files import NIFTI_SUFFIXES, Image, stem_of, suffix_of
 from .instances import label_instances
-from .io import Image, stem_of, suffix_of, write_mask
+from .io import write_mask
 from .labels import regions_to_labels
 from .layouts import read_case_image
 from .model import UNet, output_size, valid_input_size
@@ -291,7 +292,7 @@ class Segmenter:
         return self._prepare(array, name=str(image.path or "the image")), resample
 
     def predict_image_proba(self, image: Image) -> np.ndarray:
-        """Class (or region) probabilities (K, *S) float32 for an :class:`useg.io.Image`, in its geometry."""
+        """Class (or region) probabilities (K, *S) float32 for an :class:`useg.files.Image`, in its geometry."""
         x, resample = self._image_input(image)
         probs = predict_probs(self.model, x, self.plan, self.device, self.precision, fn=self._fn())
         if resample:
@@ -301,7 +302,7 @@ class Segmenter:
         return probs
 
     def predict_image(self, image: Image) -> np.ndarray:
-        """Class indices (*S) for an :class:`useg.io.Image`, in the image's own geometry.
+        """Class indices (*S) for an :class:`useg.files.Image`, in the image's own geometry.
 
         A plan trained at another spacing (``plan.data.resample``) sees the image resampled to
         that spacing, and the labels come back to the image's grid by nearest neighbour.
@@ -402,18 +403,11 @@ def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str =
     TIFF holds (K, *S) with the image's resolution; NIfTI (for volumes) holds (*S, K) with the
     image's affine, the channel last as NIfTI's 4th axis.
     """
-    from .io import _write_tiff, atomic_path
+    from . import tiff, volumes
 
     data = probs.astype(np.float16) if dtype == "float16" else np.round(np.clip(probs, 0, 1) * 255).astype(np.uint8)
-    if suffix_of(path) in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        affine = like.affine if like.affine is not None else np.diag([*(list(like.spacing) + [1.0] * 3)[:3], 1.0])
+    if suffix_of(path) in NIFTI_SUFFIXES:
         arr = np.moveaxis(data.astype(np.float32) if dtype == "float16" else data, 0, -1)  # NIfTI has no float16
-        with atomic_path(path) as tmp:
-            nib.save(nib.Nifti1Image(arr, affine), str(tmp))
-        return path
-    with atomic_path(path) as tmp:
-        _write_tiff(tmp, data, like, rgb=False)
-    return path
+        return volumes.write_nifti(path, arr, like)
+    return tiff.write_tiff(path, data, like)
 

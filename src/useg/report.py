@@ -11,13 +11,13 @@ import html
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
-from .io import atomic_path
+from .files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +26,10 @@ CLASS_COLOURS = np.array([[0, 0, 0], [230, 57, 70], [42, 157, 143], [233, 196, 1
                           [244, 162, 97], [131, 56, 236], [58, 134, 255]], np.float32) / 255.0
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, renamed to ``path`` when complete."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return path
-
-
 def _save_figure(fig, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path
 
 
 def _points(records: Sequence[dict], key: str) -> list[tuple[float, float]]:
@@ -216,4 +211,4 @@ pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}figure{{margin:1em 0}}</sty
 {figures}
 </body></html>
 """
-    return _atomic_write(out_dir / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return atomic_write_text(out_dir / "report.html", page)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_path
+from .files import atomic_path
 
 
 def append_record(run: Path, record: dict) -> None:

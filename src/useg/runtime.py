@@ -124,18 +124,28 @@ def set_threads(threads: int | None = None) -> int:
     return n
 
 
+def package_version() -> str:
+    """useg's version as installed (pyproject.toml is the one source); a source tree that was
+    never installed says so instead of guessing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("useg")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def info() -> dict[str, str]:
     """What `useg info` prints: versions, the device and precision useg would use, threads."""
     import platform
 
     import numpy as np
 
-    from . import __version__
 
     dev = pick_device("auto")
     prec = pick_precision(dev)
     out = {
-        "useg": __version__,
+        "useg": package_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,

@@ -23,7 +23,7 @@ from . import runlog, runtime
 from .augment import Augmenter
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
-from .io import atomic_path
+from .files import atomic_path
 from .labels import regions_to_labels
 from .losses import SegLoss
 from .metrics import confusion, dice

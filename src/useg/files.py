@@ -1,0 +1,129 @@
+"""What every file format shares: the :class:`Image` it reads into, names, atomic writes, read errors.
+
+A leaf module (it imports only :mod:`useg.errors`), so the format modules (:mod:`useg.io`,
+:mod:`useg.tiff`, :mod:`useg.volumes`) and every writer of run files (checkpoints, plans,
+metrics, reports) can use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsegError
+
+NIFTI_SUFFIXES = frozenset({".nii", ".nii.gz"})
+MAX_PIXELS = 1 << 30  # 1 Gpx: above a whole-slide tile, still stops a decompression bomb
+
+
+def suffix_of(path: str | Path) -> str:
+    """The lower-case format suffix, ``.nii.gz`` counted as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | Path) -> str:
+    """The name without its format suffix (``case.nii.gz`` -> ``case``)."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(name))] if suffix_of(name) else name
+
+
+@dataclass
+class Image:
+    """An image and its geometry.
+
+    Attributes:
+        array: (C, H, W) or (C, D, H, W), dtype as stored.
+        spacing: pixel size per spatial axis (see :mod:`useg.io` for the unit); 1.0 when unknown.
+        affine: 4x4 voxel-to-world matrix (NIfTI); None for 2D formats.
+        path: where it was read from.
+        format: "png", "tiff", "jpeg", "bmp", "nifti" or "dicom".
+        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit, NIfTI header).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...] = ()
+    affine: np.ndarray | None = None
+    path: Path | None = None
+    format: str = "png"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.array.ndim < 3:
+            raise ValueError("Image.array must be channels first (C, H, W) or (C, D, H, W), "
+                             f"got {self.array.shape}")
+        self.spacing = tuple(float(s) for s in self.spacing) or (1.0,) * self.dims
+        if len(self.spacing) != self.dims:
+            raise ValueError(f"spacing {self.spacing} needs one value per spatial axis "
+                             f"of {self.spatial_shape}")
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def dims(self) -> int:
+        return self.array.ndim - 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
+
+    Readers never see a half-written file and a crash leaves the previous version intact. The
+    temporary name is hidden (leading dot) and ends in ``path``'s suffix, so writers that pick a
+    format by suffix still work. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{stem_of(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix_of(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename and Path(e.filename) == tmp:  # name the file the user asked for, not our temp
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_path`), line endings as given.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")  # no newline translation: ``text`` on any OS
+    return path
+
+
+def unreadable(path: Path, err: BaseException) -> UsegError:
+    """The error for an image file Pillow or tifffile failed on: the cause and the fix, naming the file."""
+    from PIL import Image as PILImage  # here, not at the top: most users of this module never read an image
+
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "truncated" in reason.lower() or isinstance(err, EOFError):
+        return UsegError(f"cannot read {path}: the file is truncated; copy or export it again")
+    if isinstance(err, (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning)):
+        return UsegError(f"cannot read {path}: it has more pixels than the limit of "
+                         f"{PILImage.MAX_IMAGE_PIXELS} that guards against decompression bombs; "
+                         "tile or downscale it first")
+    if isinstance(err, PILImage.UnidentifiedImageError):
+        return UsegError(f"cannot read {path}: it is not an image Pillow recognises (damaged or another "
+                         "format behind the suffix); re-export it as PNG or TIFF")
+    return UsegError(f"cannot read {path}: {reason}; check that it is a valid image file or re-export it")
