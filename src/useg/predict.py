@@ -176,7 +176,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
 
 
 def recorded_precision(run: Path) -> str:
-    """"auto" precision for ``run``: "fp32" if :func:`check_low_precision` chose it, or "auto"."""
+    """What precision="auto" means for ``run``: "fp32" if :func:`check_low_precision` chose it, or "auto"."""
     checked = run / INFERENCE_RECORD  # training compared the fast path with fp32 on this model
     if checked.exists():
         try:
