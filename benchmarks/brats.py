@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": result.steps, "best_val_dice": result.best_dice, "budget": a.budget,
         "plan": json.loads((run / "plan.json").read_text())["model"] | {"patch": json.loads(
             (run / "plan.json").read_text())["data"]["patch_size"]},
-        "device": str(seg.device), "command": " ".join(sys.argv),
+        "device": str(seg.backend.device), "command": " ".join(sys.argv),
     }
     print(f"{'region':<8}{'Dice':>8}{'HD95 mm':>10}")
     for name in ("WT", "TC", "ET"):

@@ -187,11 +187,9 @@ def make_run(folder: Path, shape, width, depth, tile, overlap, batch) -> Path:
                      model={"width": width, "depth": depth, "padding": "same"},
                      infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile))
     torch.manual_seed(0)
-    from useg.predict import build_model
-
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.json")
-    save_model(build_model(plan), folder / "model.safetensors")
+    save_model(UNet.from_config(plan.model), folder / "model.safetensors")
     return folder
 
 
@@ -210,10 +208,9 @@ def child(spec: dict) -> dict:
         from PIL import Image as PILImage
 
         from useg.plan import Plan
-        from useg.predict import build_model
 
         plan = Plan.load(run / "plan.json")
-        model = build_model(plan)
+        model = UNet.from_config(plan.model)
         load_weights(model, run / "model.safetensors")
         model = model.to(dev).eval()
         img = np.asarray(PILImage.open(png)).astype(np.float32)
@@ -324,21 +321,22 @@ def bench_train(dev, batch, size, width, repeats):
 def bench_3d(dev, volume, tile, width, depth, repeats):
     from monai.inferers import sliding_window_inference
 
+    from useg.backends import TorchBackend
     from useg.dataset import normalize
-    from useg.predict import build_model, predict_labels
+    from useg.predict import predict_labels
 
     prec = runtime.pick_precision(dev, "auto")
     plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)],
                      model={"width": width, "depth": depth, "padding": "same"},
                      infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile))
     torch.manual_seed(0)
-    base = build_model(plan).eval()
+    base = UNet.from_config(plan.model).eval()
     x = normalize(np.random.default_rng(0).standard_normal((1, *volume)).astype(np.float32))
     net = copy.deepcopy(base).to(dev, memory_format=runtime.memory_format(3, prec))
     plain = base.to(dev)
 
     def useg_pred():
-        return predict_labels(net, x, plan, dev, prec)
+        return predict_labels(TorchBackend(net, plan, dev, prec), x, plan)
 
     def monai_pred():
         with torch.inference_mode():

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from useg import export
+from useg.backends import OnnxBackend, TorchBackend, exported_backend, load_exported, sidecar_path
 from useg.checkpoint import save_model
 from useg.errors import UsegError
 from useg.labels import LabelMap
+from useg.model import UNet
 from useg.plan import make_plan
-from useg.predict import Segmenter, build_model, tile_fn
+from useg.predict import Segmenter, tile_fn
 from useg.runtime import pick_precision
 from useg.tiling import sliding_window
 
@@ -30,7 +32,7 @@ def make_run(path, dims=2, padding="same", tile=None, tta=False, norm="batch", s
     plan = make_plan(LabelMap((0, 255)), 1, [shape], model={"width": 4, "depth": 2, "padding": padding, "norm": norm},
                      infer={"tta": tta, "overlap": 0.5, "batch_size": 2}, patch_size=tile or shape)
     torch.manual_seed(seed)
-    net = build_model(plan)
+    net = UNet.from_config(plan.model)
     for mod in net.modules():  # eval-mode BatchNorm that is not the identity
         if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             mod.running_mean.uniform_(-0.2, 0.2)
@@ -44,7 +46,7 @@ def make_run(path, dims=2, padding="same", tile=None, tta=False, norm="batch", s
 def torch_probs(run, x):
     seg = Segmenter.load(run, device="cpu", precision="fp32")
     with torch.inference_mode():
-        return torch.softmax(seg.model(torch.from_numpy(x)), dim=1).numpy()
+        return torch.softmax(seg.backend.model(torch.from_numpy(x)), dim=1).numpy()
 
 
 @pytest.mark.parametrize("dims,padding,size", [(2, "same", (48, 64)), (2, "valid", (68, 76)), (3, "same", (8, 16, 24))])
@@ -53,9 +55,9 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, dims, padding, size):
     run = make_run(tmp_path / "run", dims=dims, padding=padding, tile=tile)
     path = export.export_run(run, dynamo=False)  # the legacy exporter: 0.1 s instead of 2-6 s
     assert path == run / "model.onnx" and path.exists()
-    plan, session = export.load_exported(path)
+    plan, session = load_exported(path)
     x = np.random.default_rng(1).standard_normal((3, 1, *size)).astype(np.float32)  # not the tile size
-    got = export.onnx_tile_fn(session, plan)(torch.from_numpy(x)).numpy()
+    got = tile_fn(OnnxBackend(session, plan), plan)(torch.from_numpy(x)).numpy()
     want = torch_probs(run, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -64,11 +66,11 @@ def test_onnx_round_trip_matches_pytorch(tmp_path, dims, padding, size):
 def test_dynamo_exporter_gives_dynamic_axes(tmp_path):
     run = make_run(tmp_path / "run")
     path = export.export_run(run, out=tmp_path / "net.onnx", dynamo=True)
-    side = json.loads(export.sidecar_path(path).read_text())
+    side = json.loads(sidecar_path(path).read_text())
     assert side["exporter"] == "torch.onnx.export(dynamo=True)"
-    plan, session = export.load_exported(path)
+    plan, session = load_exported(path)
     x = np.random.default_rng(2).standard_normal((1, 1, 64, 96)).astype(np.float32)
-    np.testing.assert_allclose(export.onnx_tile_fn(session, plan)(torch.from_numpy(x)).numpy(),
+    np.testing.assert_allclose(tile_fn(OnnxBackend(session, plan), plan)(torch.from_numpy(x)).numpy(),
                                torch_probs(run, x), atol=1e-4)
 
 
@@ -76,7 +78,7 @@ def test_torchscript_round_trip(tmp_path):
     run = make_run(tmp_path / "run", padding="valid", tile=(60, 60))
     path = export.export_run(run, format="torchscript")
     assert path.suffix == ".pt"
-    _, module = export.load_exported(path)
+    _, module = load_exported(path)
     x = np.random.default_rng(3).standard_normal((2, 1, 76, 68)).astype(np.float32)
     with torch.inference_mode():
         got = torch.softmax(module(torch.from_numpy(x)), dim=1).numpy()
@@ -101,7 +103,7 @@ def test_sidecar_holds_everything_prediction_needs(tmp_path):
     moved.mkdir()
     for name in ("model.onnx", "model.onnx.json"):
         (run / name).rename(moved / name)
-    plan, _ = export.load_exported(moved / "model.onnx")
+    plan, _ = load_exported(moved / "model.onnx")
     assert plan.infer.tta
 
 
@@ -138,18 +140,20 @@ def test_onnx_and_torchscript_exports_keep_their_own_sidecars(tmp_path):
     run = make_run(tmp_path / "run")
     onnx_path = export.export_run(run, dynamo=False)
     pt_path = export.export_run(run, format="torchscript")
-    assert json.loads(export.sidecar_path(onnx_path).read_text())["format"] == "onnx"
-    assert json.loads(export.sidecar_path(pt_path).read_text())["format"] == "torchscript"
-    assert not isinstance(export.load_exported(onnx_path)[1], torch.nn.Module)
-    assert isinstance(export.load_exported(pt_path)[1], torch.nn.Module)
+    assert json.loads(sidecar_path(onnx_path).read_text())["format"] == "onnx"
+    assert json.loads(sidecar_path(pt_path).read_text())["format"] == "torchscript"
+    assert not isinstance(load_exported(onnx_path)[1], torch.nn.Module)
+    assert isinstance(load_exported(pt_path)[1], torch.nn.Module)
+    assert isinstance(exported_backend(onnx_path)[1], OnnxBackend)
+    assert isinstance(exported_backend(pt_path)[1], TorchBackend)
 
 
 def test_load_exported_without_sidecar(tmp_path):
     run = make_run(tmp_path / "run")
     path = export.export_run(run, dynamo=False)
-    export.sidecar_path(path).unlink()
+    sidecar_path(path).unlink()
     with pytest.raises(UsegError, match="sidecar"):
-        export.load_exported(path)
+        load_exported(path)
 
 
 @pytest.mark.parametrize("padding,tta", [("same", False), ("same", True), ("valid", False)])
@@ -158,7 +162,7 @@ def test_predict_exported_equals_segmenter(tmp_path, padding, tta):
     path = export.export_run(run, dynamo=False)
     image = np.random.default_rng(5).integers(0, 255, (45, 61)).astype(np.uint8)  # odd size, not a tile multiple
     seg = Segmenter.load(run, device="cpu", precision="fp32")
-    runner = export.OnnxRunner.load(path)
+    runner = Segmenter(*exported_backend(path))
     p_onnx, p_torch = runner.predict_proba(image), seg.predict_proba(image)
     np.testing.assert_allclose(p_onnx, p_torch, atol=1e-4)
     got, want = export.predict_exported(path, image), seg.predict(image)
@@ -176,8 +180,9 @@ def test_sliding_window_matches_a_whole_image_forward():
     (62 % agreement for 48-px tiles at overlap 0.25 here), so this test keeps the starts aligned.
     """
     torch.manual_seed(0)
-    net = build_model(make_plan(LabelMap((0, 1)), 1, [(32, 32)], model={"width": 8, "depth": 2, "norm": None})).eval()
-    fn = tile_fn(net, make_plan(LabelMap((0, 1)), 1, [(32, 32)]), CPU, FP32)
+    plan = make_plan(LabelMap((0, 1)), 1, [(32, 32)], model={"width": 8, "depth": 2, "norm": None})
+    net = UNet.from_config(plan.model).eval()
+    fn = tile_fn(TorchBackend(net, plan, CPU, FP32), plan)
     yy, xx = np.mgrid[:128, :128]
     image = (np.sin(yy / 7.0) * np.cos(xx / 11.0) + 0.3 * np.random.default_rng(0).standard_normal((128, 128)))
     image = image[None].astype(np.float32)

@@ -156,13 +156,21 @@ def test_center_crop():
         center_crop(x, (1, 1, 1, 1, 1))
 
 
-def test_config_rebuilds_the_same_network():
-    net = UNet(3, 4, dims=3, width=2, depth=1, padding="valid", up="interp", norm="instance", dropout=0.1)
-    assert net.config == dict(in_channels=3, num_classes=4, dims=3, width=2, depth=1, padding="valid",
-                              up="interp", norm="instance", dropout=0.1, max_width=None)
-    again = UNet(**net.config)
-    assert ({k: v.shape for k, v in again.state_dict().items()}
-            == {k: v.shape for k, v in net.state_dict().items()})
+def test_from_config_builds_the_network_the_model_config_describes():
+    import dataclasses
+    import inspect
+
+    from useg.plan import ModelConfig
+
+    kw = dict(in_channels=3, num_classes=4, dims=3, width=2, depth=1, padding="valid", up="interp",
+              norm="instance", dropout=0.1, max_width=None)
+    net = UNet(**kw)
+    again = UNet.from_config(ModelConfig(**kw))
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert isinstance(again.dropout, torch.nn.Dropout) and again.dropout.p == 0.1
+    # one source of truth: every ModelConfig field is a constructor argument, and the other way round
+    params = list(inspect.signature(UNet).parameters)
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == params
 
 
 @pytest.mark.parametrize("kw", [{"padding": "full"}, {"up": "pixelshuffle"}, {"norm": "group"}, {"dims": 4},

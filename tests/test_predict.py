@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from useg.backends import TorchBackend
 from useg.checkpoint import save_model
 from useg.errors import UsegError
 from useg.io import read_image, read_mask
 from useg.labels import LabelMap
+from useg.model import UNet
 from useg.plan import make_plan
-from useg.predict import Segmenter, build_model
+from useg.predict import Segmenter
 
 
 def _run(tmp_path, padding="same", dims=2, channels=1, values=(0, 255)):
@@ -17,7 +19,7 @@ def _run(tmp_path, padding="same", dims=2, channels=1, values=(0, 255)):
     plan = make_plan(LabelMap(values, "grey"), channels, [shape],
                      model={"width": 4, "depth": 2, "padding": padding}, patch_size=(20,) * dims if padding == "valid" else None)
     plan.save(tmp_path / "plan.json")
-    model = build_model(plan)
+    model = UNet.from_config(plan.model)
     save_model(model, tmp_path / "model.safetensors")
     return plan, model
 
@@ -69,7 +71,7 @@ def test_load_refuses_missing_and_mismatched_weights(tmp_path):
     import dataclasses
 
     other = dataclasses.replace(plan, model=dataclasses.replace(plan.model, width=8))
-    save_model(build_model(other), tmp_path / "model.safetensors")
+    save_model(UNet.from_config(other.model), tmp_path / "model.safetensors")
     with pytest.raises(UsegError, match="does not match"):
         Segmenter.load(tmp_path)
 
@@ -110,46 +112,6 @@ def test_output_names_stay_inside_the_output_folder(tmp_path, cells_dir):
     assert len(list(out.iterdir())) == 4
 
 
-def test_mirroring_tta_makes_the_prediction_flip_equivariant(tmp_path):
-    import dataclasses
-
-    plan, _ = _run(tmp_path)
-    seg = Segmenter.load(tmp_path, precision="fp32")
-    x = np.random.default_rng(2).normal(size=(1, 32, 32)).astype(np.float32)  # one tile
-
-    def flip_gap():
-        a = seg.predict_proba(np.flip(x, 2).copy())
-        b = np.flip(seg.predict_proba(x), 2)
-        return float(np.abs(a - b).max())
-
-    assert flip_gap() > 1e-4  # a random network is not mirror-symmetric by itself
-    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
-    assert flip_gap() < 1e-5
-    np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)
-    assert np.array_equal(seg.predict(x), seg.predict_proba(x).argmax(0))
-
-
-def test_rotation_tta_averages_all_eight_symmetries_of_a_square_tile(tmp_path):
-    import dataclasses
-
-    from useg.predict import symmetries
-
-    _run(tmp_path)
-    seg = Segmenter.load(tmp_path, precision="fp32")
-    x = np.random.default_rng(3).normal(size=(1, 32, 32)).astype(np.float32)
-
-    def transpose_gap():
-        a = seg.predict_proba(np.swapaxes(x, 1, 2).copy())
-        return float(np.abs(a - np.swapaxes(seg.predict_proba(x), 1, 2)).max())
-
-    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True))
-    assert transpose_gap() > 1e-4  # flips alone are not transpose-equivariant
-    seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, tta=True, tta_rotate=True))
-    assert len(symmetries(seg.plan, (1, 1, 32, 32))) == 8 and len(symmetries(seg.plan, (1, 1, 32, 16))) == 4
-    assert transpose_gap() < 1e-5
-    np.testing.assert_allclose(seg.predict_proba(x).sum(0), 1.0, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "uint8"])
 def test_probabilities_are_written_in_the_asked_precision(tmp_path, cells_dir, dtype):
     import tifffile
@@ -175,7 +137,7 @@ def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
 
     plan, model = _run(tmp_path, dims=3)
     plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, resample=True, spacing=(2.0, 1.0, 1.0)))
-    seg = Segmenter(plan, model, device="cpu", precision="fp32")
+    seg = Segmenter(plan, TorchBackend.place(model, plan, device="cpu", precision="fp32"))
     x = np.random.default_rng(5).normal(size=(1, 13, 19, 23)).astype(np.float32)
     image = Image(x, spacing=(1.0, 1.0, 1.0))
     labels, probs = seg.predict_image(image), seg.predict_image_proba(image)
@@ -185,7 +147,7 @@ def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
     from useg.resample import new_shape
 
     seen = []
-    orig = seg._prepare
-    seg._prepare = lambda a, name="": (seen.append(a.shape), orig(a, name))[1]
+    orig = seg.prepare
+    seg.prepare = lambda a, name="": (seen.append(a.shape), orig(a, name))[1]
     seg.predict_image(image)
     assert seen[-1][1:] == new_shape((13, 19, 23), (1.0, 1.0, 1.0), (2.0, 1.0, 1.0)) == (6, 19, 23)

@@ -116,8 +116,7 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
 
     from useg import runtime
     from useg.pipeline import load_arrays, train_folder
-    from useg.predict import Segmenter
-    from useg.train import check_low_precision
+    from useg.predict import Segmenter, check_low_precision
 
     run = tmp_path / "run"
     train_folder(cells_dir, run, quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
@@ -136,7 +135,7 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
     assert json.loads((run / "inference.json").read_text())["precision"] == record["precision"]
     # a disagreeing fast path makes "auto" fall back to fp32
     (run / "inference.json").write_text(json.dumps({**record, "precision": "fp32"}))
-    assert Segmenter.load(run, device="cpu").precision.dtype is None
+    assert Segmenter.load(run, device="cpu").backend.precision.dtype is None
 
 
 def test_loop_state_is_stored_under_the_same_keys():

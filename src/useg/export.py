@@ -1,15 +1,16 @@
 """Export a trained run to ONNX or TorchScript, and predict with the export alone.
 
 ``export_run(run)`` writes ``run/model.onnx`` (or ``model.pt``) and beside it a JSON sidecar
-``model.onnx.json`` (``model.pt.json``) holding the whole plan, the tensor names and the tile settings, so a deployment
-needs the two files and nothing else. Every export is checked at export time: PyTorch and the
+``model.onnx.json`` (``model.pt.json``) holding the whole plan, the tensor names and the tile
+settings, so a deployment needs the two files and nothing else. Every export is checked at export time: PyTorch and the
 exported model must give the same softmax probabilities (max abs difference <= 1e-3) on a seeded
 random batch of the plan's tile size, or the export is refused and nothing is written.
 
 ONNX inputs are ``image`` (B, C, *S) float32, normalised like the training images, with dynamic
 batch and spatial axes; the output ``logits`` is (B, K, *S) for same padding and (B, K, *S')
-with ``S' = output_size(S)`` for valid padding. Softmax (and mirroring TTA) is applied by
-:func:`onnx_tile_fn`, exactly as :func:`useg.predict.tile_fn` does for the PyTorch model.
+with ``S' = output_size(S)`` for valid padding. Softmax is applied by
+:class:`useg.backends.OnnxBackend` and mirroring TTA on top of it by :mod:`useg.predict`, exactly
+as for the PyTorch model; :mod:`useg.backends` reads an export back (:func:`useg.backends.load_exported`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,24 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import runtime
+from .backends import FORMATS, exported_backend, import_onnxruntime, onnx_session, sidecar_path
 from .errors import UsegError
 from .files import atomic_path
 from .model import output_size
 from .plan import Plan
+from .predict import Segmenter
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 SIDECAR_VERSION = 1
 TOLERANCE = 1e-3  # largest accepted |p_torch - p_export| of the softmax probabilities
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON sidecar of an exported model: ``model.onnx`` -> ``model.onnx.json`` (one per export)."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 def export_run(run: str | Path, out: str | Path | None = None, format: str = "onnx",
@@ -63,8 +57,6 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         UsegError: unknown format, a broken run folder, a missing onnxruntime, or an export whose
             outputs differ from PyTorch's by more than 1e-3 (nothing is written then).
     """
-    from .predict import Segmenter
-
     if format not in FORMATS:
         raise UsegError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
@@ -73,9 +65,9 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
     if out.suffix.lower() != suffix:
         raise UsegError(f"{out} does not end in {suffix}; name the {format} export like model{suffix}")
     if format == "onnx":
-        _import_ort(out)  # fail before the (slow) export, not after it
+        import_onnxruntime(out)  # fail before the (slow) export, not after it
     seg = Segmenter.load(run, device="cpu", precision="fp32")
-    plan, model = seg.plan, seg.model.float().eval()
+    plan, model = seg.plan, seg.backend.model.float().eval()
     m = plan.model
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, m.in_channels, *plan.infer.tile, generator=gen)
@@ -85,7 +77,7 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
     with atomic_path(out) as tmp:
         if format == "onnx":
             exporter = _export_onnx(model, sample, tmp, opset, dynamo)
-            got = _softmax(_onnx_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: sample.numpy()})[0])
+            got = _softmax(onnx_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: sample.numpy()})[0])
         else:
             exporter = "torch.jit.trace"
             with warnings.catch_warnings(), torch.no_grad():
@@ -98,7 +90,21 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         if not diff <= TOLERANCE:
             raise UsegError(f"the {format} export of {run} gives probabilities {diff:.2e} away from PyTorch's "
                             f"(limit {TOLERANCE:g}); try another --opset or --format")
-    side = {
+    side = _sidecar(plan, format, out, exporter, diff)
+    try:
+        with atomic_path(sidecar_path(out)) as tmp:
+            Path(tmp).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s and %s", out, sidecar_path(out))
+    return out
+
+
+def _sidecar(plan: Plan, format: str, out: Path, exporter: str, diff: float) -> dict:
+    """The sidecar record of an export: the whole plan, tensor names and tile settings, the check's result."""
+    m = plan.model
+    return {
         "useg_export": SIDECAR_VERSION,
         "format": format,
         "model_file": out.name,
@@ -120,14 +126,6 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         "verified_max_abs_diff": diff,
         "plan": plan.to_dict(),
     }
-    try:
-        with atomic_path(sidecar_path(out)) as tmp:
-            Path(tmp).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    logger.info("wrote %s and %s", out, sidecar_path(out))
-    return out
 
 
 def _export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int | None,
@@ -177,120 +175,10 @@ def _opset_of(path: Path) -> int | None:
     return next((int(o.version) for o in opsets if o.domain in ("", "ai.onnx")), None)
 
 
-def _import_ort(path: Path):
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsegError(f"{path} needs onnxruntime, which is not installed; pip install 'useg[onnx]'") from None
-    return onnxruntime
-
-
-def _onnx_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
-    ort = _import_ort(path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or runtime.cpu_count()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
-        raise UsegError(f"cannot load {path} with onnxruntime ({str(e).splitlines()[0]}); export it again") from None
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)), dim=1).numpy()
 
 
-def load_exported(path: str | Path, providers: Sequence[str] | None = None,
-                  threads: int | None = None) -> tuple[Plan, Any]:
-    """Read an export and its sidecar.
-
-    Args:
-        path: the .onnx or .pt file written by :func:`export_run`.
-        providers: onnxruntime execution providers (default CPU only).
-        threads: intra-op threads (default: the cores this process may use).
-
-    Returns:
-        (the run's plan, an ``onnxruntime.InferenceSession`` for ONNX or a
-        ``torch.jit.ScriptModule`` in eval mode for TorchScript).
-    """
-    path = Path(path)
-    side_file = sidecar_path(path)
-    try:
-        side = json.loads(side_file.read_text(encoding="utf-8"))
-        plan = Plan.from_dict(side["plan"])
-    except FileNotFoundError:
-        raise UsegError(f"{side_file} is missing; keep the sidecar beside {path.name} or export again") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsegError(f"{side_file} is not a useg export sidecar ({e}); export the run again") from None
-    if not path.exists():
-        raise UsegError(f"{path} does not exist; check the path or export the run again")
-    if side.get("model_file") != path.name or side.get("format") not in FORMATS:
-        raise UsegError(f"{side_file} describes {side.get('model_file')!r}, not {path.name}; export the run again")
-    if side["format"] == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return plan, torch.jit.load(str(path), map_location="cpu").eval()
-    return plan, _onnx_session(path, providers, threads)
-
-
-def onnx_tile_fn(session: Any, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-tile call of an ONNX session: (B, C, *tile) -> (B, K, *out_tile) softmax probabilities.
-
-    Same contract as :func:`useg.predict.tile_fn`, mirroring TTA included, so it plugs into
-    :mod:`useg.tiling` unchanged.
-    """
-    in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-
-    from .predict import output_activation, tta_average
-
-    activate = output_activation(plan)
-
-    def probs_of(x: np.ndarray) -> torch.Tensor:
-        return activate(torch.from_numpy(session.run([out_name], {in_name: x})[0]))
-
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        return tta_average(lambda x: probs_of(np.ascontiguousarray(x.numpy())), batch.detach().to("cpu", torch.float32),
-                           plan)
-
-    return fn
-
-
-class OnnxRunner:
-    """An exported model with its plan: ``OnnxRunner.load("model.onnx").predict(array)``.
-
-    Works for both formats (TorchScript exports run through :func:`useg.predict.tile_fn`).
-    """
-
-    def __init__(self, plan: Plan, session: Any):
-        self.plan, self.session = plan, session
-
-    @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxRunner:
-        return cls(*load_exported(path, providers, threads))
-
-    def tile_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        if isinstance(self.session, torch.nn.Module):
-            from .predict import tile_fn
-
-            return tile_fn(self.session, self.plan, torch.device("cpu"), runtime.pick_precision(torch.device("cpu"), "fp32"))
-        return onnx_tile_fn(self.session, self.plan)
-
-    def predict_proba(self, array: np.ndarray) -> np.ndarray:
-        """(K, *S) float32 probabilities of an image (C, *S), or (*S) for one channel."""
-        from .predict import predict_probs, prepare
-
-        cpu = torch.device("cpu")
-        return predict_probs(None, prepare(self.plan, array), self.plan, cpu, None, fn=self.tile_fn())
-
-    def predict(self, array: np.ndarray) -> np.ndarray:
-        """(*S) int64 class indices, tiled like :meth:`useg.predict.Segmenter.predict`."""
-        from .predict import predict_labels, prepare
-
-        cpu = torch.device("cpu")
-        return predict_labels(None, prepare(self.plan, array), self.plan, cpu, None, fn=self.tile_fn()).astype(np.int64)
-
-
 def predict_exported(path: str | Path, array: np.ndarray) -> np.ndarray:
     """Class indices (*S) int64 of an image (C, *S) (or (*S), one channel) from an export alone."""
-    return OnnxRunner.load(path).predict(array)
+    return Segmenter(*exported_backend(path)).predict(array)

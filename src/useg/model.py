@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,8 +137,6 @@ class UNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
         L = layers(dims)
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, dims=dims, width=width,
-                           depth=depth, padding=padding, up=up, norm=norm, dropout=dropout, max_width=max_width)
         self.in_channels, self.dims, self.depth, self.padding = in_channels, dims, depth, padding
         widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0], dims, padding, norm)
@@ -147,6 +146,17 @@ class UNet(nn.Module):
                                  for a, b in zip(reversed(widths[:-1]), reversed(widths[1:])))
         self.outc = L.conv(widths[0], num_classes, 1)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> UNet:
+        """The network a :class:`useg.plan.ModelConfig` describes, freshly initialised.
+
+        ``cfg`` is any object with the ModelConfig fields (the constructor's arguments): the
+        model does not import the plan, which imports the model's size rules.
+        """
+        return cls(cfg.in_channels, cfg.num_classes, dims=cfg.dims, width=cfg.width, depth=cfg.depth,
+                   padding=cfg.padding, up=cfg.up, norm=cfg.norm, dropout=cfg.dropout,
+                   max_width=cfg.max_width)
 
     def reset_parameters(self) -> None:
         """He initialisation: normal with std sqrt(2/N), N = inputs of one unit; zero biases.

@@ -8,7 +8,6 @@ name and renamed, so a crash at any moment leaves the previous version intact. N
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,15 +20,16 @@ import torch
 
 from . import runlog, runtime
 from .augment import Augmenter
+from .backends import TorchBackend
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
-from .files import atomic_path
 from .labels import regions_to_labels
 from .losses import SegLoss
 from .metrics import confusion, dice
+from .model import UNet
 from .patches import PatchDataset
 from .plan import Plan
-from .predict import build_model, predict_labels, predict_probs
+from .predict import check_low_precision, predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def validate(model, images, labels, plan: Plan, device, precision, dist: runtime
     ce, n = 0.0, 0
     model.eval()
     for image, label in zip(images, labels):
-        probs = predict_probs(model, image, plan, device, precision)
+        probs = predict_proba(TorchBackend(model, plan, device, precision), image, plan)
         if regions:  # binary cross-entropy per region, classes from the nested-region rule
             y = np.stack([np.isin(label, r) for r in regions])
             p_true = np.where(y, probs, 1.0 - probs)
@@ -258,7 +258,7 @@ def _setup(plan: Plan, train_data: tuple[list[np.ndarray], list[np.ndarray]], ru
     t = plan.train
     prec = runtime.pick_precision(dev, "fp32" if t.deterministic else t.precision)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(plan)
+    model = UNet.from_config(plan.model)
     fmt = runtime.memory_format(plan.model.dims, prec)
     model = model.to(dev, memory_format=fmt)
     torch.manual_seed(t.seed + dist.rank)  # then per-rank randomness (dropout) differs
@@ -408,45 +408,4 @@ def _finish(s: _Setup, state: LoopState, val_data: tuple[list, list]) -> TrainRe
     return result
 
 
-AGREEMENT_MIN = 0.999  # share of pixels on which bf16 inference must match fp32, or fp32 is used
-
-
-def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], device: torch.device,
-                        max_images: int = 2) -> dict:
-    """Compare the trained model's labels under the inference fast path (bf16) and fp32.
-
-    Writes ``run/inference.json`` with the agreement and the precision :class:`useg.predict.Segmenter`
-    uses when asked for "auto": the fast path when at least :data:`AGREEMENT_MIN` of the pixels
-    agree, else fp32. Nothing is written when the fast path is fp32 anyway.
-
-    Returns:
-        The written record (empty when there was nothing to check).
-    """
-    from .checkpoint import load_weights
-
-    fast = runtime.pick_precision(device, "auto")
-    if fast.dtype is None or not images or not (run / "model.safetensors").exists():
-        return {}
-    model = build_model(plan)
-    load_weights(model, run / "model.safetensors")
-    # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
-    crops = [im[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))] for im in images[:max_images]]
-    labels = {}
-    for prec in (runtime.pick_precision(device, "fp32"), fast):  # one weight layout change per precision
-        net = model.to(device, memory_format=runtime.memory_format(plan.model.dims, prec)).eval()
-        labels[prec.name] = [predict_labels(net, im, plan, device, prec) for im in crops]
-    same = sum(int((a == b).sum()) for a, b in zip(labels["fp32"], labels[fast.name]))
-    total = sum(a.size for a in labels["fp32"])
-    agreement = same / max(total, 1)
-    record = {"fast_path": fast.name, "agreement": round(agreement, 6), "threshold": AGREEMENT_MIN,
-              "precision": fast.name if agreement >= AGREEMENT_MIN else "fp32"}
-    if record["precision"] == "fp32":
-        logger.warning("%s inference agrees with fp32 on only %.4f of the pixels; predictions will use fp32",
-                       fast.name, agreement)
-    with atomic_path(run / "inference.json") as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return record
-
-
-__all__ = ["LoopState", "TrainResult", "check_low_precision", "fit", "lr_factor", "make_optimizer",
-           "train_step", "validate"]
+__all__ = ["LoopState", "TrainResult", "fit", "lr_factor", "make_optimizer", "train_step", "validate"]

@@ -1,0 +1,213 @@
+"""Prediction backends: the network on one runtime, behind one seam.
+
+A backend is a tile function ``(B, C, *tile) float32 -> (B, K, *out) float32 probabilities``
+with a ``name`` and the ``device`` its inputs go to (like the ``predictor`` callable of MONAI's
+``sliding_window_inference``). Tiling, test-time augmentation and pre-processing sit on top of it
+(:mod:`useg.predict`), so they are written once for every runtime. :data:`BACKENDS` maps the
+``--backend`` names to loaders of a run folder: a new runtime is one class and one entry there.
+
+This module also reads what ``useg export`` writes (:func:`load_exported`): the exported model
+and its JSON sidecar, which holds the whole plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from . import runtime
+from .checkpoint import load_weights
+from .errors import UsegError
+from .model import UNet
+from .plan import Plan
+from .tta import output_activation
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> model file suffix
+CPU = torch.device("cpu")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What :class:`useg.predict.Segmenter` needs of a runtime.
+
+    Attributes:
+        name: the runtime, e.g. "torch" or "onnxruntime".
+        device: where batches are moved before :meth:`__call__` (test-time flips happen there).
+    """
+
+    name: str
+    device: torch.device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, *tile) float32, normalised -> (B, K, *out) float32 probabilities."""
+        ...
+
+
+class TorchBackend:
+    """A PyTorch module (a :class:`useg.model.UNet`, or a TorchScript export) on a device and precision.
+
+    Args:
+        model: the network in eval mode, already on ``device`` in ``precision``'s memory format
+            (:meth:`place` does that); it is not moved here, so a training loop can validate
+            its live model.
+        plan: the run's plan (dims for the memory format, regions for the activation).
+        device: where the model is.
+        precision: autocast dtype and memory format.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, device: torch.device,
+                 precision: runtime.Precision):
+        self.model, self.device, self.precision = model, device, precision
+        self._format = runtime.memory_format(plan.model.dims, precision)
+        self._activate = output_activation(bool(plan.data.regions))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device).contiguous(memory_format=self._format)
+        with torch.inference_mode(), runtime.autocast(self.device, self.precision):
+            return self._activate(self.model(batch).float())
+
+    @classmethod
+    def place(cls, model: torch.nn.Module, plan: Plan, device: str = "auto",
+              precision: str = "auto") -> TorchBackend:
+        """Pick the device and precision ("auto": the fastest measured); move ``model`` there, eval mode."""
+        dev = runtime.pick_device(device)
+        prec = runtime.pick_precision(dev, precision)
+        model = model.to(dev, memory_format=runtime.memory_format(plan.model.dims, prec)).eval()
+        return cls(model, plan, dev, prec)
+
+    @classmethod
+    def load(cls, run: Path, device: str = "auto", precision: str = "auto") -> tuple[Plan, TorchBackend]:
+        """``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read)."""
+        plan = Plan.load(run / "plan.json")
+        weights = run / "model.safetensors"
+        if not weights.exists():
+            raise UsegError(f"{weights} is missing; the training did not finish, "
+                            "resume it with 'useg train --resume'")
+        model = UNet.from_config(plan.model)
+        load_weights(model, weights)
+        return plan, cls.place(model, plan, device, precision)
+
+
+class OnnxBackend:
+    """An ``onnxruntime.InferenceSession`` of a ``useg export`` model, on the CPU in fp32.
+
+    Args:
+        session: the session; its first input takes (B, C, *S) float32, its first output is the logits.
+        plan: the run's plan (regions for the activation).
+    """
+
+    name = "onnxruntime"
+    device = CPU
+
+    def __init__(self, session: Any, plan: Plan):
+        self.session = session
+        self._names = session.get_inputs()[0].name, session.get_outputs()[0].name
+        self._activate = output_activation(bool(plan.data.regions))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(batch.detach().to(CPU, torch.float32).numpy())
+        in_name, out_name = self._names
+        return self._activate(torch.from_numpy(self.session.run([out_name], {in_name: x})[0]))
+
+    @classmethod
+    def load(cls, run: Path, device: str = "auto", precision: str = "auto") -> tuple[Plan, Backend]:
+        """``run/model.onnx`` and its sidecar from ``useg export``; ``device``, ``precision`` unused."""
+        path = run / "model.onnx"
+        if not path.exists():
+            raise UsegError(f"{path} is missing; run 'useg export {run}' first")
+        return exported_backend(path)
+
+
+Loader = Callable[[Path, str, str], tuple[Plan, Backend]]
+BACKENDS: dict[str, Loader] = {"torch": TorchBackend.load, "onnxruntime": OnnxBackend.load}
+"""``--backend`` name -> loader(run folder, device, precision) -> (the run's plan, the backend)."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar of an exported model: ``model.onnx`` -> ``model.onnx.json`` (one per export)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def import_onnxruntime(path: Path):
+    """The ``onnxruntime`` module, or a UsegError saying how to install it (``path`` names what needs it)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsegError(f"{path} needs onnxruntime, which is not installed; "
+                        "pip install 'useg[onnx]'") from None
+    return onnxruntime
+
+
+def onnx_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` of ``path`` (default: CPU, the cores this process may use)."""
+    ort = import_onnxruntime(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or runtime.cpu_count()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
+        raise UsegError(f"cannot load {path} with onnxruntime ({str(e).splitlines()[0]}); "
+                        "export it again") from None
+
+
+def load_exported(path: str | Path, providers: Sequence[str] | None = None,
+                  threads: int | None = None) -> tuple[Plan, Any]:
+    """Read an export and its sidecar.
+
+    Args:
+        path: the .onnx or .pt file written by :func:`useg.export.export_run`.
+        providers: onnxruntime execution providers (default CPU only).
+        threads: intra-op threads (default: the cores this process may use).
+
+    Returns:
+        (the run's plan, an ``onnxruntime.InferenceSession`` for ONNX or a
+        ``torch.jit.ScriptModule`` in eval mode for TorchScript).
+    """
+    path = Path(path)
+    side_file = sidecar_path(path)
+    try:
+        side = json.loads(side_file.read_text(encoding="utf-8"))
+        plan = Plan.from_dict(side["plan"])
+    except FileNotFoundError:
+        raise UsegError(f"{side_file} is missing; keep the sidecar beside {path.name} "
+                        "or export again") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsegError(f"{side_file} is not a useg export sidecar ({e}); export the run again") from None
+    if not path.exists():
+        raise UsegError(f"{path} does not exist; check the path or export the run again")
+    if side.get("model_file") != path.name or side.get("format") not in FORMATS:
+        raise UsegError(f"{side_file} describes {side.get('model_file')!r}, not {path.name}; "
+                        "export the run again")
+    if side["format"] == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return plan, torch.jit.load(str(path), map_location="cpu").eval()
+    return plan, onnx_session(path, providers, threads)
+
+
+def exported_backend(path: str | Path, providers: Sequence[str] | None = None,
+                     threads: int | None = None) -> tuple[Plan, Backend]:
+    """An export as a backend: ONNX as :class:`OnnxBackend`, TorchScript as :class:`TorchBackend` (CPU, fp32).
+
+    Arguments as in :func:`load_exported`. ``Segmenter(*exported_backend(path))`` predicts from
+    the export alone.
+    """
+    plan, runner = load_exported(path, providers, threads)
+    if isinstance(runner, torch.nn.Module):
+        return plan, TorchBackend(runner, plan, CPU, runtime.pick_precision(CPU, "fp32"))
+    return plan, OnnxBackend(runner, plan)

@@ -1,0 +1,137 @@
+"""Writing predictions: files in, masks (or probabilities) out, in the training masks' encoding.
+
+:func:`predict_files` is the read -> predict -> write pipeline behind
+:meth:`useg.predict.Segmenter.predict_files` (nnU-Net splits prediction from
+``export_prediction`` the same way); :func:`output_paths` names the outputs and
+:func:`write_probabilities` writes (K, *S) probability maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .dataset import Case
+from .errors import UsegError
+from .files import NIFTI_SUFFIXES, Image, stem_of, suffix_of
+from .instances import label_instances
+from .io import write_mask
+from .layouts import read_case_image
+from .plan import Plan
+from .tiff import write_tiff
+from .volumes import write_nifti
+
+logger = logging.getLogger(__name__)
+
+MASK_OUT_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff", ".nii": ".nii", ".nii.gz": ".nii.gz"}
+PROBABILITY_DTYPES = ("float16", "uint8")
+
+
+class ImagePredictor(Protocol):
+    """What :func:`predict_files` needs of a :class:`useg.predict.Segmenter`."""
+
+    plan: Plan
+
+    def predict_image(self, image: Image) -> np.ndarray:
+        """(*S) class indices in the image's geometry."""
+        ...
+
+    def predict_image_proba(self, image: Image) -> np.ndarray:
+        """(K, *S) float32 probabilities in the image's geometry."""
+        ...
+
+
+def predict_files(
+    segmenter: ImagePredictor,
+    inputs: Sequence[str | Path | Case],
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: Callable[[Path], None] | None = None,
+    instances: bool = False,
+    probabilities: str | None = None,
+    watershed: bool = False,
+) -> list[Path]:
+    """Predict each input and write its mask into ``out_dir``: :meth:`useg.predict.Segmenter.predict_files`.
+
+    Returns:
+        The written paths, in input order.
+    """
+    out_dir = Path(out_dir)
+    if probabilities not in (None, *PROBABILITY_DTYPES):
+        raise ValueError(f"probabilities must be float16 or uint8, not {probabilities!r}")
+    cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
+    targets = output_paths(cases, out_dir, overwrite, probabilities is not None)
+    label_map = segmenter.plan.data.label_map
+
+    def write(target: Path, labels: np.ndarray, image: Image) -> Path:
+        if probabilities:
+            return write_probabilities(target, labels, image, probabilities)
+        if instances:
+            objects = label_instances(labels, object_class=1, watershed=watershed)
+            return write_mask(target, objects, like=image)
+        return write_mask(target, labels, like=image, label_map=label_map)
+
+    # Reading the next file and writing the last mask overlap with the network's work on this
+    # one (file I/O and compression release the GIL); at most one read and one write are queued.
+    written: list[Path] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reading = pool.submit(read_case_image, cases[0].files) if cases else None
+        writing = None
+        for i, (c, target) in enumerate(zip(cases, targets)):
+            image = reading.result()
+            reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
+            labels = segmenter.predict_image_proba(image) if probabilities else segmenter.predict_image(image)
+            if writing is not None:
+                written.append(writing.result())
+            writing = pool.submit(write, target, labels, image)
+            if progress is not None:
+                progress(c.image)
+        if writing is not None:
+            written.append(writing.result())
+    return written
+
+
+def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool) -> list[Path]:
+    """One output per case inside ``out_dir``; clashes and existing files are refused up front.
+
+    Names are the case names (never a path outside ``out_dir``) with the input's suffix for
+    PNG/TIFF/NIfTI, ``.nii.gz`` for DICOM series and ``.png`` otherwise; probability maps are
+    ``<name>_probs.tif``, or ``<name>_probs.nii.gz`` for NIfTI inputs.
+
+    Raises:
+        UsegError: two cases with the same output, or an existing output without ``overwrite``.
+    """
+    targets: list[Path] = []
+    for c in cases:
+        suffix = MASK_OUT_SUFFIX.get(suffix_of(c.image), ".nii.gz" if c.image.is_dir() else ".png")
+        if probabilities:
+            suffix = "_probs" + (".nii.gz" if suffix in (".nii", ".nii.gz") else ".tif")
+        # no separators in the name, so whatever the input names, the output stays in out_dir
+        target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
+        if target in targets:
+            raise UsegError(f"{c.image} and another input both map to {target.name}; rename one of them")
+        if target.exists() and not overwrite:
+            raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
+        targets.append(target)
+    return targets
+
+
+def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str = "float16") -> Path:
+    """Write (K, *S) probabilities atomically: float16, or uint8 as round(p * 255).
+
+    TIFF holds (K, *S) with the image's resolution; NIfTI (for volumes) holds (*S, K) with the
+    image's affine, the channel last as NIfTI's 4th axis.
+    """
+    if dtype == "float16":
+        data = probs.astype(np.float16)
+    else:
+        data = np.round(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+    if suffix_of(path) in NIFTI_SUFFIXES:
+        arr = np.moveaxis(data.astype(np.float32) if dtype == "float16" else data, 0, -1)  # NIfTI has no float16
+        return write_nifti(path, arr, like)
+    return write_tiff(path, data, like)

@@ -1,0 +1,128 @@
+"""Prediction backends: the seam between the Segmenter and a runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from useg.backends import BACKENDS, Backend, OnnxBackend, TorchBackend, exported_backend
+from useg.checkpoint import save_model
+from useg.dataset import normalize
+from useg.errors import UsegError
+from useg.labels import LabelMap
+from useg.model import UNet
+from useg.plan import make_plan
+from useg.predict import Segmenter, tile_fn
+from useg.runtime import pick_precision
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+def _plan(padding="same", tta=False):
+    return make_plan(LabelMap((0, 255)), 1, [(32, 32)], model={"width": 4, "depth": 2, "padding": padding},
+                     infer={"tta": tta, "overlap": 0.5, "batch_size": 2},
+                     patch_size=(60, 60) if padding == "valid" else (32, 32))
+
+
+def _run(path, padding="same"):
+    plan = _plan(padding)
+    path.mkdir(parents=True, exist_ok=True)
+    plan.save(path / "plan.json")
+    save_model(UNet.from_config(plan.model), path / "model.safetensors")
+    return path
+
+
+class Fake:
+    """A backend without a network: class 1 wherever the normalised input is positive, counting its calls."""
+
+    name = "fake"
+    device = CPU
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        p = torch.sigmoid(8 * batch[:, :1])
+        return torch.cat([1 - p, p], dim=1)
+
+
+def test_a_fake_backend_plugs_into_the_segmenter():
+    plan = _plan()
+    fake = Fake()
+    assert isinstance(fake, Backend)
+    seg = Segmenter(plan, fake)
+    x = np.random.default_rng(0).normal(size=(45, 61)).astype(np.float32)
+    want = 1 / (1 + np.exp(-8 * normalize(x[None], plan.data.normalization)[0]))
+    probs = seg.predict_proba(x)
+    assert probs.shape == (2, 45, 61)
+    np.testing.assert_allclose(probs[1], want, atol=1e-5)  # blending equal tiles changes nothing
+    np.testing.assert_array_equal(seg.predict(x), probs.argmax(0))
+    plain = fake.calls
+    seg.plan = dataclasses.replace(plan, infer=dataclasses.replace(plan.infer, tta=True))
+    np.testing.assert_allclose(seg.predict_proba(x), probs, atol=1e-5)  # a pointwise backend: flip-equivariant
+    assert fake.calls - plain == 4 * (plain // 2)  # 4 mirrorings per tile batch; plain ran predict_proba and predict
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_torch_and_onnx_backends_agree(tmp_path, padding):
+    pytest.importorskip("onnxruntime")
+    from useg.export import export_run
+
+    run = _run(tmp_path / "run", padding)
+    plan, torch_backend = TorchBackend.load(run, device="cpu", precision="fp32")
+    path = export_run(run, dynamo=False)
+    plan_onnx, onnx_backend = exported_backend(path)
+    assert plan_onnx == plan and isinstance(onnx_backend, OnnxBackend)
+    assert (torch_backend.name, onnx_backend.name) == ("torch", "onnxruntime")
+    assert torch_backend.device == onnx_backend.device == CPU
+    tile = plan.infer.tile
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 1, *tile)).astype(np.float32))
+    a, b = torch_backend(x), onnx_backend(x)
+    assert a.shape == b.shape == (3, 2, *UNet.from_config(plan.model).output_size(tuple(tile)))
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    np.testing.assert_allclose(a.sum(1).numpy(), 1.0, atol=1e-5)  # probabilities, not logits
+    # and through the tiling with TTA, as the Segmenter runs them
+    tta = dataclasses.replace(plan, infer=dataclasses.replace(plan.infer, tta=True))
+    np.testing.assert_allclose(tile_fn(torch_backend, tta)(x).numpy(), tile_fn(onnx_backend, tta)(x).numpy(),
+                               atol=1e-4)
+    image = np.random.default_rng(2).integers(0, 255, (45, 61)).astype(np.uint8)
+    by_onnx = Segmenter.load(run, backend="onnxruntime").predict_proba(image)
+    np.testing.assert_allclose(by_onnx, Segmenter.load(run, device="cpu", precision="fp32").predict_proba(image),
+                               atol=1e-4)
+
+
+def test_torch_backend_place_picks_device_precision_and_eval_mode():
+    plan = _plan()
+    model = UNet.from_config(plan.model)
+    assert model.training
+    backend = TorchBackend.place(model, plan, device="cpu", precision="fp32")
+    assert backend.model is model and not model.training
+    assert backend.device == CPU and backend.precision == pick_precision(CPU, "fp32")
+
+
+def test_region_plans_get_a_sigmoid_per_region():
+    plan = _plan()
+    regions = dataclasses.replace(plan, data=dataclasses.replace(plan.data, regions=((1,),)))
+    torch.manual_seed(0)
+    model = UNet.from_config(plan.model).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        logits = model(x)
+    fp32 = pick_precision(CPU, "fp32")
+    np.testing.assert_allclose(TorchBackend(model, regions, CPU, fp32)(x), torch.sigmoid(logits), atol=1e-6)
+    np.testing.assert_allclose(TorchBackend(model, plan, CPU, fp32)(x), torch.softmax(logits, 1), atol=1e-6)
+
+
+def test_the_backend_table_names_every_backend(tmp_path):
+    assert set(BACKENDS) == {"torch", "onnxruntime"}
+    run = _run(tmp_path / "run")
+    with pytest.raises(ValueError, match="backend must be torch or onnxruntime"):
+        Segmenter.load(run, backend="tflite")
+    with pytest.raises(UsegError, match="useg export"):
+        Segmenter.load(run, backend="onnxruntime")
