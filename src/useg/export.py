@@ -26,7 +26,7 @@ import torch
 
 from .backends import FORMATS, exported_backend, import_onnxruntime, onnx_session, sidecar_path
 from .errors import UsegError
-from .files import atomic_path
+from .files import atomic_path, atomic_write_text
 from .model import output_size
 from .plan import Plan
 from .predict import Segmenter
@@ -92,8 +92,7 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
                             f"(limit {TOLERANCE:g}); try another --opset or --format")
     side = _sidecar(plan, format, out, exporter, diff)
     try:
-        with atomic_path(sidecar_path(out)) as tmp:
-            Path(tmp).write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(sidecar_path(out), json.dumps(side, indent=2) + "\n")
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -280,7 +280,17 @@ def output_size(input_size: tuple[int, ...], depth: int, padding: str) -> tuple[
 
 
 def valid_input_size(size: tuple[int, ...], depth: int, padding: str) -> tuple[int, ...]:
-    """The smallest valid input size >= ``size`` on every axis."""
+    """The smallest valid input size >= ``size`` on every axis.
+
+    Same padding needs a multiple of ``2**depth``; valid (unpadded) convolutions need a size whose
+    feature maps stay even before every pooling (the paper's 572 -> 388 tile).
+
+    Examples:
+        >>> valid_input_size((500, 512), depth=4, padding="same")
+        (512, 512)
+        >>> valid_input_size((500,), depth=4, padding="valid")
+        (508,)
+    """
     _check_args(depth, padding)
     return tuple(_next_valid_1d(s, depth, padding) for s in size)
 

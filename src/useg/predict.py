@@ -21,7 +21,7 @@ from .backends import BACKENDS, Backend, TorchBackend
 from .checkpoint import load_weights
 from .dataset import Case, normalize
 from .errors import UsegError
-from .files import Image, atomic_path
+from .files import Image, atomic_write_text
 from .labels import regions_to_labels
 from .model import UNet, output_size, valid_input_size
 from .plan import Plan
@@ -170,8 +170,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
     if record["precision"] == "fp32":
         logger.warning("%s inference agrees with fp32 on only %.4f of the pixels; predictions will use fp32",
                        fast.name, agreement)
-    with atomic_path(run / INFERENCE_RECORD) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(run / INFERENCE_RECORD, json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_path
+from .files import atomic_write_text
 
 
 def append_record(run: Path, record: dict) -> None:
@@ -24,8 +24,7 @@ def drop_records_after(path: Path, epoch: int) -> None:
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines()
              if line.strip() and json.loads(line).get("epoch", 0) < epoch]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def write_curves(run: Path) -> None:
@@ -42,8 +41,7 @@ def write_curves(run: Path) -> None:
 def write_summary(run: Path, summary: dict) -> None:
     """Write ``run/summary.json`` atomically (paths as strings)."""
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}
-    with atomic_path(run / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 class ProgressBar:

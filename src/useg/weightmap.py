@@ -150,6 +150,15 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
 
     Returns:
         float32 array of labels' shape.
+
+    Examples:
+        Two objects one pixel apart: the gap pixel is 1 away from each, so it weighs
+        1 + 10 * exp(-(1 + 1)^2 / (2 * 5^2)):
+
+        >>> labels = np.array([[1, 1, 1, 0, 2, 2, 2]])
+        >>> w = border_weight_map(labels, class_weights="none")
+        >>> round(float(w[0, 3]), 3), w[0, :3].tolist()
+        (10.231, [1.0, 1.0, 1.0])
     """
     labels = _check_labels(labels)
     spacing = check_spacing(spacing, labels.ndim)
