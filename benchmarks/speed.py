@@ -56,7 +56,8 @@ from useg.checkpoint import load_weights, save_model
 from useg.labels import LabelMap
 from useg.losses import SegLoss
 from useg.model import UNet
-from useg.plan import make_plan
+from useg.planner import make_plan
+from useg.spec import Overrides
 
 
 def sync(dev: torch.device) -> None:
@@ -179,8 +180,9 @@ def bench_forward(dev, size, widths, repeats, bf16_mm):
 
 
 def make_run(folder: Path, shape, width, depth, tile, overlap, batch) -> Path:
-    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)], model={"width": width, "depth": depth, "padding": "same"},
-                     infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile))
+    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)], overrides=Overrides(
+        model={"width": width, "depth": depth, "padding": "same"},
+        infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile)))
     torch.manual_seed(0)
     from useg.predict import build_model
 
@@ -315,12 +317,13 @@ def bench_train(dev, batch, size, width, repeats):
 def bench_3d(dev, volume, tile, width, depth, repeats):
     from monai.inferers import sliding_window_inference
 
-    from useg.dataset import normalize
+    from useg.preprocess import normalize
     from useg.predict import build_model, predict_labels
 
     prec = runtime.pick_precision(dev, "auto")
-    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)], model={"width": width, "depth": depth, "padding": "same"},
-                     infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile))
+    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)], overrides=Overrides(
+        model={"width": width, "depth": depth, "padding": "same"},
+        infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile)))
     torch.manual_seed(0)
     base = build_model(plan).eval()
     x = normalize(np.random.default_rng(0).standard_normal((1, *volume)).astype(np.float32))

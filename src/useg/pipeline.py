@@ -10,41 +10,22 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from . import runtime
-from .dataset import Case, load_case, normalize
 from .errors import UsegError
 from .io import atomic_path
 from .plan import Plan
+from .preprocess import load_arrays
+from .spec import DataSpec, Overrides
 from .train import TrainResult, fit
 
 logger = logging.getLogger(__name__)
 
 
-def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore", intensity=None,
-                spacing: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
-
-    Args:
-        cases: the cases to read.
-        label_map: decodes the masks.
-        normalization, intensity: see :func:`useg.dataset.normalize`.
-        spacing: resample every case to this spacing first (None keeps the files' grids).
-    """
-    images, labels = [], []
-    for case in cases:
-        image, label = load_case(case, label_map, spacing)
-        images.append(normalize(image, normalization, intensity))
-        labels.append(label)
-    return images, labels
-
-
-def parse_names(spec: str | Sequence[str] | None) -> list[str]:
+def parse_names(given: str | Sequence[str] | None) -> list[str]:
     """Case names from "25,26" or "25-29" (numeric ranges) or a list; None gives []."""
-    if spec is None:
+    if given is None:
         return []
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    parts = given.split(",") if isinstance(given, str) else list(given)
     names: list[str] = []
     for part in (p.strip() for p in parts):
         if not part:
@@ -61,43 +42,34 @@ def train_folder(
     data: str | Path,
     out: str | Path,
     *,
-    preset: str = "default",
-    labels: Sequence[int] | None = None,
+    spec: DataSpec | None = None,
+    overrides: Overrides | None = None,
     val: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     time_budget_min: float | None = None,
-    patch_size: tuple[int, ...] | None = None,
-    model: dict | None = None,
-    train: dict | None = None,
-    infer: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     quiet: bool = False,
-    channels: Sequence[str] | None = None,
-    label: str | None = None,
-    memory_gb: float | None = None,
-    regions: dict[str, tuple[int, ...]] | None = None,
 ) -> TrainResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
     Args:
-        data: a folder with images/ and masks/.
+        data: a folder with images/ and masks/ (or an nnU-Net raw folder, or case folders).
         out: the run folder.
-        preset: the named recipe (see :data:`useg.plan.PRESETS`).
-        labels: the masks' values, when they should not be inferred (e.g. ``[0, 255]``).
+        spec: how to read ``data``: its mask values when they should not be inferred (e.g.
+            ``DataSpec(mask_values=(0, 255))``), the channel and label prefixes of case folders.
+        overrides: the preset (see :data:`useg.planner.PRESETS`) and the plan's fields fixed by hand,
+            the training patch, the memory budget and nested regions (see
+            :func:`useg.planner.plan_dataset`); ``train["val_fraction"]`` and ``train["seed"]`` also
+            drive the split.
         val: validation case names ("3,7" or "25-29"); default a seeded random share.
         exclude: case names kept out of training and validation (a held-out test set).
         time_budget_min: wall-clock budget in minutes.
-        patch_size: training patch (rounded up to a size the network accepts).
-        model, train, infer: overrides of the plan's fields.
         resume: continue the run in ``out`` with its own plan and split.
         overwrite: replace an existing run in ``out``.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
-        channels, label: channel and label file-name prefixes of case-folder data.
-        memory_gb: the planner's training memory budget (default from the machine).
-        regions: nested regions in mask values to train on (see :func:`useg.planner.plan_dataset`).
 
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
@@ -105,8 +77,9 @@ def train_folder(
     from .dataset import check_dataset, split_cases
     from .planner import plan_dataset
 
+    overrides = overrides or Overrides()
     out = Path(out)
-    report = check_dataset(data, labels=labels, channels=channels, label=label)
+    report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
     by_name = {c.name: c for c in report.cases}
@@ -127,13 +100,11 @@ def train_folder(
         if unknown:
             raise UsegError(f"case names {unknown} are not in {data}; use image file stems such as {next(iter(by_name))!r}")
         cases = [c for c in report.cases if c.name not in held]
-        tcfg = dict(train or {})
         train_cases, val_cases = split_cases(
-            cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
+            cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
             val_names=parse_names(val) or None,
         )
-        plan, reasons = plan_dataset(report.without(held), preset, memory_gb=memory_gb, device=device, model=model,
-                                     train=train, infer=infer, patch_size=patch_size, regions=regions)
+        plan, reasons = plan_dataset(report.without(held), overrides, device=device)
         for reason in reasons:
             logger.info("plan: %s", reason)
     d = plan.data
@@ -150,4 +121,4 @@ def train_folder(
                device=device, quiet=quiet)
 
 
-__all__ = ["load_arrays", "parse_names", "train_folder"]
+__all__ = ["parse_names", "train_folder"]

@@ -14,7 +14,7 @@ import torch
 
 from . import runtime
 from .checkpoint import load_weights
-from .dataset import Case, normalize
+from .dataset import Case
 from .errors import UsegError
 from .instances import label_instances
 from .io import Image, stem_of, suffix_of, write_mask
@@ -22,6 +22,7 @@ from .labels import regions_to_labels
 from .layouts import read_case_image
 from .model import UNet, output_size, valid_input_size
 from .plan import Plan
+from .preprocess import normalize
 from .tiling import overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
 
 logger = logging.getLogger(__name__)
