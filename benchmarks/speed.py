@@ -317,8 +317,8 @@ def bench_train(dev, batch, size, width, repeats):
 def bench_3d(dev, volume, tile, width, depth, repeats):
     from monai.inferers import sliding_window_inference
 
-    from useg.preprocess import normalize
     from useg.predict import build_model, predict_labels
+    from useg.preprocess import normalize
 
     prec = runtime.pick_precision(dev, "auto")
     plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)], overrides=Overrides(

@@ -7,13 +7,11 @@ import pytest
 from PIL import Image as PILImage
 
 from useg.dataset import (
-    Case,
     CaseRecord,
     check_dataset,
     discover,
     format_axes,
     natural_key,
-    split_cases,
 )
 from useg.errors import UsegError
 from useg.spec import DataSpec
@@ -98,7 +96,8 @@ def test_check_empty_missing_and_single_class(tmp_path):
         discover(tmp_path)
     _write(tmp_path / "noimg" / "images" / "a.png", np.zeros((5, 5), np.uint8))
     (tmp_path / "noimg" / "masks").mkdir()
-    expected = f"{tmp_path / 'noimg' / 'masks'} holds no masks; put one mask per image there, named like its image"
+    expected = (f"{tmp_path / 'noimg' / 'masks'} holds no masks; "
+                "put one mask per image there, named like its image")
     assert check_dataset(tmp_path / "noimg").problems == [expected]
     shutil.rmtree(tmp_path / "noimg" / "masks")
     assert "has no masks/ folder" in check_dataset(tmp_path / "noimg").problems[0]
@@ -116,7 +115,8 @@ def test_check_mixed_dims_and_palettes(tmp_path):
     report = check_dataset(root)
     assert any("c.png.tif has 3 spatial dimensions" in p for p in report.problems)
     root = tmp_path / "pal"
-    for name, colours in (("a", [0, 0, 0, 255, 0, 0]), ("b", [0, 0, 0, 255, 0, 0]), ("c", [0, 0, 0, 0, 255, 0])):
+    red, green = [0, 0, 0, 255, 0, 0], [0, 0, 0, 0, 255, 0]
+    for name, colours in (("a", red), ("b", red), ("c", green)):
         _write(root / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
         im = PILImage.fromarray(np.eye(4, dtype=np.uint8))
         im.putpalette(colours + [0] * 762)
@@ -140,20 +140,3 @@ def test_data_spec_and_format_axes():
     with pytest.raises(ValueError, match="sequence"):
         DataSpec(channel_names="Flair")
     assert format_axes((240, 240, 155)) == "240x240x155" and format_axes((0.8, 1.0, 2.5)) == "0.8x1x2.5"
-
-
-def test_split():
-    cases = [Case(str(i), None) for i in range(10)]
-    tr, va = split_cases(cases, 0.2, seed=1)
-    assert len(va) == 2 and len(tr) == 8 and not {c.name for c in tr} & {c.name for c in va}
-    assert split_cases(cases, 0.2, seed=1) == (tr, va)
-    assert split_cases(cases, 0.2, seed=2) != (tr, va)
-    assert [len(s) for s in split_cases(cases[:2], 0.01)] == [1, 1]
-    assert [len(s) for s in split_cases(cases[:3], 0.9)] == [1, 2]
-    tr, va = split_cases(cases, val_names=["3"])
-    assert [c.name for c in va] == ["3"] and len(tr) == 9
-    assert split_cases(cases[:1]) == (cases[:1], [])
-    with pytest.raises(UsegError, match="not in the data"):
-        split_cases(cases, val_names=["nope"])
-    with pytest.raises(ValueError):
-        split_cases(cases, 1.0)

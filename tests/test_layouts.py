@@ -38,7 +38,8 @@ def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng):
         _save(root / "labelsTr" / f"c{k}.nii.gz", lab)
     report = check_dataset(root)
     assert report.ok, report.problems
-    assert report.num_channels == 2 and report.label_map.values == (0, 1, 2) and report.info["layout"] == "nnunet"
+    assert report.num_channels == 2 and report.label_map.values == (0, 1, 2)
+    assert report.info["layout"] == "nnunet"
     image, labels = load_case(report.cases[0], report.label_map)
     assert image.shape == (2, 9, 10, 7) and labels.shape == (9, 10, 7)
     np.testing.assert_array_equal(image[1], -image[0])
@@ -70,7 +71,8 @@ def test_plain_layout_groups_channel_files(tmp_path, rng, suffix):
         img, lab = _case(rng)
         for c in range(2):
             p = tmp_path / "images" / f"case{k}_{c:04d}{suffix}"
-            _save(p, img + c) if suffix == ".nii.gz" else (p.parent.mkdir(exist_ok=True), tifffile.imwrite(p, img + c))
+            p.parent.mkdir(exist_ok=True)
+            _save(p, img + c) if suffix == ".nii.gz" else tifffile.imwrite(p, img + c)
         m = tmp_path / "masks" / f"case{k}{suffix}"
         _save(m, lab) if suffix == ".nii.gz" else (m.parent.mkdir(exist_ok=True), tifffile.imwrite(m, lab))
     report = check_dataset(tmp_path)

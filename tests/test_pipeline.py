@@ -6,14 +6,32 @@ import json
 
 import pytest
 
+from useg.dataset import Case
 from useg.errors import UsegError
-from useg.pipeline import parse_names, train_folder
+from useg.pipeline import parse_names, split_cases, train_folder
 from useg.spec import Overrides
 
 
 def test_parse_names():
     assert parse_names("25-27,a") == ["25", "26", "27", "a"]
     assert parse_names(None) == []
+
+
+def test_split():
+    cases = [Case(str(i), None) for i in range(10)]
+    tr, va = split_cases(cases, 0.2, seed=1)
+    assert len(va) == 2 and len(tr) == 8 and not {c.name for c in tr} & {c.name for c in va}
+    assert split_cases(cases, 0.2, seed=1) == (tr, va)
+    assert split_cases(cases, 0.2, seed=2) != (tr, va)
+    assert [len(s) for s in split_cases(cases[:2], 0.01)] == [1, 1]
+    assert [len(s) for s in split_cases(cases[:3], 0.9)] == [1, 2]
+    tr, va = split_cases(cases, val_names=["3"])
+    assert [c.name for c in va] == ["3"] and len(tr) == 9
+    assert split_cases(cases[:1]) == (cases[:1], [])
+    with pytest.raises(UsegError, match="not in the data"):
+        split_cases(cases, val_names=["nope"])
+    with pytest.raises(ValueError):
+        split_cases(cases, 1.0)
 
 
 def test_train_folder_refuses_bad_data_and_existing_runs(tmp_path, cells_dir):

@@ -15,7 +15,8 @@ from useg.spec import Overrides
 
 def test_round_trip_through_json(tmp_path):
     lm = LabelMap(values=(0, 1, 2), mode="palette", palette=tuple(range(768)))
-    plan = make_plan(lm, 3, [(128, 96)], overrides=Overrides(model={"width": 8, "norm": None}, train={"lr": 0.01}))
+    overrides = Overrides(model={"width": 8, "norm": None}, train={"lr": 0.01})
+    plan = make_plan(lm, 3, [(128, 96)], overrides=overrides)
     path = plan.save(tmp_path / "plan.json")
     again = Plan.load(path)
     assert again == plan
@@ -44,8 +45,9 @@ def test_a_plan_json_written_before_the_planner_split_still_loads(tmp_path):
         "model": {"in_channels": 1, "num_classes": 2, "dims": 2, "width": 32, "depth": 4, "padding": "same",
                   "up": "transpose", "norm": "batch", "dropout": 0.0, "max_width": None},
         "data": {"label_map": {"values": [0, 255], "mode": "grey", "palette": None}, "patch_size": [64, 64],
-                 "normalization": "zscore", "intensity": [], "resample": False, "channel_names": [], "regions": [],
-                 "fg_fraction": 0.33, "spacing": [1.0, 1.0], "border_weights": False, "w0": 10.0, "sigma": 5.0},
+                 "normalization": "zscore", "intensity": [], "resample": False, "channel_names": [],
+                 "regions": [], "fg_fraction": 0.33, "spacing": [1.0, 1.0], "border_weights": False,
+                 "w0": 10.0, "sigma": 5.0},
         "train": {"optimizer": "adamw", "lr": 0.002, "batch_size": 16, "epochs": 100},
         "infer": {"tile": [64, 64], "overlap": 0.5, "batch_size": 4, "tta": False},
         "preset": "default", "version": 1,
@@ -61,5 +63,6 @@ def test_a_plan_json_written_before_the_planner_split_still_loads(tmp_path):
 def test_plan_py_holds_no_rules():
     import useg.plan as schema
 
-    for name in ("make_plan", "explain", "PRESETS", "target_spacing", "default_patch_size", "valid_input_size"):
+    rules = ("make_plan", "explain", "PRESETS", "target_spacing", "default_patch_size", "valid_input_size")
+    for name in rules:
         assert not hasattr(schema, name), name

@@ -32,7 +32,7 @@ def _report(shapes, spacings, channels=1, background=0.0, names=(), rng=None):
     samples = tuple(rng.normal(40, 10, 1000) for _ in range(channels))
     records = tuple(CaseRecord(f"c{i}", shape, spacing, channels, len(shape), "float32", background,
                                samples if i == 0 else None)
-                    for i, (shape, spacing) in enumerate(zip(shapes, spacings)))
+                    for i, (shape, spacing) in enumerate(zip(shapes, spacings, strict=True)))
     cases = [Case(r.name, Path(f"{r.name}.nii.gz")) for r in records]
     return CheckReport(cases=cases, problems=[], label_map=LabelMap((0, 1, 2)), num_channels=channels,
                        stats={"pixel share per mask value": {"0": 0.9, "1": 0.07, "2": 0.03}},
@@ -98,7 +98,8 @@ def test_target_spacing_is_the_median_except_on_a_thick_slice_axis():
 def test_3d_plan_fits_the_memory_budget_and_pools_to_about_4_voxels():
     report = _report([(240, 240, 155)] * 4, [(1.0, 1.0, 1.0)] * 4, channels=2, background=0.8)
     for gib in (0.5, 4.0):
-        plan, reasons = plan_dataset(report, Overrides(memory_gb=gib), device="cuda")  # GPU rules: memory is the limit
+        # GPU rules: memory is the limit
+        plan, reasons = plan_dataset(report, Overrides(memory_gb=gib), device="cuda")
         m, patch = plan.model, plan.data.patch_size
         assert m.dims == 3 and m.width == 32 and m.max_width == 320 and m.norm == "instance"
         assert training_gib(patch, m.width, m.depth, 2, m.max_width, plan.train.batch_size) <= gib * 1.05
@@ -127,7 +128,8 @@ def test_2d_keeps_the_preset_rules():
 
 
 def test_fingerprint_comes_from_the_per_case_records():
-    report = _report([(10, 20, 30), (12, 22, 32)], [(1.0, 1.0, 2.0), (1.0, 1.0, 3.0)], channels=2, background=0.5)
+    report = _report([(10, 20, 30), (12, 22, 32)], [(1.0, 1.0, 2.0), (1.0, 1.0, 3.0)],
+                     channels=2, background=0.5)
     fp = fingerprint(report)
     assert fp["median_shape"] == [11, 21, 31] and fp["spacing_range"][2] == [2.0, 3.0]
     assert fp["num_channels"] == 2 and fp["background_share"] == 0.5 and len(fp["intensity"]) == 2

@@ -11,9 +11,9 @@ from useg.checkpoint import load_checkpoint, save_checkpoint
 from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.planner import make_plan
+from useg.predict import Segmenter
 from useg.preprocess import normalize
 from useg.spec import Overrides
-from useg.predict import Segmenter
 from useg.train import fit, lr_factor
 
 
@@ -117,8 +117,8 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
 
     from useg import runtime
     from useg.pipeline import train_folder
-    from useg.preprocess import load_arrays
     from useg.predict import Segmenter
+    from useg.preprocess import load_arrays
     from useg.train import check_low_precision
 
     run = tmp_path / "run"

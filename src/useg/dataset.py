@@ -1,4 +1,4 @@
-"""Data folders: finding the cases (pairing images with masks), checking them, splitting them.
+"""Data folders: finding the cases (pairing images with masks) and checking them.
 
 Layout: ``DATA/images/<stem>.<ext>`` with ``DATA/masks/<stem>.<ext>`` (or ``<stem>_mask`` /
 ``<stem>_label``), PNG, TIFF or NIfTI, paired by stem; channels as separate ``<stem>_0000`` files,
@@ -21,7 +21,7 @@ import numpy as np
 
 from . import layouts, volumes
 from .errors import UsegError
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_mask, stem_of, suffix_of
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, read_mask, stem_of, suffix_of
 from .labels import LabelMap, infer_label_map
 from .spec import DataSpec
 
@@ -85,6 +85,14 @@ def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path]
         no_images = (f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                      f"put the images in {root / 'images'}")
         return [], [no_images], ignored, {}
+    by_stem, extra, problems = _image_stems(images)
+    masks = _pair_masks(root, img_dir, by_stem, ignored, problems)
+    cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
+    return cases, problems, ignored, {"layout": "plain"}
+
+
+def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tuple[Path, ...]], list[str]]:
+    """(case name -> first image file, case name -> further channel files, problems) of a plain folder."""
     problems: list[str] = []
     by_stem: dict[str, Path] = {}
     extra: dict[str, tuple[Path, ...]] = {}
@@ -98,28 +106,36 @@ def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path]
             problems.append(f"{p} and {by_stem[stem].name} share the name {stem!r}; keep one of them")
         else:
             by_stem[stem] = p
+    return by_stem, extra, problems
+
+
+def _pair_masks(root: Path, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
+                problems: list[str]) -> dict[str, Path]:
+    """Case name -> mask file from ``root/masks``; non-masks go to ``ignored``, pairing problems to
+    ``problems``."""
     masks: dict[str, Path] = {}
     mask_dir = root / "masks"
-    if img_dir != root and mask_dir.is_dir():
-        mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
-        ignored += other
-        if not mask_files:
-            problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
-        for p in mask_files:
-            stem = stem_of(p) if stem_of(p) in by_stem else mask_stem(stem_of(p))
-            if stem in masks:
-                problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
-            else:
-                masks[stem] = p
-        for stem, p in masks.items():
-            if stem not in by_stem:
-                problems.append(f"{p} has no image {stem}.* in {img_dir}; add the image or remove the mask")
-        if mask_files:
-            for stem, p in by_stem.items():
-                if stem not in masks:
-                    problems.append(f"{p} has no mask {stem}.png in {mask_dir}; add its mask or move the image out")
-    cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
-    return cases, problems, ignored, {"layout": "plain"}
+    if img_dir == root or not mask_dir.is_dir():
+        return masks
+    mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
+    ignored.extend(other)
+    if not mask_files:
+        problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
+    for p in mask_files:
+        stem = stem_of(p) if stem_of(p) in by_stem else mask_stem(stem_of(p))
+        if stem in masks:
+            problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
+        else:
+            masks[stem] = p
+    for stem, p in masks.items():
+        if stem not in by_stem:
+            problems.append(f"{p} has no image {stem}.* in {img_dir}; add the image or remove the mask")
+    if mask_files:
+        for stem, p in by_stem.items():
+            if stem not in masks:
+                problems.append(f"{p} has no mask {stem}.png in {mask_dir}; "
+                                "add its mask or move the image out")
+    return masks
 
 
 def discover(root: str | Path, spec: DataSpec | None = None) -> list[Case]:
@@ -281,7 +297,7 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
 
 
 def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Generator) -> None:
-    """Read one case's image and mask into ``scan``; append what is wrong with them to ``problems``."""
+    """Read one case's image and mask into ``scan``; what is wrong with them goes to ``problems``."""
     try:
         image = layouts.read_case_image(case.files)
     except UsegError as e:
@@ -292,10 +308,15 @@ def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Gene
             problems.append(f"{case.image} contains NaN or infinite values; replace them before training")
         lowest = image.array.reshape(image.channels, -1).min(axis=1).reshape((-1,) + (1,) * image.dims)
         background = float((image.array == lowest).all(axis=0).mean())
-        scan.records.append(CaseRecord(case.name, image.spatial_shape, image.spacing, image.channels, image.dims,
-                                       str(image.array.dtype), background))
-    if case.mask is None:
-        return
+        scan.records.append(CaseRecord(case.name, image.spatial_shape, image.spacing, image.channels,
+                                       image.dims, str(image.array.dtype), background))
+    if case.mask is not None:
+        _scan_mask(case, image, scan, problems, rng)
+
+
+def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str],
+               rng: np.random.Generator) -> None:
+    """Read one case's mask into ``scan`` (values, encoding, the image's foreground intensities)."""
     try:
         raw, mode, pal = read_mask(case.mask)
     except UsegError as e:
@@ -308,7 +329,8 @@ def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Gene
     mask_spacing = volumes.nifti_spacing(case.mask) if volumes.is_nifti(case.mask) else None
     if image is not None and mask_spacing and not np.allclose(mask_spacing, image.spacing, rtol=1e-3):
         problems.append(f"{case.mask} has spacing {format_axes(mask_spacing)} but its image has "
-                        f"{format_axes(image.spacing)}; resample the mask onto its image's grid (nearest neighbour)")
+                        f"{format_axes(image.spacing)}; resample the mask onto its image's grid "
+                        "(nearest neighbour)")
         return
     if image is not None and mode == "grey" and scan.sample_channels in (None, image.channels):
         samples = _foreground_sample(image.array, raw > raw.min(initial=0), rng)
@@ -316,7 +338,7 @@ def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Gene
         scan.records[-1] = dataclasses.replace(scan.records[-1], samples=tuple(samples))
     values, counts = np.unique(raw, return_counts=True)
     scan.value_sets[str(case.mask)] = set(values.tolist())
-    for v, c in zip(values.tolist(), counts.tolist()):
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
         scan.pixel_counts[v] = scan.pixel_counts.get(v, 0) + c
     scan.modes.setdefault(mode, []).append(str(case.mask))
     if pal is not None:
@@ -350,10 +372,12 @@ def _stats(cases: Sequence[Case], scan: _Scan, ignored: Sequence[Path], info: di
         stats["image dtypes"] = sorted({r.dtype for r in scan.records})
     if scan.pixel_counts:
         total = sum(scan.pixel_counts.values())
-        stats["pixel share per mask value"] = {str(v): round(c / total, 4) for v, c in sorted(scan.pixel_counts.items())}
+        stats["pixel share per mask value"] = {str(v): round(c / total, 4)
+                                               for v, c in sorted(scan.pixel_counts.items())}
     if ignored:
         stats["ignored files"] = [str(p) for p in ignored]
-        logger.info("ignoring %d files that are not images: %s", len(ignored), ", ".join(p.name for p in ignored[:5]))
+        logger.info("ignoring %d files that are not images: %s", len(ignored),
+                    ", ".join(p.name for p in ignored[:5]))
     if shapes:
         spacings = [r.spacing for r in scan.records]
         stats["spacing (median)"] = format_axes(tuple(float(np.median([s[i] for s in spacings]))
@@ -363,7 +387,8 @@ def _stats(cases: Sequence[Case], scan: _Scan, ignored: Sequence[Path], info: di
     return stats
 
 
-def _foreground_sample(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> list[np.ndarray]:
+def _foreground_sample(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
+                       n: int = 10_000) -> list[np.ndarray]:
     """Up to ``n`` foreground intensities per channel (all voxels when the mask is empty)."""
     idx = np.flatnonzero(fg) if fg.any() else np.arange(fg.size)
     if idx.size > n:
@@ -385,36 +410,3 @@ def _palette_problems(palettes: dict[str, tuple[int, ...]], names: dict, label_m
             out.append(f"{name} gives palette indices {differ[:8]} other colours than the other masks; "
                        "re-save the masks with one palette, or as RGB colours")
     return out
-
-
-def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
-                val_names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
-    """Deterministic train/validation split, both in the input order.
-
-    Args:
-        cases: all labelled cases.
-        val_fraction: share for validation when ``val_names`` is None, in [0, 1); with two or
-            more cases and a positive fraction each side gets at least one case.
-        seed: the shuffle seed.
-        val_names: explicit validation case names.
-
-    Raises:
-        UsegError: a name in ``val_names`` that is no case, or names that leave no training case.
-    """
-    cases = list(cases)
-    if val_names:
-        names = set(val_names)
-        unknown = names - {c.name for c in cases}
-        if unknown:
-            raise UsegError(f"validation cases {sorted(unknown)[:5]} are not in the data; use names of its images")
-        train, val = [c for c in cases if c.name not in names], [c for c in cases if c.name in names]
-        if not train:
-            raise UsegError("every case is a validation case; leave at least one for training")
-        return train, val
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    if len(cases) < 2 or val_fraction == 0:
-        return cases, []
-    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
-    chosen = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]

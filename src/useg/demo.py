@@ -34,9 +34,9 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
     """
     from .io import read_image, read_mask
     from .metrics import evaluate_folders, format_table
+    from .pipeline import train_folder
     from .predict import Segmenter
     from .report import save_overlay, write_report
-    from .pipeline import train_folder
     from .spec import Overrides
     from .synthetic import write_cells_dataset
 

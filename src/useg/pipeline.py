@@ -10,7 +10,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from . import runtime
+from .dataset import Case, check_dataset
 from .errors import UsegError
 from .io import atomic_path
 from .plan import Plan
@@ -36,6 +39,41 @@ def parse_names(given: str | Sequence[str] | None) -> list[str]:
         else:
             names.append(part)
     return names
+
+
+def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
+                val_names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split, both in the input order.
+
+    Args:
+        cases: all labelled cases.
+        val_fraction: share for validation when ``val_names`` is None, in [0, 1); with two or
+            more cases and a positive fraction each side gets at least one case.
+        seed: the shuffle seed.
+        val_names: explicit validation case names.
+
+    Raises:
+        UsegError: a name in ``val_names`` that is no case, or names that leave no training case.
+    """
+    cases = list(cases)
+    if val_names:
+        names = set(val_names)
+        unknown = names - {c.name for c in cases}
+        if unknown:
+            raise UsegError(f"validation cases {sorted(unknown)[:5]} are not in the data; "
+                            "use names of its images")
+        train, val = [c for c in cases if c.name not in names], [c for c in cases if c.name in names]
+        if not train:
+            raise UsegError("every case is a validation case; leave at least one for training")
+        return train, val
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if len(cases) < 2 or val_fraction == 0:
+        return cases, []
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
+    chosen = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
+    train = [c for i, c in enumerate(cases) if i not in chosen]
+    return train, [c for i, c in enumerate(cases) if i in chosen]
 
 
 def train_folder(
@@ -74,7 +112,6 @@ def train_folder(
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
     """
-    from .dataset import check_dataset, split_cases
     from .planner import plan_dataset
 
     overrides = overrides or Overrides()
@@ -91,14 +128,17 @@ def train_folder(
             train_cases = [by_name[n] for n in split["train"]]
             val_cases = [by_name[n] for n in split["val"]]
         except (OSError, KeyError, ValueError) as e:
-            raise UsegError(f"{split_path} does not match {data} ({e}); resume with the same data folder") from None
+            raise UsegError(f"{split_path} does not match {data} ({e}); "
+                            "resume with the same data folder") from None
     else:
         if (out / "plan.json").exists() and not overwrite:
-            raise UsegError(f"{out} already holds a run; pass --overwrite to replace it or --resume to continue it")
+            raise UsegError(f"{out} already holds a run; "
+                            "pass --overwrite to replace it or --resume to continue it")
         held = set(parse_names(exclude))
         unknown = sorted((held | set(parse_names(val))) - set(by_name))
         if unknown:
-            raise UsegError(f"case names {unknown} are not in {data}; use image file stems such as {next(iter(by_name))!r}")
+            raise UsegError(f"case names {unknown} are not in {data}; "
+                            f"use image file stems such as {next(iter(by_name))!r}")
         cases = [c for c in report.cases if c.name not in held]
         train_cases, val_cases = split_cases(
             cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
@@ -114,11 +154,11 @@ def train_folder(
     if not resume:
         if runtime.main_process():  # under torchrun only rank 0 writes
             out.mkdir(parents=True, exist_ok=True)
+            split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             with atomic_path(split_path) as tmp:
-                Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
-                                                 "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
+                Path(tmp).write_text(json.dumps(split, indent=1), encoding="utf-8")
     return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
                device=device, quiet=quiet)
 
 
-__all__ = ["parse_names", "train_folder"]
+__all__ = ["parse_names", "split_cases", "train_folder"]

@@ -42,11 +42,13 @@ class ModelConfig:
 class DataConfig:
     label_map: LabelMap  # stored mask value of each class, to decode and encode masks
     patch_size: tuple[int, ...] = (256, 256)  # network input during training (and inference tile)
-    normalization: str = "zscore"  # "zscore" per image, "zscore_mask" inside the object, "ct" global clip + scale
-    intensity: tuple[tuple[float, ...], ...] = ()  # per channel (lo, hi, mean, std) of the foreground, for "ct"
+    # "zscore" per image, "zscore_mask" inside the object, "ct" global clip + scale
+    normalization: str = "zscore"
+    intensity: tuple[tuple[float, ...], ...] = ()  # per channel (lo, hi, mean, std) of the foreground, "ct"
     resample: bool = False  # resample every case to ``spacing`` (3D data of varying spacing)
-    channel_names: tuple[str, ...] = ()  # channel file prefixes of case-folder data (to find them at predict time)
-    regions: tuple[tuple[int, ...], ...] = ()  # nested regions (class indices, outer to inner): one sigmoid output each
+    channel_names: tuple[str, ...] = ()  # channel file prefixes of case-folder data (found at predict time)
+    # nested regions (class indices, outer to inner): one sigmoid output each
+    regions: tuple[tuple[int, ...], ...] = ()
     fg_fraction: float = 0.33  # share of patches centred on a foreground pixel (nnU-Net: 1/3)
     spacing: tuple[float, ...] = (1.0, 1.0)  # target spacing: median of the training images (nnU-Net's rule)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # joint image/label transforms
@@ -83,7 +85,7 @@ class InferConfig:
     batch_size: int = 4  # tiles per forward
     tta: bool = False  # average over flips at test time
     tta_rotate: bool = False  # with tta, also the transposed versions (2D square tiles): all 8 symmetries
-    largest_component: bool = False  # keep only the largest connected component of each class (nnU-Net's option)
+    largest_component: bool = False  # keep only each class's largest connected component (nnU-Net's option)
 
 
 @dataclass(frozen=True)

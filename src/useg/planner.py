@@ -127,7 +127,8 @@ def batch_size(preset: str, dims: int, patch: Sequence[int] | None, train: Mappi
 
 
 def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tuple[int, ...]],
-              spacings: Sequence[tuple[float, ...]] | None = None, overrides: Overrides | None = None) -> Plan:
+              spacings: Sequence[tuple[float, ...]] | None = None,
+              overrides: Overrides | None = None) -> Plan:
     """Plan a training from the preset's rules and what a dataset check found.
 
     Args:
@@ -151,16 +152,19 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     dims = len(image_shapes[0])
     base = PRESETS[ov.preset]
     regions = ov.data.get("regions", ())
-    mcfg = dataclasses.replace(base.model, **{
-        "in_channels": num_channels, "num_classes": len(regions) or label_map.num_classes, "dims": dims, **ov.model})
+    num_classes = len(regions) or label_map.num_classes
+    fixed = {"in_channels": num_channels, "num_classes": num_classes, "dims": dims}  # from the data
+    mcfg = dataclasses.replace(base.model, **{**fixed, **ov.model})
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
         if len(ov.patch_size) != dims:
-            raise ValueError(f"patch size {ov.patch_size} has {len(ov.patch_size)} axes but the images have {dims}")
+            raise ValueError(f"patch size {ov.patch_size} has {len(ov.patch_size)} axes "
+                             f"but the images have {dims}")
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     spacing = target_spacing(spacings) if spacings else tuple(1.0 for _ in range(dims))
-    tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch_size(ov.preset, dims, patch, ov.train)})
+    batch = batch_size(ov.preset, dims, patch, ov.train)
+    tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch})
     icfg = dataclasses.replace(base.infer, tile=patch, **ov.infer)
     data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **{**base.data, **ov.data})
     plan = Plan(model=mcfg, data=data, train=tcfg, infer=icfg, preset=ov.preset)
@@ -183,14 +187,15 @@ def explain(plan: Plan) -> str:
             f"normalization: {d.normalization}; inference tile {format_axes(plan.infer.tile)}, "
             f"overlap {plan.infer.overlap}{', mirroring TTA' if plan.infer.tta else ''}",
         ]
-        + ([f"loss weights: the paper's border map, w0 {d.w0:g}, sigma {d.sigma:g} px"] if d.border_weights else [])
+        + ([f"loss weights: the paper's border map, w0 {d.w0:g}, sigma {d.sigma:g} px"]
+           if d.border_weights else [])
     )
 
 
 def pooled_intensities(records: Sequence[CaseRecord]) -> list[np.ndarray]:
     """Per channel, the foreground intensity samples of every case that has them, concatenated."""
     samples = [r.samples for r in records if r.samples is not None]
-    return [np.concatenate(c) for c in zip(*samples)] if samples else []
+    return [np.concatenate(c) for c in zip(*samples, strict=True)] if samples else []
 
 
 def fingerprint(report: CheckReport) -> dict[str, Any]:
@@ -210,8 +215,9 @@ def fingerprint(report: CheckReport) -> dict[str, Any]:
         "channel_names": list(report.info.get("channel_names", [])),
         "median_shape": [int(v) for v in np.median(shapes, axis=0)] if shapes.size else [],
         "median_spacing": [round(float(v), 4) for v in np.median(spacings, axis=0)] if spacings.size else [],
-        "spacing_range": [[round(float(a), 4), round(float(b), 4)] for a, b in
-                          zip(spacings.min(axis=0), spacings.max(axis=0))] if spacings.size else [],
+        "spacing_range": [[round(float(a), 4), round(float(b), 4)]
+                          for a, b in zip(spacings.min(axis=0), spacings.max(axis=0), strict=True)]
+                         if spacings.size else [],
         "class_share": report.stats.get("pixel share per mask value", {}),
         "background_share": round(float(np.mean([r.background for r in records])) if records else 0.0, 4),
         "intensity": [
@@ -327,19 +333,21 @@ def _region_classes(values: Sequence[int], regions: Mapping[str, tuple[int, ...]
     values = tuple(values)
     unknown = sorted({v for r in regions.values() for v in r} - set(values))
     if unknown:
-        raise UsegError(f"--regions names mask values {unknown} that the masks do not use; use values of {list(values)}")
+        raise UsegError(f"--regions names mask values {unknown} that the masks do not use; "
+                        f"use values of {list(values)}")
     classes = tuple(tuple(values.index(v) for v in r) for r in regions.values())
     try:
         writes = region_classes(classes)
     except ValueError as e:
         raise UsegError(f"--regions: {e}") from None
     reasons.append(f"targets: {len(regions)} nested regions {', '.join(regions)} with a sigmoid each "
-                   f"(binary cross-entropy + Dice), written back as mask values {[values[c] for c in writes]}")
+                   "(binary cross-entropy + Dice), written back as mask values "
+                   f"{[values[c] for c in writes]}")
     return classes
 
 
-def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Overrides, cpu: bool, budget: float,
-             reasons: list[str]) -> tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]:
+def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Overrides, cpu: bool,
+             budget: float, reasons: list[str]) -> tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]:
     """3D choices: resampling, the patch that fits the budget, depth and width.
 
     Returns:
@@ -354,7 +362,7 @@ def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Over
     else:
         reasons.append(f"spacing: every case is {format_axes(target)}, no resampling")
     shape = [int(round(m * s / t)) for m, s, t in
-             zip(fp["median_shape"], np.median(np.asarray(spacings), axis=0), target)]
+             zip(fp["median_shape"], np.median(np.asarray(spacings), axis=0), target, strict=True)]
     halved = cpu and "width" not in ov.model
     # batches of 2 make batch statistics noisy, hence instance norm (nnU-Net)
     model = {"width": 16 if cpu else 32, "max_width": 320, "norm": "instance", **ov.model}
@@ -367,8 +375,8 @@ def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Over
             tuple(p), width, _depth_for(tuple(p)), channels, max_width, batch) <= budget))
     depth = model.setdefault("depth", _depth_for(tuple(patch_size)))
     gib = training_gib(tuple(patch_size), width, depth, channels, max_width, batch)
-    reasons.append(f"patch: {format_axes(patch_size)} at batch {batch} (median case {format_axes(shape)} at the "
-                   f"target spacing), about {gib:.1f} GiB of {budget:.1f} GiB"
+    reasons.append(f"patch: {format_axes(patch_size)} at batch {batch} (median case {format_axes(shape)} "
+                   f"at the target spacing), about {gib:.1f} GiB of {budget:.1f} GiB"
                    + (f"; capped at {CPU_MAX_VOXELS_3D:,} voxels on a CPU" if cpu else ""))
     reasons.append(f"network: depth {depth} (pool until the smallest edge is about {MIN_EDGE} voxels), width "
                    f"{width}{' (halved on a CPU)' if halved else ''}, capped at "

@@ -35,7 +35,8 @@ def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] |
         labels = label_map.decode(read_mask(case.mask)[0], path=case.mask)
         if labels.shape != image.spatial_shape:
             raise UsegError(f"{case.mask} is {format_axes(labels.shape)} but {case.image} is "
-                            f"{format_axes(image.spatial_shape)}; masks must match their images pixel for pixel")
+                            f"{format_axes(image.spatial_shape)}; "
+                            "masks must match their images pixel for pixel")
     array = image.array.astype(np.float32)
     if spacing is not None and not np.allclose(image.spacing, spacing, rtol=1e-3):
         from .resample import resample_image, resample_labels
@@ -94,7 +95,8 @@ def normalize(array: np.ndarray, method: str = "zscore",
         raise ValueError(f"normalize needs a channels-first array (C, *S), got shape {x.shape}")
     if method == "ct":
         if intensity is None or len(intensity) != x.shape[0]:
-            raise ValueError(f"ct normalization needs (lo, hi, mean, std) for each of the {x.shape[0]} channels")
+            raise ValueError("ct normalization needs (lo, hi, mean, std) "
+                             f"for each of the {x.shape[0]} channels")
         out = np.empty_like(x)
         for c, (lo, hi, mean, std) in enumerate(intensity):
             out[c] = (np.clip(x[c], lo, hi) - mean) / max(std, 1e-8)

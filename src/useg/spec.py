@@ -28,7 +28,7 @@ class DataSpec:
     """
 
     mask_values: tuple[int, ...] | None = None  # the masks' stored values (--labels); None infers them
-    channel_names: tuple[str, ...] | None = None  # case folders: channel file-name prefixes in order (--channels)
+    channel_names: tuple[str, ...] | None = None  # case folders: channel file prefixes in order (--channels)
     label_name: str | None = None  # case folders: the label file-name prefix (--label)
 
     def __post_init__(self) -> None:
@@ -58,6 +58,7 @@ class Overrides:
         for name in ("model", "train", "infer", "data"):
             object.__setattr__(self, name, dict(getattr(self, name) or {}))
         if self.patch_size is not None:
-            object.__setattr__(self, "patch_size", tuple(int(p) for p in _tuple(self.patch_size, "patch_size")))
+            patch = tuple(int(p) for p in _tuple(self.patch_size, "patch_size"))
+            object.__setattr__(self, "patch_size", patch)
         if self.regions is not None:
             object.__setattr__(self, "regions", {k: tuple(v) for k, v in dict(self.regions).items()})
