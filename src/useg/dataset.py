@@ -188,7 +188,7 @@ class CaseRecord:
     dtype: str  # the image's stored dtype
     background: float  # share of voxels at every channel's minimum (a constant background)
     # per channel, up to 10,000 foreground intensities (nnU-Net samples the same way); None when the
-    # mask is missing, unusable or not grey
+    # mask is missing, unusable or not grey, or the image has other channels than the first sampled one
     samples: tuple[np.ndarray, ...] | None = None
 
 
