@@ -28,8 +28,9 @@ from useg.files import atomic_path  # noqa: E402
 from useg.io import read_image, read_mask  # noqa: E402
 from useg.pipeline import train_folder  # noqa: E402
 from useg.predict import Segmenter  # noqa: E402
+from useg.spec import DataSpec  # noqa: E402
 
-CHANNELS, LABEL = ["Flair", "T1c"], "OTMultiClass"
+SPEC = DataSpec(channel_names=("Flair", "T1c"), label_name="OTMultiClass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     run, t0 = Path(a.runs), time.time()
     # the held-out case is excluded from training and validation; validation is one training case
     result = train_folder(a.data, run, exclude=a.val, val="brats_2013_pat0003_1", time_budget_min=a.budget,
-                          channels=CHANNELS, label=LABEL, overwrite=True, device=a.device, quiet=True)
+                          spec=SPEC, overwrite=True, device=a.device, quiet=True)
     minutes = (time.time() - t0) / 60
     seg = Segmenter.load(run, device=a.device)
-    case = next(c for c in discover(a.data, CHANNELS, LABEL) if c.name == a.val)
+    case = next(c for c in discover(a.data, SPEC) if c.name == a.val)
     t1 = time.time()
     written = seg.predict_files([case], run / "pred", overwrite=True)
     predict_s = time.time() - t1

@@ -72,9 +72,11 @@ def load_slice(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str) -> dict:
     """Plan, split and fit as ``useg train --exclude 25-29`` does, with the variant's plan changes."""
-    from useg.dataset import check_dataset, split_cases
-    from useg.pipeline import load_arrays
-    from useg.plan import make_plan
+    from useg.dataset import check_dataset
+    from useg.pipeline import split_cases
+    from useg.planner import make_plan
+    from useg.preprocess import load_arrays
+    from useg.spec import Overrides
     from useg.train import fit
 
     report = check_dataset(data)
@@ -88,8 +90,8 @@ def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str)
     val_data = load_arrays(val_cases, report.label_map)
     preset = "default" if name == "default" else "paper"
     train = {"iters_per_epoch": 100} if preset == "paper" else {}
-    plan = make_plan(report.label_map, channels=train_data[0][0].shape[0],
-                     image_shapes=[a.shape[1:] for a in train_data[0]], preset=preset, train=train)
+    plan = make_plan(report.label_map, num_channels=train_data[0][0].shape[0],
+                     image_shapes=[a.shape[1:] for a in train_data[0]], overrides=Overrides(preset=preset, train=train))
     if name == "paper-no-weights":
         plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, border_weights=False))
     elif name == "paper-no-elastic":
@@ -122,7 +124,7 @@ def train_monai(data: Path, run: Path, budget_min: float, device: str) -> tuple[
     from monai.losses import DiceCELoss
     from monai.networks.nets import BasicUNet
 
-    from useg.dataset import normalize
+    from useg.preprocess import normalize
 
     dev = runtime.pick_device(device)
     torch.manual_seed(0)
@@ -165,7 +167,7 @@ def train_monai(data: Path, run: Path, budget_min: float, device: str) -> tuple[
 def predict_monai(net: torch.nn.Module, data: Path, device: str) -> list[np.ndarray]:
     from monai.inferers import sliding_window_inference
 
-    from useg.dataset import normalize
+    from useg.preprocess import normalize
 
     dev = runtime.pick_device(device)
     net.eval()

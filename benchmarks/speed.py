@@ -57,7 +57,8 @@ from useg.checkpoint import load_weights, save_model  # noqa: E402
 from useg.labels import LabelMap  # noqa: E402
 from useg.losses import SegLoss  # noqa: E402
 from useg.model import UNet  # noqa: E402
-from useg.plan import make_plan  # noqa: E402
+from useg.planner import make_plan  # noqa: E402
+from useg.spec import Overrides  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -183,9 +184,9 @@ def bench_forward(dev, size, widths, repeats, bf16_mm):
 
 
 def make_run(folder: Path, shape, width, depth, tile, overlap, batch) -> Path:
-    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)],
-                     model={"width": width, "depth": depth, "padding": "same"},
-                     infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile))
+    plan = make_plan(LabelMap((0, 255)), 1, [tuple(shape)], overrides=Overrides(
+        model={"width": width, "depth": depth, "padding": "same"},
+        infer={"overlap": overlap, "batch_size": batch}, patch_size=tuple(tile)))
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.json")
@@ -322,13 +323,13 @@ def bench_3d(dev, volume, tile, width, depth, repeats):
     from monai.inferers import sliding_window_inference
 
     from useg.backends import TorchBackend
-    from useg.dataset import normalize
     from useg.predict import predict_labels
+    from useg.preprocess import normalize
 
     prec = runtime.pick_precision(dev, "auto")
-    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)],
-                     model={"width": width, "depth": depth, "padding": "same"},
-                     infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile))
+    plan = make_plan(LabelMap((0, 1)), 1, [tuple(volume)], overrides=Overrides(
+        model={"width": width, "depth": depth, "padding": "same"},
+        infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile)))
     torch.manual_seed(0)
     base = UNet.from_config(plan.model).eval()
     x = normalize(np.random.default_rng(0).standard_normal((1, *volume)).astype(np.float32))

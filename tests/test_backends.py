@@ -10,13 +10,14 @@ import torch
 
 from useg.backends import BACKENDS, Backend, OnnxBackend, TorchBackend, exported_backend
 from useg.checkpoint import save_model
-from useg.dataset import normalize
 from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.model import UNet
-from useg.plan import make_plan
+from useg.planner import make_plan
 from useg.predict import Segmenter, tile_fn
+from useg.preprocess import normalize
 from useg.runtime import pick_precision
+from useg.spec import Overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +25,9 @@ CPU = torch.device("cpu")
 
 
 def _plan(padding="same", tta=False):
-    return make_plan(LabelMap((0, 255)), 1, [(32, 32)], model={"width": 4, "depth": 2, "padding": padding},
-                     infer={"tta": tta, "overlap": 0.5, "batch_size": 2},
-                     patch_size=(60, 60) if padding == "valid" else (32, 32))
+    return make_plan(LabelMap((0, 255)), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 4, "depth": 2, "padding": padding}, infer={"tta": tta, "overlap": 0.5, "batch_size": 2},
+        patch_size=(60, 60) if padding == "valid" else (32, 32)))
 
 
 def _run(path, padding="same"):

@@ -171,8 +171,8 @@ def test_existing_outputs_need_overwrite(trained, cells_dir, tmp_path, capsys):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch, capsys):
-    from useg.io import read_image
     from useg.errors import UsegError
+    from useg.io import read_image
 
     _png(tmp_path / "big.png", np.zeros((300, 300), np.uint8))
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)

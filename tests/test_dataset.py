@@ -7,16 +7,14 @@ import pytest
 from PIL import Image as PILImage
 
 from useg.dataset import (
-    Case,
+    CaseRecord,
     check_dataset,
     discover,
-    load_case,
+    format_axes,
     natural_key,
-    normalize,
-    split_cases,
 )
 from useg.errors import UsegError
-from useg.labels import LabelMap
+from useg.spec import DataSpec
 
 
 def _write(path, arr):
@@ -60,7 +58,10 @@ def test_folder_without_images_subfolder_is_for_prediction(tmp_path):
 def test_check_ok(tmp_path):
     report = check_dataset(_data(tmp_path))
     assert report.ok, report.problems
-    assert report.label_map.values == (0, 255) and report.channels == 1
+    assert report.label_map.values == (0, 255) and report.num_channels == 1
+    assert report.records[0] == CaseRecord(  # a constant image: all background
+        "1", (12, 10), (1.0, 1.0), 1, 2, "uint8", 1.0, report.records[0].samples)
+    assert [r.name for r in report.records] == ["1", "2", "10"] and len(report.records[0].samples[0]) == 16
     assert report.stats["cases"] == 3 and report.stats["labelled"] == 3
     assert report.stats["pixel share per mask value"]["255"] == pytest.approx(16 / 120, abs=1e-3)
 
@@ -95,7 +96,8 @@ def test_check_empty_missing_and_single_class(tmp_path):
         discover(tmp_path)
     _write(tmp_path / "noimg" / "images" / "a.png", np.zeros((5, 5), np.uint8))
     (tmp_path / "noimg" / "masks").mkdir()
-    expected = f"{tmp_path / 'noimg' / 'masks'} holds no masks; put one mask per image there, named like its image"
+    expected = (f"{tmp_path / 'noimg' / 'masks'} holds no masks; "
+                "put one mask per image there, named like its image")
     assert check_dataset(tmp_path / "noimg").problems == [expected]
     shutil.rmtree(tmp_path / "noimg" / "masks")
     assert "has no masks/ folder" in check_dataset(tmp_path / "noimg").problems[0]
@@ -113,7 +115,8 @@ def test_check_mixed_dims_and_palettes(tmp_path):
     report = check_dataset(root)
     assert any("c.png.tif has 3 spatial dimensions" in p for p in report.problems)
     root = tmp_path / "pal"
-    for name, colours in (("a", [0, 0, 0, 255, 0, 0]), ("b", [0, 0, 0, 255, 0, 0]), ("c", [0, 0, 0, 0, 255, 0])):
+    red, green = [0, 0, 0, 255, 0, 0], [0, 0, 0, 0, 255, 0]
+    for name, colours in (("a", red), ("b", red), ("c", green)):
         _write(root / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
         im = PILImage.fromarray(np.eye(4, dtype=np.uint8))
         im.putpalette(colours + [0] * 762)
@@ -124,41 +127,16 @@ def test_check_mixed_dims_and_palettes(tmp_path):
     assert len(report.problems) == 1 and "c.png gives palette indices [1]" in report.problems[0]
 
 
-def test_load_case_and_explicit_labels(tmp_path):
+def test_explicit_mask_values(tmp_path):
     root = _data(tmp_path, names=("a",))
-    case = discover(root)[0]
-    image, labels = load_case(case, LabelMap((0, 255)))
-    assert image.dtype == np.float32 and image.shape == (1, 12, 10)
-    assert labels.dtype == np.int64 and labels.sum() == 16
-    assert load_case(case, None)[1] is None
-    with pytest.raises(UsegError, match=r"a\.png has mask values \{255\}"):
-        load_case(case, LabelMap((0, 1)))
-    report = check_dataset(root, labels=[0, 1])
+    report = check_dataset(root, DataSpec(mask_values=[0, 1]))
     assert report.label_map.values == (0, 1) and "not in --labels" in report.problems[0]
 
 
-def test_normalize_and_split():
-    x = np.random.default_rng(0).normal(5, 3, (2, 9, 11)).astype(np.float32)
-    x[1] *= 10
-    z = normalize(x)
-    assert z.dtype == np.float32
-    np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-5)
-    np.testing.assert_allclose(z.std(axis=(1, 2)), 1, atol=1e-4)
-    assert normalize(np.ones((1, 3, 3))).max() == 0  # constant image: no division by zero
-    np.testing.assert_array_equal(normalize(x, "none"), x)
-    with pytest.raises(ValueError):
-        normalize(x, "minmax")
-    cases = [Case(str(i), None) for i in range(10)]
-    tr, va = split_cases(cases, 0.2, seed=1)
-    assert len(va) == 2 and len(tr) == 8 and not {c.name for c in tr} & {c.name for c in va}
-    assert split_cases(cases, 0.2, seed=1) == (tr, va)
-    assert split_cases(cases, 0.2, seed=2) != (tr, va)
-    assert [len(s) for s in split_cases(cases[:2], 0.01)] == [1, 1]
-    assert [len(s) for s in split_cases(cases[:3], 0.9)] == [1, 2]
-    tr, va = split_cases(cases, val_names=["3"])
-    assert [c.name for c in va] == ["3"] and len(tr) == 9
-    assert split_cases(cases[:1]) == (cases[:1], [])
-    with pytest.raises(UsegError, match="not in the data"):
-        split_cases(cases, val_names=["nope"])
-    with pytest.raises(ValueError):
-        split_cases(cases, 1.0)
+def test_data_spec_and_format_axes():
+    spec = DataSpec(mask_values=[0, 255], channel_names=["Flair", "T1c"])
+    assert spec == DataSpec((0, 255), ("Flair", "T1c")) and spec.label_name is None
+    assert DataSpec(channel_names=[]).channel_names is None  # no prefixes: read the folder as found
+    with pytest.raises(ValueError, match="sequence"):
+        DataSpec(channel_names="Flair")
+    assert format_axes((240, 240, 155)) == "240x240x155" and format_axes((0.8, 1.0, 2.5)) == "0.8x1x2.5"

@@ -14,9 +14,10 @@ from useg.checkpoint import save_model
 from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.model import UNet
-from useg.plan import make_plan
+from useg.planner import make_plan
 from useg.predict import Segmenter, tile_fn
 from useg.runtime import pick_precision
+from useg.spec import Overrides
 from useg.tiling import sliding_window
 
 pytest.importorskip("onnxruntime")
@@ -29,8 +30,9 @@ FP32 = pick_precision(CPU, "fp32")
 def make_run(path, dims=2, padding="same", tile=None, tta=False, norm="batch", seed=0):
     """A run folder with a tiny random network (width 4, depth 2) and non-trivial BatchNorm statistics."""
     shape = (32, 32) if dims == 2 else (16, 16, 16)
-    plan = make_plan(LabelMap((0, 255)), 1, [shape], model={"width": 4, "depth": 2, "padding": padding, "norm": norm},
-                     infer={"tta": tta, "overlap": 0.5, "batch_size": 2}, patch_size=tile or shape)
+    plan = make_plan(LabelMap((0, 255)), 1, [shape], overrides=Overrides(
+        model={"width": 4, "depth": 2, "padding": padding, "norm": norm},
+        infer={"tta": tta, "overlap": 0.5, "batch_size": 2}, patch_size=tile or shape))
     torch.manual_seed(seed)
     net = UNet.from_config(plan.model)
     for mod in net.modules():  # eval-mode BatchNorm that is not the identity
@@ -180,7 +182,8 @@ def test_sliding_window_matches_a_whole_image_forward():
     (62 % agreement for 48-px tiles at overlap 0.25 here), so this test keeps the starts aligned.
     """
     torch.manual_seed(0)
-    plan = make_plan(LabelMap((0, 1)), 1, [(32, 32)], model={"width": 8, "depth": 2, "norm": None})
+    plan = make_plan(LabelMap((0, 1)), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 8, "depth": 2, "norm": None}))
     net = UNet.from_config(plan.model).eval()
     fn = tile_fn(TorchBackend(net, plan, CPU, FP32), plan)
     yy, xx = np.mgrid[:128, :128]

@@ -6,7 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from useg.dataset import check_dataset, discover, load_case
+from useg.dataset import check_dataset, discover
+from useg.planner import pooled_intensities
+from useg.preprocess import load_case
+from useg.spec import DataSpec
 
 
 def _save(path, arr):
@@ -35,7 +38,8 @@ def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng):
         _save(root / "labelsTr" / f"c{k}.nii.gz", lab)
     report = check_dataset(root)
     assert report.ok, report.problems
-    assert report.channels == 2 and report.label_map.values == (0, 1, 2) and report.info["layout"] == "nnunet"
+    assert report.num_channels == 2 and report.label_map.values == (0, 1, 2)
+    assert report.info["layout"] == "nnunet"
     image, labels = load_case(report.cases[0], report.label_map)
     assert image.shape == (2, 9, 10, 7) and labels.shape == (9, 10, 7)
     np.testing.assert_array_equal(image[1], -image[0])
@@ -51,11 +55,12 @@ def test_case_folders_need_and_use_channel_prefixes(tmp_path, rng):
         _save(tmp_path / name / "seg.nii.gz", lab.astype(np.float32))
     report = check_dataset(tmp_path)
     assert not report.ok and "--channels" in report.problems[0]
-    report = check_dataset(tmp_path, channels=["Flair", "T1c"], label="seg")
+    report = check_dataset(tmp_path, DataSpec(channel_names=("Flair", "T1c"), label_name="seg"))
     assert report.ok, report.problems
-    assert [c.name for c in report.cases] == ["p1", "p2"] and report.channels == 2
-    assert report.spacings == [(1.0, 1.0, 1.0)] * 2 and len(report.intensities) == 2
-    assert [c.name for c in discover(tmp_path, ["Flair", "T1c"])] == ["p1", "p2"]
+    assert [c.name for c in report.cases] == ["p1", "p2"] and report.num_channels == 2
+    assert [r.spacing for r in report.records] == [(1.0, 1.0, 1.0)] * 2
+    assert len(pooled_intensities(report.records)) == 2
+    assert [c.name for c in discover(tmp_path, DataSpec(channel_names=["Flair", "T1c"]))] == ["p1", "p2"]
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".tif"])
@@ -66,12 +71,13 @@ def test_plain_layout_groups_channel_files(tmp_path, rng, suffix):
         img, lab = _case(rng)
         for c in range(2):
             p = tmp_path / "images" / f"case{k}_{c:04d}{suffix}"
-            _save(p, img + c) if suffix == ".nii.gz" else (p.parent.mkdir(exist_ok=True), tifffile.imwrite(p, img + c))
+            p.parent.mkdir(exist_ok=True)
+            _save(p, img + c) if suffix == ".nii.gz" else tifffile.imwrite(p, img + c)
         m = tmp_path / "masks" / f"case{k}{suffix}"
         _save(m, lab) if suffix == ".nii.gz" else (m.parent.mkdir(exist_ok=True), tifffile.imwrite(m, lab))
     report = check_dataset(tmp_path)
     assert report.ok, report.problems
-    assert [c.name for c in report.cases] == ["case0", "case1"] and report.channels == 2
+    assert [c.name for c in report.cases] == ["case0", "case1"] and report.num_channels == 2
 
 
 def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng):
@@ -92,8 +98,8 @@ def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng):
     report = check_dataset(tmp_path)
     assert report.ok, report.problems
     kept = report.without({"c2"})
-    assert [c.name for c in kept.cases] == ["c0", "c1"] and len(kept.shapes) == 2
-    assert kept.intensities[0].max() < 100 < report.intensities[0].max()
+    assert [c.name for c in kept.cases] == ["c0", "c1"] and [r.name for r in kept.records] == ["c0", "c1"]
+    assert pooled_intensities(kept.records)[0].max() < 100 < pooled_intensities(report.records)[0].max()
     assert report.without(set()) is report
 
 

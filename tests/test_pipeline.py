@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from useg.dataset import Case
 from useg.errors import UsegError
-from useg.pipeline import parse_names, train_folder
+from useg.pipeline import parse_names, split_cases, train_folder
+from useg.spec import Overrides
 
 
 def test_parse_names():
@@ -15,11 +17,28 @@ def test_parse_names():
     assert parse_names(None) == []
 
 
+def test_split():
+    cases = [Case(str(i), None) for i in range(10)]
+    tr, va = split_cases(cases, 0.2, seed=1)
+    assert len(va) == 2 and len(tr) == 8 and not {c.name for c in tr} & {c.name for c in va}
+    assert split_cases(cases, 0.2, seed=1) == (tr, va)
+    assert split_cases(cases, 0.2, seed=2) != (tr, va)
+    assert [len(s) for s in split_cases(cases[:2], 0.01)] == [1, 1]
+    assert [len(s) for s in split_cases(cases[:3], 0.9)] == [1, 2]
+    tr, va = split_cases(cases, val_names=["3"])
+    assert [c.name for c in va] == ["3"] and len(tr) == 9
+    assert split_cases(cases[:1]) == (cases[:1], [])
+    with pytest.raises(UsegError, match="not in the data"):
+        split_cases(cases, val_names=["nope"])
+    with pytest.raises(ValueError):
+        split_cases(cases, 1.0)
+
+
 def test_train_folder_refuses_bad_data_and_existing_runs(tmp_path, cells_dir):
     with pytest.raises(UsegError):
         train_folder(tmp_path / "nothing", tmp_path / "run", quiet=True)
-    kw = dict(quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
-              train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32"})
+    kw = dict(quiet=True, overrides=Overrides(model={"width": 4, "depth": 2}, patch_size=(32, 32), train={
+        "epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32"}))
     train_folder(cells_dir, tmp_path / "run", val="cell_000", exclude="cell_005", **kw)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["val"] == ["cell_000"]
@@ -48,9 +67,9 @@ def test_3d_nifti_round_trip_learns_the_blobs(tmp_path):
             nib.save(nib.Nifti1Image(arr, affine), str(tmp_path / "data" / folder / f"b{k}.nii.gz"))
     run = tmp_path / "run"
     result = train_folder(tmp_path / "data", run, quiet=True, exclude="b3", val="b2", device="cpu",
-                          model={"width": 8, "depth": 2}, patch_size=(24, 32, 32),
-                          train={"epochs": 20, "iters_per_epoch": 6, "batch_size": 2, "lr": 1e-2,
-                                 "precision": "fp32", "workers": 0})
+                          overrides=Overrides(model={"width": 8, "depth": 2}, patch_size=(24, 32, 32),
+                                              train={"epochs": 20, "iters_per_epoch": 6, "batch_size": 2,
+                                                     "lr": 1e-2, "precision": "fp32", "workers": 0}))
     plan = json.loads((run / "plan.json").read_text())
     assert plan["model"]["dims"] == 3 and plan["data"]["spacing"] == pytest.approx([0.8, 0.8, 2.5])
     case = next(c for c in discover(tmp_path / "data") if c.name == "b3")

@@ -10,14 +10,15 @@ from useg.errors import UsegError
 from useg.io import read_image, read_mask
 from useg.labels import LabelMap
 from useg.model import UNet
-from useg.plan import make_plan
+from useg.planner import make_plan
 from useg.predict import Segmenter
+from useg.spec import Overrides
 
 
 def _run(tmp_path, padding="same", dims=2, channels=1, values=(0, 255)):
     shape = (40, 40) if dims == 2 else (16, 24, 24)
-    plan = make_plan(LabelMap(values, "grey"), channels, [shape],
-                     model={"width": 4, "depth": 2, "padding": padding}, patch_size=(20,) * dims if padding == "valid" else None)
+    plan = make_plan(LabelMap(values, "grey"), channels, [shape], overrides=Overrides(
+        model={"width": 4, "depth": 2, "padding": padding}, patch_size=(20,) * dims if padding == "valid" else None))
     plan.save(tmp_path / "plan.json")
     model = UNet.from_config(plan.model)
     save_model(model, tmp_path / "model.safetensors")

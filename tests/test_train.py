@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from useg.checkpoint import load_checkpoint, save_checkpoint
-from useg.dataset import normalize
 from useg.errors import UsegError
 from useg.labels import LabelMap
-from useg.plan import make_plan
+from useg.planner import make_plan
 from useg.predict import Segmenter
+from useg.preprocess import normalize
+from useg.spec import Overrides
 from useg.train import fit, lr_factor
 
 
@@ -64,9 +65,9 @@ def _tiny(dims: int = 2):
 @pytest.mark.parametrize("dims,padding", [(2, "same"), (3, "same"), (2, "valid")])
 def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims, padding):
     images, labels = _tiny(dims)
-    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
-                     model={"width": 4, "depth": 2, "padding": padding},
-                     train={"epochs": 10, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"})
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images], overrides=Overrides(
+        model={"width": 4, "depth": 2, "padding": padding},
+        train={"epochs": 10, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"}))
     result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
     for name in ("plan.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "curves.png", "summary.json"):
@@ -82,8 +83,8 @@ def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims, padding):
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
     images, labels = _tiny()
-    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
-                     train={"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "precision": "fp32"})
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 4, "depth": 2}, train={"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "precision": "fp32"}))
     run = tmp_path / "run"
     fit(plan, (images, labels), ([], []), run, quiet=True)
     import dataclasses
@@ -115,13 +116,14 @@ def test_bf16_inference_is_checked_against_fp32_after_training(tmp_path, cells_d
     import json
 
     from useg import runtime
-    from useg.pipeline import load_arrays, train_folder
+    from useg.pipeline import train_folder
     from useg.predict import Segmenter, check_low_precision
+    from useg.preprocess import load_arrays
 
     run = tmp_path / "run"
-    train_folder(cells_dir, run, quiet=True, model={"width": 4, "depth": 2}, patch_size=(32, 32),
-                 train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32", "workers": 0},
-                 device="cpu")
+    train_folder(cells_dir, run, quiet=True, device="cpu", overrides=Overrides(
+        model={"width": 4, "depth": 2}, patch_size=(32, 32),
+        train={"epochs": 1, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32", "workers": 0}))
     from useg.dataset import discover
     from useg.plan import Plan
 
@@ -154,8 +156,8 @@ def test_a_refused_resume_leaves_the_global_state_as_it_was(tmp_path, checkpoint
     from useg import runtime
 
     images, labels = _tiny()
-    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
-                     train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "workers": 0})
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 4, "depth": 2}, train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "workers": 0}))
     plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, deterministic=True))
     run = tmp_path / "run"
     if checkpoint is not None:
@@ -178,9 +180,9 @@ def test_a_refused_resume_leaves_the_global_state_as_it_was(tmp_path, checkpoint
 
 def test_time_budget_stops_after_validating(tmp_path):
     images, labels = _tiny()
-    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], model={"width": 4, "depth": 2},
-                     train={"epochs": 3, "iters_per_epoch": 4, "batch_size": 2, "precision": "fp32",
-                            "workers": 0})
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 4, "depth": 2},
+        train={"epochs": 3, "iters_per_epoch": 4, "batch_size": 2, "precision": "fp32", "workers": 0}))
     run = tmp_path / "run"
     result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), run, time_budget_min=1e-9,
                  quiet=True)

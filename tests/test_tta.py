@@ -10,14 +10,15 @@ from hypothesis import strategies as st
 from useg.checkpoint import save_model
 from useg.labels import LabelMap
 from useg.model import UNet
-from useg.plan import make_plan
+from useg.planner import make_plan
 from useg.predict import Segmenter
+from useg.spec import Overrides
 from useg.tta import output_activation, symmetries, tta_average
 
 
 def _run(tmp_path):
     plan = make_plan(LabelMap((0, 255), "grey"), 1, [(40, 40)],
-                     model={"width": 4, "depth": 2, "padding": "same"})
+                     overrides=Overrides(model={"width": 4, "depth": 2, "padding": "same"}))
     plan.save(tmp_path / "plan.json")
     model = UNet.from_config(plan.model)
     save_model(model, tmp_path / "model.safetensors")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsegError
+from .spec import DataSpec, Overrides
 
 logger = logging.getLogger("useg")
 
@@ -35,11 +36,16 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _spec(a: argparse.Namespace) -> DataSpec:
+    """The DataSpec of --labels, --channels and --label."""
+    return DataSpec(mask_values=a.labels, channel_names=a.channels, label_name=a.label)
+
+
 def cmd_check(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
 
-    report = check_dataset(a.data, labels=a.labels, channels=a.channels, label=a.label)
-    print(f"{a.data}: {len(report.cases)} cases, {report.channels} channel(s)")
+    report = check_dataset(a.data, _spec(a))
+    print(f"{a.data}: {len(report.cases)} cases, {report.num_channels} channel(s)")
     if report.label_map is not None:
         lm = report.label_map
         print(f"classes: {lm.num_classes} (mask values {list(lm.values)}, {lm.mode})")
@@ -54,7 +60,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
+def _overrides(a: argparse.Namespace) -> Overrides:
+    """The Overrides of the plan and train flags (--preset, --width, --epochs, --patch, ...)."""
     model = {k: getattr(a, k) for k in ("width", "depth", "padding", "up", "dropout") if getattr(a, k) is not None}
     if a.norm is not None:
         model["norm"] = None if a.norm == "none" else a.norm
@@ -67,20 +74,18 @@ def _overrides(a: argparse.Namespace) -> tuple[dict, dict, dict]:
     if getattr(a, "deterministic", False):
         train["deterministic"] = True
     infer = {"tta": True} if getattr(a, "tta", False) else {}
-    return model, train, infer
+    return Overrides(preset=a.preset, model=model, train=train, infer=infer, patch_size=a.patch,
+                     memory_gb=a.memory_gb, regions=_regions(a.regions))
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
-    from .plan import explain
-    from .planner import fingerprint, plan_dataset
+    from .planner import explain, fingerprint, plan_dataset
 
-    report = check_dataset(a.data, labels=a.labels, channels=a.channels, label=a.label)
+    report = check_dataset(a.data, _spec(a))
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    model, train, infer = _overrides(a)
-    plan, reasons = plan_dataset(report, a.preset, memory_gb=a.memory_gb, device=a.device, model=model,
-                                 train=train, infer=infer, patch_size=a.patch, regions=_regions(a.regions))
+    plan, reasons = plan_dataset(report, _overrides(a), device=a.device)
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -97,12 +102,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from . import runtime
     from .pipeline import train_folder
 
-    model, train, infer = _overrides(a)
     result = train_folder(
-        a.data, a.out, preset=a.preset, labels=a.labels, val=a.val, exclude=a.exclude,
-        time_budget_min=a.time_budget, patch_size=a.patch, model=model, train=train, infer=infer,
-        resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
-        channels=a.channels, label=a.label, memory_gb=a.memory_gb, regions=_regions(a.regions),
+        a.data, a.out, spec=_spec(a), overrides=_overrides(a), val=a.val, exclude=a.exclude,
+        time_budget_min=a.time_budget, resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
     )
     if not runtime.main_process():  # under torchrun, rank 0 speaks for the job
         return 0

@@ -37,6 +37,7 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
     from .pipeline import train_folder
     from .predict import Segmenter
     from .report import save_overlay, write_report
+    from .spec import Overrides
     from .synthetic import write_cells_dataset
 
     out = Path(out)
@@ -46,8 +47,9 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
     test = write_cells_dataset(out / "test", n_images=n_test, shape=shape, seed=seed + 1)
     logger.info("demo data: %d training and %d held-out images in %s", n_train, n_test, out)
     run = out / "run"
+    overrides = Overrides(train={"epochs": 1000, "iters_per_epoch": 10, **(train or {})}, model=model or {})
     result = train_folder(data, run, time_budget_min=minutes, overwrite=True, device=device, quiet=quiet,
-                          train={"epochs": 1000, "iters_per_epoch": 10, **(train or {})}, model=model)
+                          overrides=overrides)
     seg = Segmenter.load(run, device=device)
     test_images = sorted((test / "images").iterdir())
     pred = out / "pred"

@@ -156,15 +156,15 @@ def case_folder_files(folder: Path, channel_names: Sequence[str]) -> list[Path] 
     return [p[0] for p in picked] if files and all(len(p) == 1 for p in picked) else None
 
 
-def folder_cases(root: Path, channels: Sequence[str] | None, label: str | None, case_type):
+def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: str | None, case_type):
     """Cases of a folder of case folders, channels and label picked by file-name prefix.
 
     Returns:
         (cases, problems, info); info["channel_names"] are the prefixes.
     """
-    info = {"channel_names": list(channels or []), "label_name": label, "layout": "folders"}
+    info = {"channel_names": list(channel_names or []), "label_name": label_name, "layout": "folders"}
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not channels:
+    if not channel_names:
         example = ", ".join(stem_of(p) for p in _volume_files(subdirs[0])[:4]) if subdirs else ""
         return [], [f"{root} holds one folder per case; name the channel files with --channels "
                     f"(file-name prefixes, e.g. from {example}) and the mask with --label"], info
@@ -172,14 +172,14 @@ def folder_cases(root: Path, channels: Sequence[str] | None, label: str | None, 
     for d in subdirs:
         files = _volume_files(d)
         chans = []
-        for prefix in channels:
+        for prefix in channel_names:
             found = _pick(files, prefix)
             if len(found) != 1:
                 problems.append(f"{d} has {len(found)} files starting with {prefix!r}; keep exactly one per case")
             chans.extend(found[:1])
-        masks = _pick(files, label) if label else []
-        if label and len(masks) != 1:
-            problems.append(f"{d} has {len(masks)} files starting with {label!r}; keep exactly one label file per case")
-        if len(chans) == len(channels):
+        masks = _pick(files, label_name) if label_name else []
+        if label_name and len(masks) != 1:
+            problems.append(f"{d} has {len(masks)} files starting with {label_name!r}; keep exactly one label file per case")
+        if len(chans) == len(channel_names):
             cases.append(case_type(d.name, chans[0], masks[0] if len(masks) == 1 else None, tuple(chans[1:])))
     return cases, problems, info

@@ -13,38 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from . import runtime
-from .dataset import Case, load_case, normalize
+from .dataset import Case, check_dataset
 from .errors import UsegError
 from .files import atomic_path
 from .plan import Plan
+from .preprocess import load_arrays
+from .spec import DataSpec, Overrides
 from .train import TrainResult, fit
 
 logger = logging.getLogger(__name__)
 
 
-def load_arrays(cases: Sequence[Case], label_map, normalization: str = "zscore", intensity=None,
-                spacing: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
-
-    Args:
-        cases: the cases to read.
-        label_map: decodes the masks.
-        normalization, intensity: see :func:`useg.dataset.normalize`.
-        spacing: resample every case to this spacing first (None keeps the files' grids).
-    """
-    images, labels = [], []
-    for case in cases:
-        image, label = load_case(case, label_map, spacing)
-        images.append(normalize(image, normalization, intensity))
-        labels.append(label)
-    return images, labels
-
-
-def parse_names(spec: str | Sequence[str] | None) -> list[str]:
+def parse_names(given: str | Sequence[str] | None) -> list[str]:
     """Case names from "25,26" or "25-29" (numeric ranges) or a list; None gives []."""
-    if spec is None:
+    if given is None:
         return []
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    parts = given.split(",") if isinstance(given, str) else list(given)
     names: list[str] = []
     for part in (p.strip() for p in parts):
         if not part:
@@ -57,56 +41,82 @@ def parse_names(spec: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def split_cases(cases: Sequence[Case], val_fraction: float = 0.2, seed: int = 0,
+                val_names: Sequence[str] | None = None) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split, both in the input order.
+
+    Args:
+        cases: all labelled cases.
+        val_fraction: share for validation when ``val_names`` is None, in [0, 1); with two or
+            more cases and a positive fraction each side gets at least one case.
+        seed: the shuffle seed.
+        val_names: explicit validation case names.
+
+    Raises:
+        UsegError: a name in ``val_names`` that is no case, or names that leave no training case.
+    """
+    cases = list(cases)
+    if val_names:
+        names = set(val_names)
+        unknown = names - {c.name for c in cases}
+        if unknown:
+            raise UsegError(f"validation cases {sorted(unknown)[:5]} are not in the data; "
+                            "use names of its images")
+        train, val = [c for c in cases if c.name not in names], [c for c in cases if c.name in names]
+        if not train:
+            raise UsegError("every case is a validation case; leave at least one for training")
+        return train, val
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if len(cases) < 2 or val_fraction == 0:
+        return cases, []
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
+    chosen = set(np.random.default_rng(seed).permutation(len(cases))[:n_val].tolist())
+    train = [c for i, c in enumerate(cases) if i not in chosen]
+    return train, [c for i, c in enumerate(cases) if i in chosen]
+
+
 def train_folder(
     data: str | Path,
     out: str | Path,
     *,
-    preset: str = "default",
-    labels: Sequence[int] | None = None,
+    spec: DataSpec | None = None,
+    overrides: Overrides | None = None,
     val: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     time_budget_min: float | None = None,
-    patch_size: tuple[int, ...] | None = None,
-    model: dict | None = None,
-    train: dict | None = None,
-    infer: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     quiet: bool = False,
-    channels: Sequence[str] | None = None,
-    label: str | None = None,
-    memory_gb: float | None = None,
-    regions: dict[str, tuple[int, ...]] | None = None,
 ) -> TrainResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
     Args:
-        data: a folder with images/ and masks/.
+        data: a folder with images/ and masks/ (or an nnU-Net raw folder, or case folders).
         out: the run folder.
-        preset: the named recipe (see :data:`useg.plan.PRESETS`).
-        labels: the masks' values, when they should not be inferred (e.g. ``[0, 255]``).
+        spec: how to read ``data``: its mask values when they should not be inferred (e.g.
+            ``DataSpec(mask_values=(0, 255))``), the channel and label prefixes of case folders.
+        overrides: the preset (see :data:`useg.planner.PRESETS`) and the plan's fields fixed by hand,
+            the training patch, the memory budget and nested regions (see
+            :func:`useg.planner.plan_dataset`); ``train["val_fraction"]`` and ``train["seed"]`` also
+            drive the split.
         val: validation case names ("3,7" or "25-29"); default a seeded random share.
         exclude: case names kept out of training and validation (a held-out test set).
         time_budget_min: wall-clock budget in minutes.
-        patch_size: training patch (rounded up to a size the network accepts).
-        model, train, infer: overrides of the plan's fields.
         resume: continue the run in ``out`` with its own plan and split.
         overwrite: replace an existing run in ``out``.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
-        channels, label: channel and label file-name prefixes of case-folder data.
-        memory_gb: the planner's training memory budget (default from the machine).
-        regions: nested regions in mask values to train on (see :func:`useg.planner.plan_dataset`).
 
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
     """
-    from .dataset import check_dataset, split_cases
     from .planner import plan_dataset
 
+    overrides = overrides or Overrides()
     out = Path(out)
-    report = check_dataset(data, labels=labels, channels=channels, label=label)
+    report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
     by_name = {c.name: c for c in report.cases}
@@ -118,22 +128,23 @@ def train_folder(
             train_cases = [by_name[n] for n in split["train"]]
             val_cases = [by_name[n] for n in split["val"]]
         except (OSError, KeyError, ValueError) as e:
-            raise UsegError(f"{split_path} does not match {data} ({e}); resume with the same data folder") from None
+            raise UsegError(f"{split_path} does not match {data} ({e}); "
+                            "resume with the same data folder") from None
     else:
         if (out / "plan.json").exists() and not overwrite:
-            raise UsegError(f"{out} already holds a run; pass --overwrite to replace it or --resume to continue it")
+            raise UsegError(f"{out} already holds a run; "
+                            "pass --overwrite to replace it or --resume to continue it")
         held = set(parse_names(exclude))
         unknown = sorted((held | set(parse_names(val))) - set(by_name))
         if unknown:
-            raise UsegError(f"case names {unknown} are not in {data}; use image file stems such as {next(iter(by_name))!r}")
+            raise UsegError(f"case names {unknown} are not in {data}; "
+                            f"use image file stems such as {next(iter(by_name))!r}")
         cases = [c for c in report.cases if c.name not in held]
-        tcfg = dict(train or {})
         train_cases, val_cases = split_cases(
-            cases, val_fraction=tcfg.get("val_fraction", 0.2), seed=tcfg.get("seed", 0),
+            cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
             val_names=parse_names(val) or None,
         )
-        plan, reasons = plan_dataset(report.without(held), preset, memory_gb=memory_gb, device=device, model=model,
-                                     train=train, infer=infer, patch_size=patch_size, regions=regions)
+        plan, reasons = plan_dataset(report.without(held), overrides, device=device)
         for reason in reasons:
             logger.info("plan: %s", reason)
     d = plan.data
@@ -143,11 +154,11 @@ def train_folder(
     if not resume:
         if runtime.main_process():  # under torchrun only rank 0 writes
             out.mkdir(parents=True, exist_ok=True)
+            split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             with atomic_path(split_path) as tmp:
-                Path(tmp).write_text(json.dumps({"train": [c.name for c in train_cases],
-                                                 "val": [c.name for c in val_cases]}, indent=1), encoding="utf-8")
+                Path(tmp).write_text(json.dumps(split, indent=1), encoding="utf-8")
     return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
                device=device, quiet=quiet)
 
 
-__all__ = ["load_arrays", "parse_names", "train_folder"]
+__all__ = ["parse_names", "split_cases", "train_folder"]

@@ -1,4 +1,8 @@
-"""Self-configuration: a dataset fingerprint and the plan it implies, each choice explained.
+"""Self-configuration: every rule that fills in a :class:`useg.plan.Plan`, each choice explained.
+
+The schema (:mod:`useg.plan`) holds values; this module decides them: the named presets, the
+target spacing, the patch, the batch (:func:`batch_size`, the one place it is chosen), and for a
+checked dataset its fingerprint and the plan it implies (:func:`plan_dataset`).
 
 Follows nnU-Net's rules (Isensee et al. 2021) where they carry over to one network family:
 target spacing is the median (10th percentile on a thick-slice axis), CT is clipped to the
@@ -12,14 +16,23 @@ halved: a step then takes seconds, not minutes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .plan import Plan, make_plan
+from .augment import AugmentConfig
+from .dataset import CaseRecord, CheckReport, format_axes
+from .errors import UsegError
+from .labels import LabelMap, region_classes
+from .model import valid_input_size
+from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig
+from .spec import Overrides
 
 logger = logging.getLogger(__name__)
 
@@ -27,34 +40,192 @@ CPU_MAX_VOXELS_3D = 96 * 96 * 64  # 3D patch cap on a CPU (about 4 s per step of
 MIN_EDGE = 4  # pool until the smallest patch edge would drop below this (nnU-Net)
 MAX_DEPTH = 5
 BACKGROUND_SHARE_FOR_MASK = 0.25  # constant background above this share -> normalise inside the object
+BATCH_3D = 2  # nnU-Net: patches as large as memory allows, two per step
 
 
-def fingerprint(report) -> dict[str, Any]:
-    """The dataset's fingerprint from a :class:`useg.dataset.CheckReport`.
+@dataclass(frozen=True)
+class _Preset:
+    model: ModelConfig  # the network (in/out channels and dims come from the data)
+    train: TrainConfig  # optimizer, loss, schedule
+    infer: InferConfig  # tiling (the tile comes from the patch)
+    data: dict = field(default_factory=dict)  # DataConfig fields: augmentation, border weights
+    max_edge: int = 256  # largest training patch edge
+    auto_batch: bool = True  # 2D: scale the batch to about 8 x 256^2 pixels per step; False keeps train's
+
+
+PRESETS: dict[str, _Preset] = {
+    "default": _Preset(ModelConfig(), TrainConfig(), InferConfig()),
+    # Ronneberger et al. 2015: unpadded convs, up-convolutions, no normalisation, dropout at the
+    # end of the contracting path, pixel-weighted cross-entropy with the eq. 2 border map, SGD with
+    # momentum 0.99 on single large tiles, elastic deformation, overlap-tile prediction averaged
+    # over mirrored versions (the paper averaged 7 rotated/flipped ones).
+    "paper": _Preset(
+        ModelConfig(width=64, depth=4, padding="valid", up="transpose", norm=None, dropout=0.5),
+        TrainConfig(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=0.0, loss="ce", batch_size=1,
+                    schedule="constant", warmup=0.0),
+        InferConfig(tta=True, tta_rotate=True, batch_size=1),
+        data={"border_weights": True, "w0": 10.0, "sigma": 5.0,
+              "augment": AugmentConfig(p_elastic=0.5, elastic_grid=3, elastic_std=10.0)},
+        max_edge=572,
+        auto_batch=False,
+    ),
+}
+
+
+def target_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """nnU-Net's target spacing: the median per axis; for anisotropic data (one axis over 3x
+    coarser than the finest) that axis takes the 10th percentile instead, so thick slices are not
+    interpolated into many thin ones (Isensee et al. 2021)."""
+    arr = np.asarray(spacings, dtype=np.float64)
+    target = np.median(arr, axis=0)
+    worst = int(np.argmax(target))
+    if arr.shape[1] == 3 and target[worst] > 3 * target.min():
+        target[worst] = np.percentile(arr[:, worst], 10)
+    return tuple(float(v) for v in target)
+
+
+def default_patch_size(image_shapes: Sequence[tuple[int, ...]], model: ModelConfig, max_edge: int = 256
+                       ) -> tuple[int, ...]:
+    """A training patch: the median image size capped at ``max_edge``, rounded up to a valid size.
+
+    Args:
+        image_shapes: spatial shapes of the training images.
+        model: the network, whose depth and padding decide which sizes are valid.
+        max_edge: the largest patch edge (memory and speed on a CPU).
+    """
+    if not image_shapes:
+        raise ValueError("image_shapes is empty")
+    dims = len(image_shapes[0])
+    med = [sorted(s[i] for s in image_shapes)[len(image_shapes) // 2] for i in range(dims)]
+    want = tuple(min(m, max_edge) for m in med)
+    return valid_input_size(want, model.depth, model.padding)
+
+
+def batch_size(preset: str, dims: int, patch: Sequence[int] | None, train: Mapping[str, Any]) -> int:
+    """Patches per optimizer step; the only place the batch is chosen.
+
+    The user's ``train["batch_size"]`` wins; 3D takes :data:`BATCH_3D`; a preset without
+    ``auto_batch`` keeps its own (the paper: 1 large tile); otherwise 2D keeps about 8 x 256^2
+    pixels per step, since smaller patches than 256^2 leave compute on the table: between 2 and 32.
+
+    Args:
+        preset: the named recipe (a key of :data:`PRESETS`).
+        dims: spatial dimensions of the data.
+        patch: the training patch; only the 2D automatic batch reads it.
+        train: the user's TrainConfig overrides.
+    """
+    if "batch_size" in train:
+        return int(train["batch_size"])
+    if dims == 3:
+        return BATCH_3D
+    base = PRESETS[preset]
+    if not base.auto_batch:
+        return base.train.batch_size
+    if patch is None:
+        raise ValueError("the automatic 2D batch needs the patch size")
+    return int(max(2, min(32, round(8 * 256 * 256 / math.prod(patch)))))
+
+
+def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tuple[int, ...]],
+              spacings: Sequence[tuple[float, ...]] | None = None,
+              overrides: Overrides | None = None) -> Plan:
+    """Plan a training from the preset's rules and what a dataset check found.
+
+    Args:
+        label_map: the masks' encoding (from :func:`useg.dataset.check_dataset`).
+        num_channels: image channels.
+        image_shapes: spatial shape of every training image.
+        spacings: spacing of every image (the target spacing is kept in the plan).
+        overrides: the preset and the fields fixed by hand (they win over the preset); its
+            ``patch_size`` is rounded up to a valid size. ``memory_gb`` and ``regions`` are
+            :func:`plan_dataset`'s (``data["regions"]`` holds class indices here).
 
     Returns:
-        JSON-able dict: cases, dims, channels, median shape, median and per-axis range of spacings,
-        per-channel foreground intensity percentiles (0.5, 50, 99.5), mean and std, the share of
-        each mask value, modality names and the layout.
+        The plan.
+
+    Raises:
+        ValueError: an unknown preset, or a patch with another number of axes than the images.
     """
-    shapes, spacings = np.asarray(report.shapes), np.asarray(report.spacings, dtype=np.float64)
-    fp: dict[str, Any] = {
+    ov = overrides or Overrides()
+    if ov.preset not in PRESETS:
+        raise ValueError(f"unknown preset {ov.preset!r}; choose one of {', '.join(PRESETS)}")
+    dims = len(image_shapes[0])
+    base = PRESETS[ov.preset]
+    regions = ov.data.get("regions", ())
+    num_classes = len(regions) or label_map.num_classes
+    fixed = {"in_channels": num_channels, "num_classes": num_classes, "dims": dims}  # from the data
+    mcfg = dataclasses.replace(base.model, **{**fixed, **ov.model})
+    if ov.patch_size is None:
+        patch = default_patch_size(image_shapes, mcfg, base.max_edge)
+    else:
+        if len(ov.patch_size) != dims:
+            raise ValueError(f"patch size {ov.patch_size} has {len(ov.patch_size)} axes "
+                             f"but the images have {dims}")
+        patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
+    spacing = target_spacing(spacings) if spacings else tuple(1.0 for _ in range(dims))
+    batch = batch_size(ov.preset, dims, patch, ov.train)
+    tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch})
+    icfg = dataclasses.replace(base.infer, tile=patch, **ov.infer)
+    data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **{**base.data, **ov.data})
+    plan = Plan(model=mcfg, data=data, train=tcfg, infer=icfg, preset=ov.preset)
+    logger.info("plan: %s", explain(plan))
+    return plan
+
+
+def explain(plan: Plan) -> str:
+    """One line per choice, for `useg plan` and the logs."""
+    m, d, t = plan.model, plan.data, plan.train
+    return "\n".join(
+        [
+            f"network: {m.dims}D U-Net, width {m.width}, depth {m.depth}, {m.padding} padding, "
+            f"{m.up} up-sampling, norm {m.norm}, dropout {m.dropout} (preset {plan.preset})",
+            f"classes: {m.num_classes} (mask values {list(d.label_map.values)} as {d.label_map.mode})",
+            f"patch: {format_axes(d.patch_size)} (median image size capped for speed), "
+            f"batch {t.batch_size}, foreground oversampling {d.fg_fraction:.2f}",
+            f"optimizer: {t.optimizer} lr {t.lr:g} with {t.schedule} schedule, loss {t.loss}, "
+            f"up to {t.epochs} epochs x {t.iters_per_epoch} steps",
+            f"normalization: {d.normalization}; inference tile {format_axes(plan.infer.tile)}, "
+            f"overlap {plan.infer.overlap}{', mirroring TTA' if plan.infer.tta else ''}",
+        ]
+        + ([f"loss weights: the paper's border map, w0 {d.w0:g}, sigma {d.sigma:g} px"]
+           if d.border_weights else [])
+    )
+
+
+def pooled_intensities(records: Sequence[CaseRecord]) -> list[np.ndarray]:
+    """Per channel, the foreground intensity samples of every case that has them, concatenated."""
+    samples = [r.samples for r in records if r.samples is not None]
+    return [np.concatenate(c) for c in zip(*samples, strict=True)] if samples else []
+
+
+def fingerprint(report: CheckReport) -> dict[str, Any]:
+    """The dataset's fingerprint, computed from a check's per-case records.
+
+    Returns:
+        JSON-able dict: cases, dims, num_channels, median shape, median and per-axis range of
+        spacings, per-channel foreground intensity percentiles (0.5, 50, 99.5), mean and std, the
+        share of each mask value, of constant background, modality names and the layout.
+    """
+    records = report.records
+    shapes = np.asarray([r.shape for r in records])
+    spacings = np.asarray([r.spacing for r in records], dtype=np.float64)
+    return {
         "cases": len(report.cases), "dims": int(shapes.shape[1]) if shapes.size else 0,
-        "channels": report.channels, "layout": report.info.get("layout", "plain"),
+        "num_channels": report.num_channels, "layout": report.info.get("layout", "plain"),
         "channel_names": list(report.info.get("channel_names", [])),
         "median_shape": [int(v) for v in np.median(shapes, axis=0)] if shapes.size else [],
         "median_spacing": [round(float(v), 4) for v in np.median(spacings, axis=0)] if spacings.size else [],
-        "spacing_range": [[round(float(a), 4), round(float(b), 4)] for a, b in
-                          zip(spacings.min(axis=0), spacings.max(axis=0))] if spacings.size else [],
+        "spacing_range": [[round(float(a), 4), round(float(b), 4)]
+                          for a, b in zip(spacings.min(axis=0), spacings.max(axis=0), strict=True)]
+                         if spacings.size else [],
         "class_share": report.stats.get("pixel share per mask value", {}),
-        "background_share": round(float(report.info.get("background_share", 0.0)), 4),
+        "background_share": round(float(np.mean([r.background for r in records])) if records else 0.0, 4),
         "intensity": [
             {"p00_5": float(np.percentile(v, 0.5)), "p50": float(np.percentile(v, 50)),
              "p99_5": float(np.percentile(v, 99.5)), "mean": float(v.mean()), "std": float(v.std())}
-            for v in report.intensities
+            for v in pooled_intensities(records)
         ],
     }
-    return fp
 
 
 def default_memory_gb(device: str = "auto") -> float:
@@ -95,103 +266,119 @@ def _fit(patch: list[int], limit) -> list[int]:
     return patch
 
 
-def plan_dataset(report, preset: str = "default", memory_gb: float | None = None, device: str = "auto",
-                 model: dict | None = None, train: dict | None = None, infer: dict | None = None,
-                 patch_size: tuple[int, ...] | None = None,
-                 regions: dict[str, tuple[int, ...]] | None = None) -> tuple[Plan, list[str]]:
+def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device: str = "auto"
+                 ) -> tuple[Plan, list[str]]:
     """Plan a training from a checked dataset, with one line of reasoning per choice.
 
-    2D data keeps the preset's patch rules (:func:`useg.plan.make_plan`); 3D data gets the
-    nnU-Net-style choices described in the module note.
+    2D data keeps the preset's patch rules (:func:`make_plan`); 3D data gets the nnU-Net-style
+    choices described in the module note.
 
     Args:
         report: a :class:`useg.dataset.CheckReport` without problems.
-        preset: the named recipe.
-        memory_gb: the training memory budget (default :func:`default_memory_gb`).
-        device: where training will run ("auto", "cpu", "cuda"), for the default budget.
-        model, train, infer: explicit overrides (they win over the planner).
-        patch_size: an explicit patch.
-        regions: nested regions in mask values, outer to inner (``{"WT": (1, 2, 3, 4), ...}``): the
-            network gets one sigmoid output per region and a region loss (nnU-Net's BraTS setup).
+        overrides: the preset and the choices fixed by hand (they win over the planner), the
+            memory budget (default :func:`default_memory_gb`) and nested ``regions`` in mask values,
+            outer to inner (``{"WT": (1, 2, 3, 4), ...}``): the network then gets one sigmoid output
+            per region and a region loss (nnU-Net's BraTS setup).
+        device: where training will run ("auto", "cpu", "cuda"), for the CPU rules and the budget.
 
     Returns:
         (plan, reasons).
+
+    Raises:
+        UsegError: regions naming mask values the masks do not use, or regions that do not nest.
     """
     import torch
 
+    ov = overrides or Overrides()
     fp = fingerprint(report)
-    dims, reasons = fp["dims"], []
+    dims = fp["dims"]
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    budget = float(memory_gb) if memory_gb else default_memory_gb("cpu" if cpu else device)
-    model, train, data = dict(model or {}), dict(train or {}), {}
-    names = [n.lower() for n in fp["channel_names"]]
-    if names and all(n == "ct" for n in names) and fp["intensity"]:
-        data["normalization"] = "ct"
-        data["intensity"] = tuple((i["p00_5"], i["p99_5"], i["mean"], i["std"]) for i in fp["intensity"])
-        reasons.append("normalization: CT, so clipped to the foreground's 0.5/99.5 percentiles and scaled "
-                       "by its global mean and std (Hounsfield units mean the same in every scan)")
-    elif dims == 3 and fp["background_share"] > BACKGROUND_SHARE_FOR_MASK:
-        data["normalization"] = "zscore_mask"
-        reasons.append(f"normalization: z-score inside the object, since {fp['background_share']:.0%} of "
-                       "voxels are a constant background that would skew the statistics")
-    else:
-        reasons.append("normalization: z-score per image and channel (no CT, little constant background)")
-    if regions:
-        from .errors import UsegError
-        from .labels import region_classes
-
-        values = report.label_map.values
-        unknown = sorted({v for r in regions.values() for v in r} - set(values))
-        if unknown:
-            raise UsegError(f"--regions names mask values {unknown} that the masks do not use; use values of {list(values)}")
-        data["regions"] = tuple(tuple(values.index(v) for v in r) for r in regions.values())
-        try:
-            writes = region_classes(data["regions"])
-        except ValueError as e:
-            raise UsegError(f"--regions: {e}") from None
-        reasons.append(f"targets: {len(regions)} nested regions {', '.join(regions)} with a sigmoid each "
-                       f"(binary cross-entropy + Dice), written back as mask values {[values[c] for c in writes]}")
+    data, reasons = _normalization(fp)
+    if ov.regions:
+        data["regions"] = _region_classes(report.label_map.values, ov.regions, reasons)
     if report.info.get("layout") == "folders":
         data["channel_names"] = tuple(fp["channel_names"])
-    spacings = report.spacings or [(1.0,) * dims]
+    spacings = [r.spacing for r in report.records] or [(1.0,) * dims]
+    model, patch_size = dict(ov.model), ov.patch_size
     if dims == 3:
-        from .plan import target_spacing
-
-        target = target_spacing(spacings)
-        if any(not np.allclose(s, target, rtol=1e-3) for s in spacings):
-            data["resample"] = True
-            reasons.append(f"spacing: cases differ, so every case is resampled to {_x(target)} (median; "
-                           "10th percentile on a thick-slice axis)")
-        else:
-            reasons.append(f"spacing: every case is {_x(target)}, no resampling")
-        shape = [int(round(m * s / t)) for m, s, t in
-                 zip(fp["median_shape"], np.median(np.asarray(spacings), axis=0), target)]
-        halved = cpu and "width" not in model
-        width = model.get("width", 16 if cpu else 32)
-        max_width = model.get("max_width", 320)
-        model.setdefault("width", width)
-        model.setdefault("max_width", max_width)
-        model.setdefault("norm", "instance")  # batches of 2 make batch statistics noisy (nnU-Net)
-        batch = train.get("batch_size", 2)
-        train.setdefault("batch_size", batch)
-        if patch_size is None:
-            cap = CPU_MAX_VOXELS_3D if cpu else math.inf
-            patch = _fit([min(s, 256) for s in shape], lambda p: math.prod(p) <= cap and training_gib(
-                tuple(p), width, _depth_for(tuple(p)), fp["channels"] or 1, max_width, batch) <= budget)
-            patch_size = tuple(patch)
-        depth = model.setdefault("depth", _depth_for(tuple(patch_size)))
-        reasons.append(f"patch: {_x(patch_size)} at batch {batch} (median case {_x(shape)} at the target spacing), "
-                       f"about {training_gib(tuple(patch_size), width, depth, fp['channels'] or 1, max_width, batch):.1f} "
-                       f"GiB of {budget:.1f} GiB" + (f"; capped at {CPU_MAX_VOXELS_3D:,} voxels on a CPU" if cpu else ""))
-        reasons.append(f"network: depth {depth} (pool until the smallest edge is about {MIN_EDGE} voxels), width "
-                       f"{width}{' (halved on a CPU)' if halved else ''}, capped at "
-                       f"{max_width} channels, instance norm")
+        budget = float(ov.memory_gb) if ov.memory_gb else default_memory_gb("cpu" if cpu else device)
+        model, patch_size, resample = _plan_3d(fp, spacings, ov, cpu, budget, reasons)
+        data.update(resample)
     else:
         reasons.append("2D: the preset's patch (median image size, capped) and width")
-    plan = make_plan(report.label_map, report.channels, report.shapes, spacings=spacings, preset=preset,
-                     model=model, train=train, infer=infer, patch_size=patch_size, data=data)
+    chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
+    plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
+                     spacings=spacings, overrides=chosen)
     return plan, reasons
 
 
-def _x(values) -> str:
-    return "x".join(f"{v:g}" for v in values)
+def _normalization(fp: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(DataConfig fields, reasons): CT's global clip and scale, z-score inside the object, or per image."""
+    names = [n.lower() for n in fp["channel_names"]]
+    if names and all(n == "ct" for n in names) and fp["intensity"]:
+        intensity = tuple((i["p00_5"], i["p99_5"], i["mean"], i["std"]) for i in fp["intensity"])
+        return {"normalization": "ct", "intensity": intensity}, [
+            "normalization: CT, so clipped to the foreground's 0.5/99.5 percentiles and scaled "
+            "by its global mean and std (Hounsfield units mean the same in every scan)"]
+    if fp["dims"] == 3 and fp["background_share"] > BACKGROUND_SHARE_FOR_MASK:
+        return {"normalization": "zscore_mask"}, [
+            f"normalization: z-score inside the object, since {fp['background_share']:.0%} of "
+            "voxels are a constant background that would skew the statistics"]
+    return {}, ["normalization: z-score per image and channel (no CT, little constant background)"]
+
+
+def _region_classes(values: Sequence[int], regions: Mapping[str, tuple[int, ...]], reasons: list[str]
+                    ) -> tuple[tuple[int, ...], ...]:
+    """Nested regions in mask values as class indices (DataConfig.regions)."""
+    values = tuple(values)
+    unknown = sorted({v for r in regions.values() for v in r} - set(values))
+    if unknown:
+        raise UsegError(f"--regions names mask values {unknown} that the masks do not use; "
+                        f"use values of {list(values)}")
+    classes = tuple(tuple(values.index(v) for v in r) for r in regions.values())
+    try:
+        writes = region_classes(classes)
+    except ValueError as e:
+        raise UsegError(f"--regions: {e}") from None
+    reasons.append(f"targets: {len(regions)} nested regions {', '.join(regions)} with a sigmoid each "
+                   "(binary cross-entropy + Dice), written back as mask values "
+                   f"{[values[c] for c in writes]}")
+    return classes
+
+
+def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Overrides, cpu: bool,
+             budget: float, reasons: list[str]) -> tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]:
+    """3D choices: resampling, the patch that fits the budget, depth and width.
+
+    Returns:
+        (ModelConfig fields, the patch, DataConfig fields); the user's fields are kept.
+    """
+    data: dict[str, Any] = {}
+    target = target_spacing(spacings)
+    if any(not np.allclose(s, target, rtol=1e-3) for s in spacings):
+        data["resample"] = True
+        reasons.append(f"spacing: cases differ, so every case is resampled to {format_axes(target)} (median; "
+                       "10th percentile on a thick-slice axis)")
+    else:
+        reasons.append(f"spacing: every case is {format_axes(target)}, no resampling")
+    shape = [int(round(m * s / t)) for m, s, t in
+             zip(fp["median_shape"], np.median(np.asarray(spacings), axis=0), target, strict=True)]
+    halved = cpu and "width" not in ov.model
+    # batches of 2 make batch statistics noisy, hence instance norm (nnU-Net)
+    model = {"width": 16 if cpu else 32, "max_width": 320, "norm": "instance", **ov.model}
+    width, max_width, channels = model["width"], model["max_width"], fp["num_channels"] or 1
+    batch = batch_size(ov.preset, 3, None, ov.train)
+    patch_size = ov.patch_size
+    if patch_size is None:
+        cap = CPU_MAX_VOXELS_3D if cpu else math.inf
+        patch_size = tuple(_fit([min(s, 256) for s in shape], lambda p: math.prod(p) <= cap and training_gib(
+            tuple(p), width, _depth_for(tuple(p)), channels, max_width, batch) <= budget))
+    depth = model.setdefault("depth", _depth_for(tuple(patch_size)))
+    gib = training_gib(tuple(patch_size), width, depth, channels, max_width, batch)
+    reasons.append(f"patch: {format_axes(patch_size)} at batch {batch} (median case {format_axes(shape)} "
+                   f"at the target spacing), about {gib:.1f} GiB of {budget:.1f} GiB"
+                   + (f"; capped at {CPU_MAX_VOXELS_3D:,} voxels on a CPU" if cpu else ""))
+    reasons.append(f"network: depth {depth} (pool until the smallest edge is about {MIN_EDGE} voxels), width "
+                   f"{width}{' (halved on a CPU)' if halved else ''}, capped at "
+                   f"{max_width} channels, instance norm")
+    return model, patch_size, data

@@ -19,12 +19,13 @@ import torch
 from . import runtime, writing
 from .backends import BACKENDS, Backend, TorchBackend
 from .checkpoint import load_weights
-from .dataset import Case, normalize
+from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
 from .labels import regions_to_labels
 from .model import UNet, output_size, valid_input_size
 from .plan import Plan
+from .preprocess import normalize
 from .tiling import TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
 from .tta import symmetries, tta_average
 

@@ -1,0 +1,115 @@
+"""From a case on disk to network-ready arrays: read, resample to the plan's spacing, normalise.
+
+Training (:func:`load_arrays`) and prediction (:func:`normalize`, applied by :mod:`useg.predict`)
+share these steps, so a run sees at predict time exactly the intensities it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import layouts
+from .dataset import Case, format_axes
+from .errors import UsegError
+from .io import read_mask
+from .labels import LabelMap
+
+NORMALIZATIONS = ("zscore", "zscore_mask", "ct", "none")
+
+
+def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one case, resampled to ``spacing`` when given and different from the file's.
+
+    Returns:
+        (image (C, *S) float32, labels (*S) int64 class indices, or None without a mask or map).
+
+    Raises:
+        UsegError: unreadable files, unknown mask values, a mask of another size than its image.
+    """
+    image = layouts.read_case_image(case.files)
+    labels = None
+    if case.mask is not None and label_map is not None:
+        labels = label_map.decode(read_mask(case.mask)[0], path=case.mask)
+        if labels.shape != image.spatial_shape:
+            raise UsegError(f"{case.mask} is {format_axes(labels.shape)} but {case.image} is "
+                            f"{format_axes(image.spatial_shape)}; "
+                            "masks must match their images pixel for pixel")
+    array = image.array.astype(np.float32)
+    if spacing is not None and not np.allclose(image.spacing, spacing, rtol=1e-3):
+        from .resample import resample_image, resample_labels
+
+        array = resample_image(array, image.spacing, tuple(spacing))
+        if labels is not None:
+            labels = resample_labels(labels, array.shape[1:])
+    return array, labels
+
+
+def load_arrays(cases: Sequence[Case], label_map: LabelMap | None, normalization: str = "zscore",
+                intensity: Sequence[Sequence[float]] | None = None, spacing: Sequence[float] | None = None
+                ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
+
+    Args:
+        cases: the cases to read.
+        label_map: decodes the masks.
+        normalization, intensity: see :func:`normalize`.
+        spacing: resample every case to this spacing first (None keeps the files' grids).
+    """
+    images, labels = [], []
+    for case in cases:
+        image, label = load_case(case, label_map, spacing)
+        images.append(normalize(image, normalization, intensity))
+        labels.append(label)
+    return images, labels
+
+
+def normalize(array: np.ndarray, method: str = "zscore",
+              intensity: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+    """Intensity normalisation per channel, nnU-Net's three schemes (Isensee et al. 2021).
+
+    * ``"zscore"``: per image and channel ``(x - mean) / max(std, 1e-8)`` (the non-CT default).
+    * ``"zscore_mask"``: the same statistics taken inside the object (voxels where some channel is
+      above its minimum, i.e. not the constant background of a skull-stripped MRI); the
+      background is set to 0. nnU-Net does this when cropping to the non-zero region pays.
+    * ``"ct"``: clip to the dataset's foreground 0.5/99.5 percentiles, then subtract the dataset's
+      foreground mean and divide by its std: one global scale, since CT units are physical.
+    * ``"none"``: cast to float32 only.
+
+    Args:
+        array: (C, *S) image.
+        method: one of :data:`NORMALIZATIONS`.
+        intensity: for "ct", per channel (lo, hi, mean, std) from the dataset fingerprint.
+
+    Returns:
+        (C, *S) float32.
+    """
+    x = np.asarray(array, dtype=np.float32)
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if method == "none":
+        return x
+    if x.ndim < 2:
+        raise ValueError(f"normalize needs a channels-first array (C, *S), got shape {x.shape}")
+    if method == "ct":
+        if intensity is None or len(intensity) != x.shape[0]:
+            raise ValueError("ct normalization needs (lo, hi, mean, std) "
+                             f"for each of the {x.shape[0]} channels")
+        out = np.empty_like(x)
+        for c, (lo, hi, mean, std) in enumerate(intensity):
+            out[c] = (np.clip(x[c], lo, hi) - mean) / max(std, 1e-8)
+        return out
+    axes = tuple(range(1, x.ndim))
+    if method == "zscore_mask":
+        inside = (x > x.min(axis=axes, keepdims=True)).any(axis=0)
+        if inside.any():
+            out = np.zeros_like(x)
+            for c in range(x.shape[0]):
+                v = x[c][inside]
+                out[c][inside] = (v - v.mean(dtype=np.float64)) / max(float(v.std(dtype=np.float64)), 1e-8)
+            return out
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x.std(axis=axes, keepdims=True, dtype=np.float64)
+    return ((x - mean) / np.maximum(std, 1e-8)).astype(np.float32)

@@ -1,0 +1,64 @@
+"""What the user says about a data folder and a plan: one :class:`DataSpec`, one :class:`Overrides`.
+
+Both travel unchanged from the command line (or :func:`useg.pipeline.train_folder`) through the
+check (:func:`useg.dataset.check_dataset`) and the planner (:func:`useg.planner.plan_dataset`), so
+no layer in between repeats their fields as keyword arguments. A leaf: it imports no useg module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _tuple(values: Sequence | None, what: str) -> tuple | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise ValueError(f"{what} must be a sequence, not the string {values!r}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to read a data folder, where its files and masks do not say it themselves.
+
+    Sequences are stored as tuples; None everywhere reads the folder as found.
+    """
+
+    mask_values: tuple[int, ...] | None = None  # the masks' stored values (--labels); None infers them
+    channel_names: tuple[str, ...] | None = None  # case folders: channel file prefixes in order (--channels)
+    label_name: str | None = None  # case folders: the label file-name prefix (--label)
+
+    def __post_init__(self) -> None:
+        values = _tuple(self.mask_values, "mask_values")
+        object.__setattr__(self, "mask_values", None if values is None else tuple(int(v) for v in values))
+        names = _tuple(self.channel_names, "channel_names")
+        object.__setattr__(self, "channel_names", names or None)  # no prefixes means none were given
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The choices the user fixed; each wins over the preset and the planner.
+
+    The field dicts are copied on construction; treat them as read-only.
+    """
+
+    preset: str = "default"  # the named recipe the plan starts from (useg.planner.PRESETS)
+    model: Mapping[str, Any] = field(default_factory=dict)  # ModelConfig fields
+    train: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    infer: Mapping[str, Any] = field(default_factory=dict)  # InferConfig fields
+    data: Mapping[str, Any] = field(default_factory=dict)  # DataConfig fields
+    patch_size: tuple[int, ...] | None = None  # the training patch (rounded up to a size the network accepts)
+    memory_gb: float | None = None  # the planner's training memory budget; None: from the machine
+    regions: Mapping[str, tuple[int, ...]] | None = None  # nested regions in mask values, outer to inner
+
+    def __post_init__(self) -> None:
+        for name in ("model", "train", "infer", "data"):
+            object.__setattr__(self, name, dict(getattr(self, name) or {}))
+        if self.patch_size is not None:
+            patch = tuple(int(p) for p in _tuple(self.patch_size, "patch_size"))
+            object.__setattr__(self, "patch_size", patch)
+        if self.regions is not None:
+            object.__setattr__(self, "regions", {k: tuple(v) for k, v in dict(self.regions).items()})
