@@ -91,7 +91,8 @@ def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str)
     preset = "default" if name == "default" else "paper"
     train = {"iters_per_epoch": 100} if preset == "paper" else {}
     plan = make_plan(report.label_map, num_channels=train_data[0][0].shape[0],
-                     image_shapes=[a.shape[1:] for a in train_data[0]], overrides=Overrides(preset=preset, train=train))
+                     image_shapes=[a.shape[1:] for a in train_data[0]],
+                     overrides=Overrides(preset=preset, train=train))
     if name == "paper-no-weights":
         plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, border_weights=False))
     elif name == "paper-no-elastic":

@@ -36,7 +36,8 @@ def imports_of(name: str, tree: ast.Module, known: set[str]) -> set[str]:
                 base = "useg" + (f".{node.module}" if node.module else "")
             if not base.startswith("useg"):
                 continue
-            if base == "useg":  # `from . import runtime` names a module, `from . import __version__` the package
+            # `from . import runtime` names a module, `from . import __version__` the package
+            if base == "useg":
                 found.update(f"useg.{a.name}" if f"useg.{a.name}" in known else "useg" for a in node.names)
             else:
                 found.add(base)
@@ -119,7 +120,8 @@ def test_design_page_names_every_module():
     named = set(re.findall(r"`([a-z_]+)\.py`", text))
     modules = {p.stem for p in SRC.glob("*.py")}
     assert modules - named == set(), f"docs/design.md does not name {sorted(modules - named)}"
-    assert named - modules == set(), f"docs/design.md names modules that do not exist: {sorted(named - modules)}"
+    assert named - modules == set(), (
+        f"docs/design.md names modules that do not exist: {sorted(named - modules)}")
 
 
 def test_readme_links_the_design_page():

@@ -26,7 +26,8 @@ CPU = torch.device("cpu")
 
 def _plan(padding="same", tta=False):
     return make_plan(LabelMap((0, 255)), 1, [(32, 32)], overrides=Overrides(
-        model={"width": 4, "depth": 2, "padding": padding}, infer={"tta": tta, "overlap": 0.5, "batch_size": 2},
+        model={"width": 4, "depth": 2, "padding": padding},
+        infer={"tta": tta, "overlap": 0.5, "batch_size": 2},
         patch_size=(60, 60) if padding == "valid" else (32, 32)))
 
 
@@ -66,8 +67,10 @@ def test_a_fake_backend_plugs_into_the_segmenter():
     np.testing.assert_array_equal(seg.predict(x), probs.argmax(0))
     plain = fake.calls
     seg.plan = dataclasses.replace(plan, infer=dataclasses.replace(plan.infer, tta=True))
-    np.testing.assert_allclose(seg.predict_proba(x), probs, atol=1e-5)  # a pointwise backend: flip-equivariant
-    assert fake.calls - plain == 4 * (plain // 2)  # 4 mirrorings per tile batch; plain ran predict_proba and predict
+    # a pointwise backend: flip-equivariant
+    np.testing.assert_allclose(seg.predict_proba(x), probs, atol=1e-5)
+    # 4 mirrorings per tile batch; plain ran predict_proba and predict
+    assert fake.calls - plain == 4 * (plain // 2)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -94,8 +97,8 @@ def test_torch_and_onnx_backends_agree(tmp_path, padding):
                                atol=1e-4)
     image = np.random.default_rng(2).integers(0, 255, (45, 61)).astype(np.uint8)
     by_onnx = Segmenter.load(run, backend="onnxruntime").predict_proba(image)
-    np.testing.assert_allclose(by_onnx, Segmenter.load(run, device="cpu", precision="fp32").predict_proba(image),
-                               atol=1e-4)
+    by_torch = Segmenter.load(run, device="cpu", precision="fp32").predict_proba(image)
+    np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4)
 
 
 def test_torch_backend_place_picks_device_precision_and_eval_mode():

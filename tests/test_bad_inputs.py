@@ -94,8 +94,8 @@ def _nifti_volumes(d, image_zooms=(1.0, 1.0, 1.0)):
     for k in range(3):
         lab = np.zeros((16, 16, 8), np.uint8)
         lab[4:12, 4:12, 2:6] = 1
-        for folder, arr, zooms in (("images", (lab + rng.normal(0, 0.2, lab.shape)).astype(np.float32), image_zooms),
-                                   ("masks", lab, (1.0, 1.0, 1.0))):
+        image = (lab + rng.normal(0, 0.2, lab.shape)).astype(np.float32)
+        for folder, arr, zooms in (("images", image, image_zooms), ("masks", lab, (1.0, 1.0, 1.0))):
             (d / folder).mkdir(exist_ok=True)
             nib.save(nib.Nifti1Image(arr, np.diag([*zooms, 1.0])), str(d / folder / f"v{k}.nii.gz"))
 
@@ -116,13 +116,15 @@ def _fractional_labels(d):
     import nibabel as nib
 
     _nifti_volumes(d)
-    nib.save(nib.Nifti1Image(np.full((16, 16, 8), 0.5, np.float32), np.eye(4)), str(d / "masks" / "v2.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), 0.5, np.float32), np.eye(4)),
+             str(d / "masks" / "v2.nii.gz"))
     return "v2.nii.gz holds non-integral label values"
 
 
 CASES = {f.__name__[1:]: f for f in (_truncated_png, _truncated_tiff, _size_mismatch, _unknown_values,
                                        _nan_image, _duplicate_stem, _missing_mask, _jpeg_mask, _empty,
-                                       _mixed_channels, _truncated_nifti, _spacing_mismatch, _fractional_labels)}
+                                       _mixed_channels, _truncated_nifti, _spacing_mismatch,
+                                       _fractional_labels)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -148,12 +150,14 @@ def trained(cells_dir, tmp_path_factory):
 
 def test_predict_refuses_wrong_channels_and_nan(trained, tmp_path, capsys):
     _png(tmp_path / "in" / "rgb.png", np.zeros((40, 40, 3), np.uint8))
-    assert main(["predict", str(trained), str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["predict", str(trained), str(tmp_path / "in" / "rgb.png"),
+                 "--out", str(tmp_path / "o")]) == 2
     assert "rgb.png has 3 channels but the model was trained on 1" in capsys.readouterr().err
     arr = np.ones((40, 40), np.float32)
     arr[0, 0] = np.inf
     tifffile.imwrite(tmp_path / "in" / "inf.tif", arr)
-    assert main(["predict", str(trained), str(tmp_path / "in" / "inf.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["predict", str(trained), str(tmp_path / "in" / "inf.tif"),
+                 "--out", str(tmp_path / "o")]) == 2
     assert "inf.tif contains NaN or infinite values" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 

@@ -40,7 +40,8 @@ def test_train_predict_evaluate(cells_dir, tmp_path, capsys):
     run, pred = tmp_path / "run", tmp_path / "pred"
     assert main(["train", str(cells_dir), "--out", str(run), "--exclude", "cell_005", *TINY]) == 0
     assert (run / "model.safetensors").exists()
-    assert main(["predict", str(run), str(cells_dir / "images" / "cell_005.png"), "--out", str(pred), "--quiet"]) == 0
+    assert main(["predict", str(run), str(cells_dir / "images" / "cell_005.png"),
+                 "--out", str(pred), "--quiet"]) == 0
     assert (pred / "cell_005.png").exists()
     # predicting again into the same folder is refused without --overwrite
     assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(pred), "--quiet"]) == 2
@@ -84,9 +85,10 @@ def test_paper_preset_trains_with_border_weights_and_predicts(cells_dir, tmp_pat
             "--patch", "60,60", "--epochs", "1", "--iters", "2", "--precision", "fp32", "--quiet"]
     assert main(args) == 0
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["preset"] == "paper" and plan["data"]["border_weights"] and plan["model"]["padding"] == "valid"
-    assert main(["predict", str(run), str(cells_dir / "images" / "cell_001.png"), "--out", str(tmp_path / "p"),
-                 "--quiet"]) == 0
+    assert (plan["preset"] == "paper" and plan["data"]["border_weights"]
+            and plan["model"]["padding"] == "valid")
+    assert main(["predict", str(run), str(cells_dir / "images" / "cell_001.png"),
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert (tmp_path / "p" / "cell_001.png").exists()
 
 
@@ -109,14 +111,16 @@ def test_3d_case_folders_train_predict_evaluate_regions(tmp_path, rng, regions):
     data, run = tmp_path / "data", tmp_path / "run"
     layout = ["--channels", "T1,T2", "--label", "seg"]
     assert main(["plan", str(data), *layout, "--device", "cpu"]) == 0
-    assert main(["train", str(data), *layout, "--out", str(run), "--width", "4", "--depth", "2", "--patch", "16,16,8",
-                 "--epochs", "1", "--iters", "2", "--batch-size", "2", "--precision", "fp32", "--workers", "0",
+    assert main(["train", str(data), *layout, "--out", str(run), "--width", "4", "--depth", "2",
+                 "--patch", "16,16,8", "--epochs", "1", "--iters", "2", "--batch-size", "2",
+                 "--precision", "fp32", "--workers", "0",
                  "--quiet", "--device", "cpu", *(["--regions", regions] if regions else [])]) == 0
     plan = json.loads((run / "plan.json").read_text())
     assert plan["model"]["num_classes"] == (2 if regions else 3) and plan["model"]["dims"] == 3
     assert plan["data"]["regions"] == ([[1, 2], [2]] if regions else [])  # values 2,4 -> classes 1,2
     out = tmp_path / "pred"
-    assert main(["predict", str(run), str(data / "case0"), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(data / "case0"), "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
     pred = nib.load(str(out / "case0.nii.gz"))
     np.testing.assert_allclose(pred.affine, affine)  # overlays its input
     assert pred.shape == (16, 16, 12) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 2, 4}
@@ -131,21 +135,24 @@ def test_3d_case_folders_train_predict_evaluate_regions(tmp_path, rng, regions):
 def test_export_onnx_and_predict_with_onnxruntime_and_instances(tmp_path, cells_dir):
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"
-    assert main(["train", str(cells_dir), "--out", str(run), "--width", "4", "--depth", "2", "--patch", "32,32",
-                 "--epochs", "1", "--iters", "2", "--precision", "fp32", "--workers", "0", "--quiet",
+    assert main(["train", str(cells_dir), "--out", str(run), "--width", "4", "--depth", "2",
+                 "--patch", "32,32", "--epochs", "1", "--iters", "2", "--precision", "fp32",
+                 "--workers", "0", "--quiet",
                  "--device", "cpu"]) == 0
     assert main(["export", str(run), "--quiet"]) == 0
     assert (run / "model.onnx").exists() and (run / "model.onnx.json").exists()
     image = cells_dir / "images" / "cell_000.png"
     a, b = tmp_path / "torch", tmp_path / "ort"
     assert main(["predict", str(run), str(image), "--out", str(a), "--quiet", "--device", "cpu"]) == 0
-    assert main(["predict", str(run), str(image), "--out", str(b), "--backend", "onnxruntime", "--quiet"]) == 0
+    assert main(["predict", str(run), str(image), "--out", str(b), "--backend", "onnxruntime",
+                 "--quiet"]) == 0
     from useg.io import read_mask
 
     agree = (read_mask(a / "cell_000.png")[0] == read_mask(b / "cell_000.png")[0]).mean()
     assert agree > 0.99  # the torch path may run in bf16; onnxruntime in fp32
     c = tmp_path / "inst"
-    assert main(["predict", str(run), str(image), "--out", str(c), "--instances", "--quiet", "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(image), "--out", str(c), "--instances", "--quiet",
+                 "--device", "cpu"]) == 0
     inst = read_mask(c / "cell_000.png")[0]
     assert inst.max() == len(np.unique(inst)) - 1  # object ids 0..N without gaps
     d = tmp_path / "split"

@@ -144,7 +144,8 @@ def test_both_empty_is_zero_and_one_empty_is_nan():
     [
         (lambda: hd95(np.zeros((4, 5), bool), np.zeros((5, 4), bool)), "differs"),
         (lambda: hd95(np.zeros((4, 5), bool), np.zeros((4, 5), bool), spacing=(1.0,)), "one value per axis"),
-        (lambda: assd(np.zeros((2, 4, 5), bool), np.zeros((2, 4, 5), bool), spacing=(1, 1)), "one value per axis"),
+        (lambda: assd(np.zeros((2, 4, 5), bool), np.zeros((2, 4, 5), bool), spacing=(1, 1)),
+         "one value per axis"),
         (lambda: hd95(np.zeros((4, 5), bool), np.zeros((4, 5), bool), spacing=(1.0, 0.0)), "positive"),
         (lambda: hd95(np.zeros((4, 5)), np.zeros((4, 5), bool)), "bool or integer"),
         (lambda: surface(np.zeros(5, bool)), "2D"),
@@ -224,7 +225,8 @@ def test_matches_monai(shape, spacing, seed, monai_metrics):
     kw = {"include_background": True, "spacing": list(spacing)}
     want_hd95 = monai_metrics.compute_hausdorff_distance(onehot(pred), onehot(truth), percentile=95, **kw)
     want_hd = monai_metrics.compute_hausdorff_distance(onehot(pred), onehot(truth), **kw)
-    want_assd = monai_metrics.compute_average_surface_distance(onehot(pred), onehot(truth), symmetric=True, **kw)
+    want_assd = monai_metrics.compute_average_surface_distance(onehot(pred), onehot(truth), symmetric=True,
+                                                               **kw)
     # MONAI computes in float32
     assert hd95(pred, truth, spacing) == pytest.approx(float(want_hd95), rel=1e-5, abs=1e-5)
     assert hausdorff(pred, truth, spacing) == pytest.approx(float(want_hd), rel=1e-5, abs=1e-5)

@@ -51,7 +51,8 @@ def torch_probs(run, x):
         return torch.softmax(seg.backend.model(torch.from_numpy(x)), dim=1).numpy()
 
 
-@pytest.mark.parametrize("dims,padding,size", [(2, "same", (48, 64)), (2, "valid", (68, 76)), (3, "same", (8, 16, 24))])
+@pytest.mark.parametrize("dims,padding,size",
+                         [(2, "same", (48, 64)), (2, "valid", (68, 76)), (3, "same", (8, 16, 24))])
 def test_onnx_round_trip_matches_pytorch(tmp_path, dims, padding, size):
     tile = {(2, "valid"): (60, 60)}.get((dims, padding))
     run = make_run(tmp_path / "run", dims=dims, padding=padding, tile=tile)
@@ -162,7 +163,8 @@ def test_load_exported_without_sidecar(tmp_path):
 def test_predict_exported_equals_segmenter(tmp_path, padding, tta):
     run = make_run(tmp_path / "run", padding=padding, tile=(60, 60) if padding == "valid" else None, tta=tta)
     path = export.export_run(run, dynamo=False)
-    image = np.random.default_rng(5).integers(0, 255, (45, 61)).astype(np.uint8)  # odd size, not a tile multiple
+    # odd size, not a tile multiple
+    image = np.random.default_rng(5).integers(0, 255, (45, 61)).astype(np.uint8)
     seg = Segmenter.load(run, device="cpu", precision="fp32")
     runner = Segmenter(*exported_backend(path))
     p_onnx, p_torch = runner.predict_proba(image), seg.predict_proba(image)
@@ -187,7 +189,8 @@ def test_sliding_window_matches_a_whole_image_forward():
     net = UNet.from_config(plan.model).eval()
     fn = tile_fn(TorchBackend(net, plan, CPU, FP32), plan)
     yy, xx = np.mgrid[:128, :128]
-    image = (np.sin(yy / 7.0) * np.cos(xx / 11.0) + 0.3 * np.random.default_rng(0).standard_normal((128, 128)))
+    image = (np.sin(yy / 7.0) * np.cos(xx / 11.0)
+             + 0.3 * np.random.default_rng(0).standard_normal((128, 128)))
     image = image[None].astype(np.float32)
     with torch.inference_mode():
         whole = torch.softmax(net(torch.from_numpy(image[None])), dim=1)[0].numpy()

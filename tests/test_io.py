@@ -49,7 +49,8 @@ def test_read_tiff_layouts(tmp_path, rng, shape, kw, expect):
     tifffile.imwrite(tmp_path / "a.tif", arr, **kw)
     img = read_image(tmp_path / "a.tif")
     assert img.array.shape == expect and img.format == "tiff" and len(img.spacing) == len(expect) - 1
-    first = arr[..., 0] if kw.get("photometric") == "rgb" else arr if arr.ndim == 2 or expect[0] == 1 else arr[0]
+    first = (arr[..., 0] if kw.get("photometric") == "rgb"
+             else arr if arr.ndim == 2 or expect[0] == 1 else arr[0])
     np.testing.assert_array_equal(img.array[0], first)
 
 
@@ -136,7 +137,8 @@ def _mask_file(path, kind, rng):
         PILImage.fromarray(arr).save(path)
 
 
-@pytest.mark.parametrize("suffix,kind", [(s, k) for s in (".png", ".tif") for k in ("0/255", "ids", "ids16", "rgb")]
+@pytest.mark.parametrize("suffix,kind",
+                         [(s, k) for s in (".png", ".tif") for k in ("0/255", "ids", "ids16", "rgb")]
                          + [(".png", "palette")])
 def test_label_encodings_round_trip_through_files(tmp_path, rng, suffix, kind):
     src = tmp_path / f"src{suffix}"
@@ -184,9 +186,10 @@ def test_write_mask_checks_and_is_atomic(tmp_path, monkeypatch):
     assert read_mask(tmp_path / "old.png")[0].max() == 0
 
 
-@pytest.mark.parametrize("suffix,shape,dtype", [(".png", (3, 5, 6), np.uint8), (".png", (1, 5, 6), np.uint16),
-                                                (".tif", (2, 5, 6), np.float32), (".tif", (3, 5, 6), np.uint8),
-                                                (".tif", (1, 4, 5, 6), np.int16), (".tif", (2, 3, 5, 6), np.float32)])
+@pytest.mark.parametrize("suffix,shape,dtype", [
+    (".png", (3, 5, 6), np.uint8), (".png", (1, 5, 6), np.uint16),
+    (".tif", (2, 5, 6), np.float32), (".tif", (3, 5, 6), np.uint8),
+    (".tif", (1, 4, 5, 6), np.int16), (".tif", (2, 3, 5, 6), np.float32)])
 def test_write_image_round_trip(tmp_path, rng, suffix, shape, dtype):
     arr = (rng.random(shape) * 200).astype(dtype)
     write_image(tmp_path / f"a{suffix}", arr)

@@ -166,7 +166,8 @@ def test_from_config_builds_the_network_the_model_config_describes():
               norm="instance", dropout=0.1, max_width=None)
     net = UNet(**kw)
     again = UNet.from_config(ModelConfig(**kw))
-    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    assert ({k: v.shape for k, v in again.state_dict().items()}
+            == {k: v.shape for k, v in net.state_dict().items()})
     assert isinstance(again.dropout, torch.nn.Dropout) and again.dropout.p == 0.1
     # one source of truth: every ModelConfig field is a constructor argument, and the other way round
     params = list(inspect.signature(UNet).parameters)

@@ -132,6 +132,6 @@ def test_fingerprint_comes_from_the_per_case_records():
                      channels=2, background=0.5)
     fp = fingerprint(report)
     assert fp["median_shape"] == [11, 21, 31] and fp["spacing_range"][2] == [2.0, 3.0]
-    assert fp["num_channels"] == 2 and fp["background_share"] == 0.5 and len(fp["intensity"]) == 2
+    assert fp["channels"] == 2 and fp["background_share"] == 0.5 and len(fp["intensity"]) == 2
     assert [len(v) for v in pooled_intensities(report.records)] == [1000, 1000]
     assert fingerprint(report.without({"c0"}))["intensity"] == []  # c0 held the only samples

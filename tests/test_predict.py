@@ -18,7 +18,8 @@ from useg.spec import Overrides
 def _run(tmp_path, padding="same", dims=2, channels=1, values=(0, 255)):
     shape = (40, 40) if dims == 2 else (16, 24, 24)
     plan = make_plan(LabelMap(values, "grey"), channels, [shape], overrides=Overrides(
-        model={"width": 4, "depth": 2, "padding": padding}, patch_size=(20,) * dims if padding == "valid" else None))
+        model={"width": 4, "depth": 2, "padding": padding},
+        patch_size=(20,) * dims if padding == "valid" else None))
     plan.save(tmp_path / "plan.json")
     model = UNet.from_config(plan.model)
     save_model(model, tmp_path / "model.safetensors")
@@ -128,7 +129,8 @@ def test_probabilities_are_written_in_the_asked_precision(tmp_path, cells_dir, d
 
     exact = seg.predict_image_proba(read_image(src))
     scale = 255.0 if dtype == "uint8" else 1.0
-    np.testing.assert_allclose(probs.astype(np.float32) / scale, exact, atol=1 / 255 if dtype == "uint8" else 1e-3)
+    np.testing.assert_allclose(probs.astype(np.float32) / scale, exact,
+                               atol=1 / 255 if dtype == "uint8" else 1e-3)
 
 
 def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
@@ -137,7 +139,8 @@ def test_a_plan_at_another_spacing_predicts_in_the_images_own_grid(tmp_path):
     from useg.files import Image
 
     plan, model = _run(tmp_path, dims=3)
-    plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, resample=True, spacing=(2.0, 1.0, 1.0)))
+    plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data, resample=True,
+                                                              spacing=(2.0, 1.0, 1.0)))
     seg = Segmenter(plan, TorchBackend.place(model, plan, device="cpu", precision="fp32"))
     x = np.random.default_rng(5).normal(size=(1, 13, 19, 23)).astype(np.float32)
     image = Image(x, spacing=(1.0, 1.0, 1.0))

@@ -70,7 +70,8 @@ def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims, padding):
         train={"epochs": 10, "iters_per_epoch": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"}))
     result = fit(plan, (images[:2], labels[:2]), (images[2:], labels[2:]), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
-    for name in ("plan.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "curves.png", "summary.json"):
+    for name in ("plan.json", "model.safetensors", "last.safetensors", "metrics.jsonl", "curves.png",
+                 "summary.json"):
         assert (run / name).exists(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 10 and result.steps == 80
@@ -78,13 +79,15 @@ def test_fit_learns_a_square_and_writes_the_run(tmp_path, dims, padding):
     assert result.best_dice > 0.8
     pred = Segmenter.load(run, precision="fp32").predict(images[2])
     inter = ((pred == 1) & (labels[2] == 1)).sum()
-    assert 2 * inter / ((pred == 1).sum() + (labels[2] == 1).sum()) == pytest.approx(result.best_dice, abs=1e-6)
+    dice = 2 * inter / ((pred == 1).sum() + (labels[2] == 1).sum())
+    assert dice == pytest.approx(result.best_dice, abs=1e-6)
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
     images, labels = _tiny()
     plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
-        model={"width": 4, "depth": 2}, train={"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "precision": "fp32"}))
+        model={"width": 4, "depth": 2},
+        train={"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "precision": "fp32"}))
     run = tmp_path / "run"
     fit(plan, (images, labels), ([], []), run, quiet=True)
     import dataclasses
@@ -157,7 +160,8 @@ def test_a_refused_resume_leaves_the_global_state_as_it_was(tmp_path, checkpoint
 
     images, labels = _tiny()
     plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
-        model={"width": 4, "depth": 2}, train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "workers": 0}))
+        model={"width": 4, "depth": 2},
+        train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "workers": 0}))
     plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, deterministic=True))
     run = tmp_path / "run"
     if checkpoint is not None:

@@ -62,7 +62,8 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def _overrides(a: argparse.Namespace) -> Overrides:
     """The Overrides of the plan and train flags (--preset, --width, --epochs, --patch, ...)."""
-    model = {k: getattr(a, k) for k in ("width", "depth", "padding", "up", "dropout") if getattr(a, k) is not None}
+    model = {k: getattr(a, k) for k in ("width", "depth", "padding", "up", "dropout")
+             if getattr(a, k) is not None}
     if a.norm is not None:
         model["norm"] = None if a.norm == "none" else a.norm
     train = {k: getattr(a, k) for k in ("epochs", "lr", "optimizer", "loss", "seed", "precision", "workers")
@@ -187,68 +188,77 @@ def _layout_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--label", help="case folders: the label file-name prefix, e.g. seg")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .runtime import package_version
+def _common(sp: argparse.ArgumentParser, device: bool = True) -> None:
+    sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    if device:
+        sp.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
 
-    p = argparse.ArgumentParser(prog="useg", description="U-Net segmentation for biomedical images.")
-    p.add_argument("--version", action="version", version=f"useg {package_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, device=True):
-        sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-        if device:
-            sp.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
-
+def _add_check(sub) -> None:
+    """`useg check`."""
     c = sub.add_parser("check", help="list every problem in a data folder")
     c.add_argument("data", help="folder with images/ and masks/")
     c.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
     _layout_args(c)
-    common(c, device=False)
+    _common(c, device=False)
     c.set_defaults(fn=cmd_check)
 
-    for name in ("plan", "train"):
-        t = sub.add_parser(name, help="print the plan for a data folder" if name == "plan" else "train a U-Net")
-        t.add_argument("data", help="folder with images/ and masks/")
-        t.add_argument("--preset", default="default", choices=["default", "paper"],
-                       help="named recipe: default, or paper (Ronneberger et al. 2015)")
-        t.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
-        t.add_argument("--patch", type=_ints, help="training patch, e.g. 256,256")
-        t.add_argument("--width", type=int, help="channels at the first level")
-        t.add_argument("--depth", type=int, help="number of poolings")
-        t.add_argument("--padding", choices=["same", "valid"])
-        t.add_argument("--up", choices=["transpose", "interp"])
-        t.add_argument("--norm", choices=["none", "batch", "instance"])
-        t.add_argument("--dropout", type=float)
-        t.add_argument("--epochs", type=int)
-        t.add_argument("--iters", type=int, help="optimizer steps per epoch")
-        t.add_argument("--batch-size", type=int)
-        t.add_argument("--lr", type=float)
-        t.add_argument("--optimizer", choices=["adamw", "sgd"])
-        t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
-        t.add_argument("--seed", type=int)
-        t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-        t.add_argument("--workers", type=int, help="DataLoader workers (default: from the machine)")
-        t.add_argument("--deterministic", action="store_true",
-                       help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
-        t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
-        t.add_argument("--memory-gb", type=float, help="training memory budget for planning (default: from the machine)")
-        t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
-                       "WT=1,2,3,4;TC=1,3,4;ET=4")
-        _layout_args(t)
-        if name == "plan":
-            t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")
-            common(t)
-            t.set_defaults(fn=cmd_plan)
-        else:
-            t.add_argument("--out", required=True, help="the run folder to write")
-            t.add_argument("--val", help="validation cases by stem: 3,7 or 25-29 (default: a seeded 20%%)")
-            t.add_argument("--exclude", help="cases kept out entirely (a test set): 25-29")
-            t.add_argument("--time-budget", type=float, help="minutes of training, validation included")
-            t.add_argument("--resume", action="store_true", help="continue the run in --out")
-            t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-            common(t)
-            t.set_defaults(fn=cmd_train)
 
+def _plan_options(t: argparse.ArgumentParser) -> None:
+    """The options of `useg plan` and `useg train`: the preset and every plan field they override."""
+    t.add_argument("data", help="folder with images/ and masks/")
+    t.add_argument("--preset", default="default", choices=["default", "paper"],
+                   help="named recipe: default, or paper (Ronneberger et al. 2015)")
+    t.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
+    t.add_argument("--patch", type=_ints, help="training patch, e.g. 256,256")
+    t.add_argument("--width", type=int, help="channels at the first level")
+    t.add_argument("--depth", type=int, help="number of poolings")
+    t.add_argument("--padding", choices=["same", "valid"])
+    t.add_argument("--up", choices=["transpose", "interp"])
+    t.add_argument("--norm", choices=["none", "batch", "instance"])
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--iters", type=int, help="optimizer steps per epoch")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", choices=["adamw", "sgd"])
+    t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    t.add_argument("--workers", type=int, help="DataLoader workers (default: from the machine)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
+    t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
+    t.add_argument("--memory-gb", type=float,
+                   help="training memory budget for planning (default: from the machine)")
+    t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
+                   "WT=1,2,3,4;TC=1,3,4;ET=4")
+    _layout_args(t)
+
+
+def _add_plan(sub) -> None:
+    t = sub.add_parser("plan", help="print the plan for a data folder")
+    _plan_options(t)
+    t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")
+    _common(t)
+    t.set_defaults(fn=cmd_plan)
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train a U-Net")
+    _plan_options(t)
+    t.add_argument("--out", required=True, help="the run folder to write")
+    t.add_argument("--val", help="validation cases by stem: 3,7 or 25-29 (default: a seeded 20%%)")
+    t.add_argument("--exclude", help="cases kept out entirely (a test set): 25-29")
+    t.add_argument("--time-budget", type=float, help="minutes of training, validation included")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _common(t)
+    t.set_defaults(fn=cmd_train)
+
+
+def _add_predict(sub) -> None:
+    """`useg predict`."""
     pr = sub.add_parser("predict", help="segment images with a trained run")
     pr.add_argument("run", help="run folder made by 'useg train'")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
@@ -265,38 +275,62 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
-    common(pr)
+    _common(pr)
     pr.set_defaults(fn=cmd_predict)
 
+
+def _add_export(sub) -> None:
+    """`useg export`."""
     ex = sub.add_parser("export", help="export a run's network to ONNX or TorchScript, verified")
     ex.add_argument("run", help="run folder made by 'useg train'")
     ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     ex.add_argument("--out", help="the model file (default: RUN/model.onnx or RUN/model.pt)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    common(ex, device=False)
+    _common(ex, device=False)
     ex.set_defaults(fn=cmd_export)
 
+
+def _add_evaluate(sub) -> None:
+    """`useg evaluate`."""
     ev = sub.add_parser("evaluate", help="compare predicted masks with the truth")
     ev.add_argument("pred", help="folder of predicted masks")
     ev.add_argument("truth", help="folder of true masks (or a data folder with masks/)")
-    ev.add_argument("--run", help="the run whose label map decodes the masks (default: inferred from the truth)")
+    ev.add_argument("--run",
+                    help="the run whose label map decodes the masks (default: inferred from the truth)")
     ev.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255")
     ev.add_argument("--out", help="where metrics.csv/json go (default: the prediction folder)")
     ev.add_argument("--regions", help="nested regions to score with Dice, HD95 and ASSD: 'brats' or "
                     "NAME=1,2,3;NAME=4")
     ev.add_argument("--instances", action="store_true",
                     help="also score objects: precision/recall/F1 at IoU 0.5 and the adapted Rand error")
-    common(ev, device=False)
+    _common(ev, device=False)
     ev.set_defaults(fn=cmd_evaluate)
 
+
+def _add_demo(sub) -> None:
+    """`useg demo`."""
     d = sub.add_parser("demo", help="train, predict and evaluate on built-in synthetic cells")
     d.add_argument("--out", default="demo-out", help="folder for data, run, masks and report")
     d.add_argument("--minutes", type=float, default=2.0, help="training time budget")
-    common(d)
+    _common(d)
     d.set_defaults(fn=cmd_demo)
 
+
+def _add_info(sub) -> None:
+    """`useg info`."""
     i = sub.add_parser("info", help="versions, device, precision and threads")
     i.set_defaults(fn=cmd_info, quiet=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runtime import package_version
+
+    p = argparse.ArgumentParser(prog="useg", description="U-Net segmentation for biomedical images.")
+    p.add_argument("--version", action="version", version=f"useg {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_check, _add_plan, _add_train, _add_predict, _add_export, _add_evaluate, _add_demo,
+                _add_info):
+        add(sub)  # one function per subcommand, in the order of the data flow
     return p
 
 

@@ -279,7 +279,8 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     label_map = None
     if value_sets:
         label_map, label_problems = label_map_of_masks(
-            value_sets, {n: m for m, names in modes.items() for n in names}, palettes, mask_values, root / "masks")
+            value_sets, {n: m for m, names in modes.items() for n in names}, palettes, mask_values,
+            root / "masks")
         problems.extend(label_problems)
     counts = {r.num_channels for r in scan.records}
     num_channels = next(iter(counts)) if len(counts) == 1 else None

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = False,
              device: str = "auto", n_train: int = 24, n_test: int = 8, seed: int = 0,
-             shape: tuple[int, int] = (256, 256), train: dict | None = None, model: dict | None = None) -> float:
+             shape: tuple[int, int] = (256, 256), train: dict | None = None,
+             model: dict | None = None) -> float:
     """Run the whole job on built-in data and return the held-out foreground Dice.
 
     Writes into ``out``: ``data/`` (train images/masks), ``test/`` (held-out images/masks),
@@ -64,7 +65,8 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
         image = read_image(path)
         p = lm.decode(read_mask(pred / path.name)[0])
         t = lm.decode(read_mask(test / "masks" / path.name)[0])
-        overlays.append(save_overlay(image.array, p, t, out / "overlays" / f"{path.stem}.png", title=path.stem))
+        overlays.append(save_overlay(image.array, p, t, out / "overlays" / f"{path.stem}.png",
+                                     title=path.stem))
     dice = float(summary["foreground"]["dice"])
     extra = {"training minutes": f"{result.minutes:.1f}", "epochs": result.epochs, "steps": result.steps,
              "best validation dice": f"{result.best_dice:.4f}", "held-out dice": f"{dice:.4f}",

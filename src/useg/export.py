@@ -2,9 +2,10 @@
 
 ``export_run(run)`` writes ``run/model.onnx`` (or ``model.pt``) and beside it a JSON sidecar
 ``model.onnx.json`` (``model.pt.json``) holding the whole plan, the tensor names and the tile
-settings, so a deployment needs the two files and nothing else. Every export is checked at export time: PyTorch and the
-exported model must give the same softmax probabilities (max abs difference <= 1e-3) on a seeded
-random batch of the plan's tile size, or the export is refused and nothing is written.
+settings, so a deployment needs the two files and nothing else. Every export is checked at export
+time: PyTorch and the exported model must give the same softmax probabilities (max abs difference
+<= 1e-3) on a seeded random batch of the plan's tile size, or the export is refused and nothing is
+written.
 
 ONNX inputs are ``image`` (B, C, *S) float32, normalised like the training images, with dynamic
 batch and spatial axes; the output ``logits`` is (B, K, *S) for same padding and (B, K, *S')
@@ -88,8 +89,8 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         logger.info("export %s (%s): max |p_torch - p_export| = %.2e on a %s batch",
                     out, exporter, diff, tuple(sample.shape))
         if not diff <= TOLERANCE:
-            raise UsegError(f"the {format} export of {run} gives probabilities {diff:.2e} away from PyTorch's "
-                            f"(limit {TOLERANCE:g}); try another --opset or --format")
+            raise UsegError(f"the {format} export of {run} gives probabilities {diff:.2e} away from "
+                            f"PyTorch's (limit {TOLERANCE:g}); try another --opset or --format")
     side = _sidecar(plan, format, out, exporter, diff)
     try:
         atomic_write_text(sidecar_path(out), json.dumps(side, indent=2) + "\n")
@@ -148,9 +149,11 @@ def _export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset
             logger.warning("the dynamo ONNX export fixed some axes; retrying with the legacy exporter")
         except Exception as e:  # noqa: BLE001 - any exporter failure falls back to the legacy path
             if dynamo:
-                raise UsegError(f"cannot export {path.name} with the dynamo exporter ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); retry without --dynamo") from None
-            logger.warning("dynamo ONNX export failed (%s: %s); using the legacy exporter", type(e).__name__, e)
+                raise UsegError(f"cannot export {path.name} with the dynamo exporter "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                "retry without --dynamo") from None
+            logger.warning("dynamo ONNX export failed (%s: %s); using the legacy exporter",
+                           type(e).__name__, e)
     axes = {INPUT_NAME: {0: "batch", **{2 + i: f"in_{i}" for i in range(dims)}},
             OUTPUT_NAME: {0: "batch", **{2 + i: f"out_{i}" for i in range(dims)}}}
     with warnings.catch_warnings(), torch.no_grad():

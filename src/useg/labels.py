@@ -105,10 +105,12 @@ class LabelMap:
         if not (np.issubdtype(classes.dtype, np.integer) or classes.dtype == bool):
             raise ValueError(f"class indices must be integers, got dtype {classes.dtype}")
         if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
-            raise ValueError(f"class indices must lie in [0, {self.num_classes}), got {classes.min()}..{classes.max()}")
+            raise ValueError(f"class indices must lie in [0, {self.num_classes}), "
+                             f"got {classes.min()}..{classes.max()}")
         stored = np.asarray(self.values, dtype=np.int64)[classes]
         if self.mode == "rgb":
-            return np.stack([(stored >> 16) & 255, (stored >> 8) & 255, stored & 255], axis=-1).astype(np.uint8)
+            rgb = np.stack([(stored >> 16) & 255, (stored >> 8) & 255, stored & 255], axis=-1)
+            return rgb.astype(np.uint8)
         lo, hi = self.values[0], self.values[-1]
         if lo >= 0 and hi <= 255:
             return stored.astype(np.uint8)
@@ -180,6 +182,22 @@ def plausible(values: set[int], mode: str) -> bool:
     return _evenly_spaced(v)
 
 
+def _explicit_label_map(
+    value_sets: Mapping[str, set[int]], explicit: Sequence[int], mode: str, pal: tuple[int, ...] | None
+) -> tuple[LabelMap, list[str]]:
+    """:func:`infer_label_map` for the user's ``explicit`` values: any other value is a problem."""
+    allowed = sorted({int(v) for v in explicit})
+    if not allowed:
+        raise ValueError("explicit label values must not be empty")
+    problems: list[str] = []
+    for name, vals in value_sets.items():
+        extra = set(vals) - set(allowed)
+        if extra:
+            problems.append(f"{name} has mask values {_fmt(extra, mode)} that are not in --labels "
+                            f"{_fmt(allowed, mode)}; fix the mask or add the values to --labels")
+    return LabelMap(tuple(allowed), mode, pal), problems
+
+
 def infer_label_map(
     value_sets: Mapping[str, set[int]],
     mode: str = "grey",
@@ -207,18 +225,9 @@ def infer_label_map(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     pal = tuple(int(x) for x in palette) if palette is not None and mode == "palette" else None
-    problems: list[str] = []
     if explicit is not None:
-        allowed = sorted({int(v) for v in explicit})
-        if not allowed:
-            raise ValueError("explicit label values must not be empty")
-        for name, vals in value_sets.items():
-            extra = set(vals) - set(allowed)
-            if extra:
-                problems.append(f"{name} has mask values {_fmt(extra, mode)} that are not in --labels "
-                                f"{_fmt(allowed, mode)}; fix the mask or add the values to --labels")
-        return LabelMap(tuple(allowed), mode, pal), problems
-
+        return _explicit_label_map(value_sets, explicit, mode, pal)
+    problems: list[str] = []
     n_files = len(value_sets)
     counts = Counter(v for vals in value_sets.values() for v in set(vals))
     keep = set(counts)
@@ -252,10 +261,11 @@ def infer_label_map(
         if len(keep) > MAX_CLASSES:
             busiest = sorted(value_sets, key=lambda k: -len(value_sets[k]))[:3]
             problems.append(f"the masks share {len(keep)} distinct values {_fmt(keep, mode)}, more than "
-                            f"{MAX_CLASSES} classes (e.g. {', '.join(busiest)}); they look like grey images or "
-                            "resized masks: re-save them with nearest-neighbour resizing or pass --labels")
+                            f"{MAX_CLASSES} classes (e.g. {', '.join(busiest)}); they look like grey images "
+                            "or resized masks: re-save them with nearest-neighbour resizing or pass --labels")
         else:
-            logger.info("mask values %s form no known encoding; using them as %d classes", sorted(keep), len(keep))
+            logger.info("mask values %s form no known encoding; using them as %d classes",
+                        sorted(keep), len(keep))
     return LabelMap(tuple(sorted(keep)), mode, pal), problems
 
 
@@ -346,12 +356,15 @@ def region_classes(regions: Sequence[Sequence[int]]) -> list[int]:
         later = {c for q in regions[i + 1:] for c in q}
         own = sorted(set(r) - later)
         if not own:
-            raise ValueError(f"region {tuple(r)} has no class outside the regions after it; order regions outer to inner")
+            raise ValueError(f"region {tuple(r)} has no class outside the regions after it; "
+                             "order regions outer to inner")
         out.append(own[0])
     return out
 
 
-def regions_to_labels(probs: np.ndarray, regions: Sequence[Sequence[int]], threshold: float = 0.5) -> np.ndarray:
+def regions_to_labels(
+    probs: np.ndarray, regions: Sequence[Sequence[int]], threshold: float = 0.5
+) -> np.ndarray:
     """Region probabilities (R, *S) -> class indices (*S) int64 by :func:`region_classes`' rule."""
     labels = np.zeros(probs.shape[1:], dtype=np.int64)
     for p, c in zip(probs, region_classes(regions)):

@@ -1,4 +1,5 @@
-"""Data-folder layouts beyond ``images/`` + ``masks/``: multi-channel cases, nnU-Net's raw layout, case folders.
+"""Data-folder layouts beyond ``images/`` + ``masks/``: multi-channel cases, nnU-Net's raw layout,
+case folders.
 
 * Channels as separate files, nnU-Net's naming: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz`` ...
   (in ``images/`` or ``imagesTr/``), the mask named ``<case>.nii.gz``.
@@ -71,8 +72,10 @@ def read_case_image(files: Sequence[Path]) -> Image:
     for im in images[1:]:
         if im.spatial_shape != first.spatial_shape:
             raise UsegError(f"{im.path} is {'x'.join(map(str, im.spatial_shape))} but {first.path} is "
-                            f"{'x'.join(map(str, first.spatial_shape))}; the channels of a case must be aligned")
-        if im.affine is not None and first.affine is not None and not np.allclose(im.affine, first.affine, atol=1e-3):
+                            f"{'x'.join(map(str, first.spatial_shape))}; "
+                            "the channels of a case must be aligned")
+        if (im.affine is not None and first.affine is not None
+                and not np.allclose(im.affine, first.affine, atol=1e-3)):
             raise UsegError(f"{im.path} has another orientation or origin than {first.path}; "
                             "resample the channels of a case onto one grid")
     if len(images) == 1:
@@ -96,7 +99,8 @@ def read_dataset_json(root: Path) -> dict:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UsegError(f"cannot read {path} ({e}); fix the JSON or remove it to use images/ and masks/") from None
+        raise UsegError(f"cannot read {path} ({e}); "
+                        "fix the JSON or remove it to use images/ and masks/") from None
     names = d.get("channel_names") or d.get("modality") or {"0": "image"}
     channel_names = [str(names[k]) for k in sorted(names, key=int)]
     labels = d.get("labels") or {}
@@ -118,7 +122,8 @@ def nnunet_cases(root: Path, case_type):
     problems: list[str] = []
     files = [p for p in _volume_files(root / "imagesTr") if str(p).endswith(info["file_ending"])]
     if not files:
-        return [], [f"{root / 'imagesTr'} holds no {info['file_ending']} images; put the training images there"], info
+        return [], [f"{root / 'imagesTr'} holds no {info['file_ending']} images; "
+                    "put the training images there"], info
     groups, problems = group_channels(files)
     n = len(info["channel_names"])
     for case, chans in groups.items():
@@ -130,9 +135,11 @@ def nnunet_cases(root: Path, case_type):
     cases = []
     for case, chans in groups.items():
         if case not in labels:
-            problems.append(f"{chans[0]} has no label {case}{info['file_ending']} in {label_dir}; add it or move the case out")
+            problems.append(f"{chans[0]} has no label {case}{info['file_ending']} in {label_dir}; "
+                            "add it or move the case out")
         cases.append(case_type(case, chans[0], labels.get(case), tuple(chans[1:])))
-    problems.extend(f"{p} has no image {name}_0000{info['file_ending']} in {root / 'imagesTr'}; add it or remove the label"
+    problems.extend(f"{p} has no image {name}_0000{info['file_ending']} in {root / 'imagesTr'}; "
+                    "add it or remove the label"
                     for name, p in labels.items() if name not in groups)
     return cases, problems, info
 
@@ -175,11 +182,13 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
         for prefix in channel_names:
             found = _pick(files, prefix)
             if len(found) != 1:
-                problems.append(f"{d} has {len(found)} files starting with {prefix!r}; keep exactly one per case")
+                problems.append(f"{d} has {len(found)} files starting with {prefix!r}; "
+                                "keep exactly one per case")
             chans.extend(found[:1])
         masks = _pick(files, label_name) if label_name else []
         if label_name and len(masks) != 1:
-            problems.append(f"{d} has {len(masks)} files starting with {label_name!r}; keep exactly one label file per case")
+            problems.append(f"{d} has {len(masks)} files starting with {label_name!r}; "
+                            "keep exactly one label file per case")
         if len(chans) == len(channel_names):
             cases.append(case_type(d.name, chans[0], masks[0] if len(masks) == 1 else None, tuple(chans[1:])))
     return cases, problems, info

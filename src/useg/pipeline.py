@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from . import runtime
-from .dataset import Case, check_dataset
+from .dataset import Case, CheckReport, check_dataset
 from .errors import UsegError
-from .files import atomic_path
+from .files import atomic_write_text
 from .plan import Plan
 from .preprocess import load_arrays
 from .spec import DataSpec, Overrides
 from .train import TrainResult, fit
 
 logger = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"  # in a run folder: the train and validation case names
 
 
 def parse_names(given: str | Sequence[str] | None) -> list[str]:
@@ -112,53 +114,64 @@ def train_folder(
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
     """
-    from .planner import plan_dataset
-
     overrides = overrides or Overrides()
     out = Path(out)
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    by_name = {c.name: c for c in report.cases}
-    split_path = out / "split.json"
     if resume:
-        plan = Plan.load(out / "plan.json")
-        try:
-            split = json.loads(split_path.read_text(encoding="utf-8"))
-            train_cases = [by_name[n] for n in split["train"]]
-            val_cases = [by_name[n] for n in split["val"]]
-        except (OSError, KeyError, ValueError) as e:
-            raise UsegError(f"{split_path} does not match {data} ({e}); "
-                            "resume with the same data folder") from None
+        plan, train_cases, val_cases = _resumed(out, data, report)
     else:
-        if (out / "plan.json").exists() and not overwrite:
-            raise UsegError(f"{out} already holds a run; "
-                            "pass --overwrite to replace it or --resume to continue it")
-        held = set(parse_names(exclude))
-        unknown = sorted((held | set(parse_names(val))) - set(by_name))
-        if unknown:
-            raise UsegError(f"case names {unknown} are not in {data}; "
-                            f"use image file stems such as {next(iter(by_name))!r}")
-        cases = [c for c in report.cases if c.name not in held]
-        train_cases, val_cases = split_cases(
-            cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
-            val_names=parse_names(val) or None,
-        )
-        plan, reasons = plan_dataset(report.without(held), overrides, device=device)
-        for reason in reasons:
-            logger.info("plan: %s", reason)
+        plan, train_cases, val_cases = _started(out, data, report, overrides, val, exclude, overwrite, device)
     d = plan.data
     spacing = d.spacing if d.resample else None
     train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing)
     val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing)
-    if not resume:
-        if runtime.main_process():  # under torchrun only rank 0 writes
-            out.mkdir(parents=True, exist_ok=True)
-            split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
-            with atomic_path(split_path) as tmp:
-                Path(tmp).write_text(json.dumps(split, indent=1), encoding="utf-8")
+    if not resume and runtime.main_process():  # under torchrun only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
+        atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=1))
     return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
                device=device, quiet=quiet)
+
+
+def _resumed(out: Path, data: str | Path, report: CheckReport) -> tuple[Plan, list[Case], list[Case]]:
+    """The plan and split of the run in ``out``, its cases found in ``data`` again."""
+    by_name = {c.name: c for c in report.cases}
+    plan = Plan.load(out / "plan.json")
+    split_path = out / SPLIT_FILE
+    try:
+        split = json.loads(split_path.read_text(encoding="utf-8"))
+        return plan, [by_name[n] for n in split["train"]], [by_name[n] for n in split["val"]]
+    except (OSError, KeyError, ValueError) as e:
+        raise UsegError(f"{split_path} does not match {data} ({e}); "
+                        "resume with the same data folder") from None
+
+
+def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overrides,
+             val: str | Sequence[str] | None, exclude: str | Sequence[str] | None, overwrite: bool,
+             device: str) -> tuple[Plan, list[Case], list[Case]]:
+    """A new run's plan and split: held-out cases excluded from both, the fingerprint included."""
+    from .planner import plan_dataset
+
+    if (out / "plan.json").exists() and not overwrite:
+        raise UsegError(f"{out} already holds a run; "
+                        "pass --overwrite to replace it or --resume to continue it")
+    by_name = {c.name: c for c in report.cases}
+    held = set(parse_names(exclude))
+    unknown = sorted((held | set(parse_names(val))) - set(by_name))
+    if unknown:
+        raise UsegError(f"case names {unknown} are not in {data}; "
+                        f"use image file stems such as {next(iter(by_name))!r}")
+    cases = [c for c in report.cases if c.name not in held]
+    train_cases, val_cases = split_cases(
+        cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
+        val_names=parse_names(val) or None,
+    )
+    plan, reasons = plan_dataset(report.without(held), overrides, device=device)
+    for reason in reasons:
+        logger.info("plan: %s", reason)
+    return plan, train_cases, val_cases
 
 
 __all__ = ["parse_names", "split_cases", "train_folder"]

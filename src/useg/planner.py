@@ -202,7 +202,7 @@ def fingerprint(report: CheckReport) -> dict[str, Any]:
     """The dataset's fingerprint, computed from a check's per-case records.
 
     Returns:
-        JSON-able dict: cases, dims, num_channels, median shape, median and per-axis range of
+        JSON-able dict: cases, dims, channels (a count), median shape, median and per-axis range of
         spacings, per-channel foreground intensity percentiles (0.5, 50, 99.5), mean and std, the
         share of each mask value, of constant background, modality names and the layout.
     """
@@ -211,7 +211,7 @@ def fingerprint(report: CheckReport) -> dict[str, Any]:
     spacings = np.asarray([r.spacing for r in records], dtype=np.float64)
     return {
         "cases": len(report.cases), "dims": int(shapes.shape[1]) if shapes.size else 0,
-        "num_channels": report.num_channels, "layout": report.info.get("layout", "plain"),
+        "channels": report.num_channels, "layout": report.info.get("layout", "plain"),
         "channel_names": list(report.info.get("channel_names", [])),
         "median_shape": [int(v) for v in np.median(shapes, axis=0)] if shapes.size else [],
         "median_spacing": [round(float(v), 4) for v in np.median(spacings, axis=0)] if spacings.size else [],
@@ -366,7 +366,7 @@ def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Over
     halved = cpu and "width" not in ov.model
     # batches of 2 make batch statistics noisy, hence instance norm (nnU-Net)
     model = {"width": 16 if cpu else 32, "max_width": 320, "norm": "instance", **ov.model}
-    width, max_width, channels = model["width"], model["max_width"], fp["num_channels"] or 1
+    width, max_width, channels = model["width"], model["max_width"], fp["channels"] or 1
     batch = batch_size(ov.preset, 3, None, ov.train)
     patch_size = ov.patch_size
     if patch_size is None:

@@ -258,7 +258,8 @@ class Segmenter:
         return self.prepare(array, name=str(image.path or "the image")), resample
 
     def predict_image_proba(self, image: Image) -> np.ndarray:
-        """Class (or region) probabilities (K, *S) float32 for an :class:`useg.files.Image`, in its geometry."""
+        """Class (or region) probabilities (K, *S) float32 for an :class:`useg.files.Image`, in its
+        geometry."""
         x, resample = self._prepare_image(image)
         probs = predict_proba(self.backend, x, self.plan)
         if resample:

@@ -221,7 +221,8 @@ def _zoom_to(a: np.ndarray, shape_out: tuple[int, ...], order: int, lowres_axis:
     factors = [t / n for t, n in zip(plane_out, moved.shape[1:])]
     planes = np.empty((moved.shape[0], *plane_out), dtype=dtype)
     for z in range(moved.shape[0]):
-        planes[z] = moved[z] if moved.shape[1:] == plane_out else ndimage.zoom(moved[z], factors, order=order, **kw)
+        planes[z] = (moved[z] if moved.shape[1:] == plane_out
+                     else ndimage.zoom(moved[z], factors, order=order, **kw))
     n_out = shape_out[lowres_axis]
     if n_out != moved.shape[0]:
         planes = ndimage.zoom(planes, [n_out / moved.shape[0], 1, 1], order=0, **kw)

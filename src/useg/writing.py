@@ -132,6 +132,7 @@ def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str =
     else:
         data = np.round(np.clip(probs, 0, 1) * 255).astype(np.uint8)
     if suffix_of(path) in NIFTI_SUFFIXES:
-        arr = np.moveaxis(data.astype(np.float32) if dtype == "float16" else data, 0, -1)  # NIfTI has no float16
+        # NIfTI has no float16
+        arr = np.moveaxis(data.astype(np.float32) if dtype == "float16" else data, 0, -1)
         return write_nifti(path, arr, like)
     return write_tiff(path, data, like)
