@@ -90,8 +90,10 @@ def test_predict_files_writes_training_encoding(tmp_path, cells_dir):
     assert raw.shape == read_image(inputs[0]).spatial_shape
     with pytest.raises(UsegError, match="already exists"):
         seg.predict_files(inputs, out)
-    seg.predict_files(inputs, out, overwrite=True)
+    calls = []
+    seg.predict_files(inputs, out, overwrite=True, progress=lambda done, total: calls.append((done, total)))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in inputs)
+    assert calls == [(1, 2), (2, 2)]  # progress(done, total), as over tiles
 
 
 def test_output_names_stay_inside_the_output_folder(tmp_path, cells_dir):

@@ -134,7 +134,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
                                     probabilities=a.probabilities, watershed=a.watershed,
-                                    progress=lambda _p: progress.advance(task))
+                                    progress=lambda done, _total: progress.update(task, completed=done))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .labels import regions_to_labels
 from .model import UNet, output_size, valid_input_size
 from .plan import Plan
 from .preprocess import normalize
-from .tiling import TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
+from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
 from .tta import symmetries, tta_average
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def _same_tile(plan: Plan, spatial: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def predict_proba(backend: Backend, image: np.ndarray, plan: Plan,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  progress: Progress | None = None) -> np.ndarray:
     """Class probabilities of a normalised image, tiled.
 
     Same-padding networks use a Gaussian-blended sliding window; valid-padding networks the
@@ -85,7 +85,7 @@ def predict_proba(backend: Backend, image: np.ndarray, plan: Plan,
 
 
 def predict_labels(backend: Backend, image: np.ndarray, plan: Plan,
-                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                   progress: Progress | None = None) -> np.ndarray:
     """Class indices (*S) of a normalised image; same arguments as :func:`predict_proba`.
 
     For same padding the sliding window is streamed (:func:`useg.tiling.sliding_window_labels`),
@@ -227,7 +227,7 @@ class Segmenter:
         return prepare(self.plan, array, name)
 
     def predict_proba(self, array: np.ndarray,
-                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                      progress: Progress | None = None) -> np.ndarray:
         """Class probabilities.
 
         Args:
@@ -239,7 +239,7 @@ class Segmenter:
         """
         return predict_proba(self.backend, self.prepare(array), self.plan, progress)
 
-    def predict(self, array: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def predict(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model.
 
         Memory stays bounded by a slab of tiles (same padding), whatever the image size.
@@ -289,7 +289,7 @@ class Segmenter:
         inputs: Sequence[str | Path | Case],
         out_dir: str | Path,
         overwrite: bool = False,
-        progress: Callable[[Path], None] | None = None,
+        progress: Progress | None = None,
         instances: bool = False,
         probabilities: str | None = None,
         watershed: bool = False,
@@ -306,7 +306,8 @@ class Segmenter:
         :func:`useg.instances.label_instances`, split further by a seeded watershed with
         ``watershed``) instead of classes. With ``probabilities`` ("float16", or "uint8" as
         probability x 255) the class probabilities are written instead, as ``<name>_probs.tif``
-        (K, *S) or, for volumes, ``<name>_probs.nii.gz`` (*S, K).
+        (K, *S) or, for volumes, ``<name>_probs.nii.gz`` (*S, K). ``progress(done, total)`` is
+        called after each input, the same signature as the tile progress of :meth:`predict`.
 
         Returns:
             The written paths, in input order.

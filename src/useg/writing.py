@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +24,7 @@ from .io import write_mask
 from .layouts import read_case_image
 from .plan import Plan
 from .tiff import write_tiff
+from .tiling import Progress
 from .volumes import write_nifti
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def predict_files(
     inputs: Sequence[str | Path | Case],
     out_dir: str | Path,
     overwrite: bool = False,
-    progress: Callable[[Path], None] | None = None,
+    progress: Progress | None = None,
     instances: bool = False,
     probabilities: str | None = None,
     watershed: bool = False,
@@ -82,7 +83,7 @@ def predict_files(
     with ThreadPoolExecutor(max_workers=2) as pool:
         reading = pool.submit(read_case_image, cases[0].files) if cases else None
         writing = None
-        for i, (c, target) in enumerate(zip(cases, targets)):
+        for i, target in enumerate(targets):
             image = reading.result()
             reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
             labels = segmenter.predict_image_proba(image) if probabilities else segmenter.predict_image(image)
@@ -90,7 +91,7 @@ def predict_files(
                 written.append(writing.result())
             writing = pool.submit(write, target, labels, image)
             if progress is not None:
-                progress(c.image)
+                progress(i + 1, len(cases))
         if writing is not None:
             written.append(writing.result())
     return written
