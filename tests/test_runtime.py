@@ -95,3 +95,25 @@ def test_single_process_collectives_are_no_ops():
     assert runtime.any_rank(True, one) and not runtime.any_rank(False, one)
     assert runtime.replicas_in_sync(torch.nn.Linear(2, 2), one)
     assert torch.equal(runtime.all_reduce_sum(torch.ones(3), one), torch.ones(3))
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"USEG_CPU_BF16": "0"}, False),
+    ({"USEG_CPU_BF16": "1"}, True),
+    ({"USEG_CPU_BF16": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}, True),  # the explicit switch wins
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # oneDNN would emulate bf16: tens of times slower
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False),
+])
+def test_bf16_can_be_switched_off_like_an_avx2_cpu(monkeypatch, env, expect):
+    for key in ("USEG_CPU_BF16", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runtime.cpu_has_bf16.cache_clear()
+    try:
+        assert runtime.cpu_has_bf16() is expect
+        cpu = torch.device("cpu")
+        assert (runtime.pick_precision(cpu, "auto").dtype is not None) is expect
+    finally:
+        monkeypatch.undo()
+        runtime.cpu_has_bf16.cache_clear()

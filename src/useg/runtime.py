@@ -19,9 +19,27 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it still runs bf16 natively; any lower cap
+# (AVX2, AVX512_CORE, ...) makes it emulate bf16, which is tens of times slower than fp32
+ONEDNN_BF16_ISAS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
+                              "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
+                              "AVX10_1_512_AMX_FP16"})
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True when the CPU executes bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    """True when the CPU executes bf16 natively (AVX512-BF16 or AMX), where autocast pays off.
+
+    ``USEG_CPU_BF16=0`` (or ``1``) overrides the answer, and an ``ONEDNN_MAX_CPU_ISA`` cap below
+    AVX512_CORE_BF16 means no: both let one machine behave like a CPU without bf16. The answer is
+    cached; tests that change the environment call ``cpu_has_bf16.cache_clear()``.
+    """
+    forced = os.environ.get("USEG_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in ONEDNN_BF16_ISAS:
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
