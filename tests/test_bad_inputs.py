@@ -224,3 +224,64 @@ def test_permission_errors_say_access_not_space(trained, cells_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert f"cannot access {out / 'cell_000.png'} (Permission denied); check its permissions" in err
     assert list(out.iterdir()) == []
+
+
+# --- regions of interest (--roi) -------------------------------------------------------------
+
+
+def _rois(d, shape=(64, 64)):
+    for p in sorted((d / "images").iterdir()):
+        _png(d / "roi" / p.name, np.full(shape, 255, np.uint8))
+    return d / "roi"
+
+
+def _roi_missing(d):
+    (_rois(d) / "cell_001.png").unlink()
+    return "cell_001.png has no ROI mask cell_001.png in"
+
+
+def _roi_wrong_size(d):
+    _png(_rois(d) / "cell_002.png", np.full((32, 64), 255, np.uint8))
+    return "cell_002.png is 32x64 but"
+
+
+def _roi_empty(d):
+    _png(_rois(d) / "cell_003.png", np.zeros((64, 64), np.uint8))
+    return "cell_003.png marks no pixel as inside"
+
+
+def _roi_not_a_folder(d):
+    return "roi is not a folder; give --roi the folder"
+
+
+ROI_CASES = {f.__name__[5:]: f for f in (_roi_missing, _roi_wrong_size, _roi_empty, _roi_not_a_folder)}
+
+
+@pytest.mark.parametrize("name", sorted(ROI_CASES))
+def test_train_refuses_bad_rois(name, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    culprit = ROI_CASES[name](data)
+    roi = str(data / "roi")
+    assert main(["check", str(data), "--roi", roi]) == 2
+    assert culprit in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--roi", roi, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:")
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_predict_and_evaluate_refuse_a_missing_roi(trained, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    roi = _rois(data)
+    (roi / "cell_004.png").unlink()
+    out = tmp_path / "o"
+    assert main(["predict", str(trained), str(data / "images"), "--out", str(out), "--roi", str(roi),
+                 "--quiet"]) == 2
+    assert "cell_004.png has no ROI mask cell_004.png in" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # refused before anything is predicted
+    assert main(["evaluate", str(data / "masks"), str(data), "--roi", str(roi), "--out", str(out)]) == 2
+    assert "cell_004.png has no ROI mask" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

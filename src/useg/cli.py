@@ -37,8 +37,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _spec(a: argparse.Namespace) -> DataSpec:
-    """The DataSpec of --labels, --channels and --label."""
-    return DataSpec(mask_values=a.labels, channel_names=a.channels, label_name=a.label)
+    """The DataSpec of --labels, --channels, --label and --roi."""
+    return DataSpec(mask_values=a.labels, channel_names=a.channels, label_name=a.label, roi_dir=a.roi)
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     with Progress(disable=a.quiet) as progress:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
-                                    probabilities=a.probabilities, watershed=a.watershed,
+                                    probabilities=a.probabilities, watershed=a.watershed, roi=a.roi,
                                     progress=lambda done, _total: progress.update(task, completed=done))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
@@ -151,7 +151,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_folders, format_table
 
     summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
-                                      regions=a.regions, instances=a.instances)
+                                      regions=a.regions, instances=a.instances, roi=a.roi)
     print(format_table(summary))
     print(f"per-case metrics: {paths[0]} and {paths[1]}")
     return 0
@@ -186,6 +186,12 @@ def _layout_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--channels", type=lambda t: [v for v in t.split(",") if v],
                     help="case folders: channel file-name prefixes in order, e.g. Flair,T1c")
     sp.add_argument("--label", help="case folders: the label file-name prefix, e.g. seg")
+    _roi_arg(sp, "labels count only inside it (training ignores the rest)")
+
+
+def _roi_arg(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--roi", metavar="DIR",
+                    help=f"one region-of-interest mask per image, named like it (non-zero = inside): {what}")
 
 
 def _common(sp: argparse.ArgumentParser, device: bool = True) -> None:
@@ -275,6 +281,7 @@ def _add_predict(sub) -> None:
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
+    _roi_arg(pr, "pixels outside it are written as background")
     _common(pr)
     pr.set_defaults(fn=cmd_predict)
 
@@ -303,6 +310,7 @@ def _add_evaluate(sub) -> None:
                     "NAME=1,2,3;NAME=4")
     ev.add_argument("--instances", action="store_true",
                     help="also score objects: precision/recall/F1 at IoU 0.5 and the adapted Rand error")
+    _roi_arg(ev, "only pixels inside it are scored")
     _common(ev, device=False)
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -24,6 +24,7 @@ from .errors import UsegError
 from .files import stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, read_mask
 from .labels import LabelMap, label_map_of_masks
+from .roi import pair_rois, read_roi
 from .spec import DataSpec
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Case:
     image: Path  # the image file
     mask: Path | None = None  # its mask, None for unlabelled images
     extra: tuple[Path, ...] = ()  # channel files after the first, for cases stored one file per channel
+    roi: Path | None = None  # its region-of-interest mask (--roi; non-zero = inside), None for none
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -151,10 +153,25 @@ def discover(root: str | Path, spec: DataSpec | None = None) -> list[Case]:
     Raises:
         UsegError: the folder does not exist or holds no images.
     """
-    cases, problems, _, _ = _pair(Path(root), spec or DataSpec())
+    spec = spec or DataSpec()
+    cases, problems, _, _ = _pair(Path(root), spec)
     if not cases:
         raise UsegError(problems[0])
-    return cases
+    return with_rois(cases, spec.roi_dir, [])
+
+
+def with_rois(cases: Sequence[Case], roi_dir: str | Path | None, problems: list[str]) -> list[Case]:
+    """The cases with their ROI masks from ``roi_dir`` (unchanged without one); images lacking an
+    ROI go to ``problems``.
+
+    Raises:
+        UsegError: ``roi_dir`` is not a folder.
+    """
+    if roi_dir is None or not cases:
+        return list(cases)
+    found, missing = pair_rois([c.name for c in cases], [c.image for c in cases], roi_dir)
+    problems.extend(missing)
+    return [dataclasses.replace(c, roi=found.get(c.name)) for c in cases]
 
 
 def prediction_inputs(paths: Sequence[str | Path], channel_names: Sequence[str] = ()) -> list[Case]:
@@ -240,6 +257,8 @@ class _Scan:
     palettes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # palette mask -> its palette
     pixel_counts: dict[int, int] = field(default_factory=dict)  # mask value -> pixels
     sample_channels: int | None = None  # channels of the first intensity sample: later ones must match
+    ignore_value: int | None = None  # the mask value of unlabelled pixels (nnU-Net's "ignore" label)
+    roi_shares: list[float] = field(default_factory=list)  # share of each image inside its ROI
 
 
 def _majority(groups: dict) -> object:
@@ -258,20 +277,22 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
         root: a folder with images/ and masks/.
         spec: how to read it: ``mask_values`` (``--labels``) when they should not be inferred (an
             nnU-Net dataset.json's labels are used otherwise), the channel and label file-name
-            prefixes of case folders.
+            prefixes of case folders, ``roi_dir`` (``--roi``): every image then needs an ROI mask
+            of its size with at least one pixel inside (``stats["ROI share (mean)"]``).
 
     Returns:
         A :class:`CheckReport`; ``report.ok`` is False when anything must be fixed.
     """
     root, spec = Path(root), spec or DataSpec()
     cases, problems, ignored, info = _pair(root, spec)
+    cases, info = _rois(cases, spec, problems, info)
     mask_values = spec.mask_values
     if mask_values is None and info.get("labels"):
         mask_values = sorted(info["labels"])
     if cases and info.get("layout") == "plain" and not (root / "masks").is_dir():
         problems.append(f"{root} has no masks/ folder; put the images in {root / 'images'} "
                         f"and one mask per image in {root / 'masks'}")
-    scan, rng = _Scan(), np.random.default_rng(0)
+    scan, rng = _Scan(ignore_value=info.get("ignore")), np.random.default_rng(0)
     for case in cases:
         _scan_case(case, scan, problems, rng)
     problems.extend(_disagreements(scan.records, cases))
@@ -288,6 +309,18 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     return CheckReport(cases, problems, label_map, num_channels, stats, info, tuple(scan.records))
 
 
+def _rois(cases: list[Case], spec: DataSpec, problems: list[str], info: dict) -> tuple[list[Case], dict]:
+    """The cases with their ROI masks (``spec.roi_dir``) and the info recording it; what is missing
+    goes to ``problems``."""
+    if spec.roi_dir is None:
+        return cases, info
+    try:
+        cases = with_rois(cases, spec.roi_dir, problems)
+    except UsegError as e:
+        problems.append(str(e))
+    return cases, {**info, "roi": str(spec.roi_dir)}
+
+
 def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Generator) -> None:
     """Read one case's image and mask into ``scan``; what is wrong with them goes to ``problems``."""
     try:
@@ -302,6 +335,11 @@ def _scan_case(case: Case, scan: _Scan, problems: list[str], rng: np.random.Gene
         background = float((image.array == lowest).all(axis=0).mean())
         scan.records.append(CaseRecord(case.name, image.spatial_shape, image.spacing, image.channels,
                                        image.dims, str(image.array.dtype), background))
+    if case.roi is not None and image is not None:
+        try:
+            scan.roi_shares.append(float(read_roi(case.roi, image.spatial_shape, case.image).mean()))
+        except UsegError as e:
+            problems.append(str(e))
     if case.mask is not None:
         _scan_mask(case, image, scan, problems, rng)
 
@@ -325,11 +363,14 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
                         "(nearest neighbour)")
         return
     if image is not None and mode == "grey" and scan.sample_channels in (None, image.channels):
-        samples = _foreground_sample(image.array, raw > raw.min(initial=0), rng)
+        fg = raw > raw.min(initial=0)
+        if scan.ignore_value is not None:
+            fg &= raw != scan.ignore_value
+        samples = _foreground_sample(image.array, fg, rng)
         scan.sample_channels = image.channels
         scan.records[-1] = dataclasses.replace(scan.records[-1], samples=tuple(samples))
     values, counts = np.unique(raw, return_counts=True)
-    scan.value_sets[str(case.mask)] = set(values.tolist())
+    scan.value_sets[str(case.mask)] = set(values.tolist()) - {scan.ignore_value}
     for v, c in zip(values.tolist(), counts.tolist(), strict=True):
         scan.pixel_counts[v] = scan.pixel_counts.get(v, 0) + c
     scan.modes.setdefault(mode, []).append(str(case.mask))
@@ -366,6 +407,10 @@ def _stats(cases: Sequence[Case], scan: _Scan, ignored: Sequence[Path], info: di
         total = sum(scan.pixel_counts.values())
         stats["pixel share per mask value"] = {str(v): round(c / total, 4)
                                                for v, c in sorted(scan.pixel_counts.items())}
+    if scan.roi_shares:
+        stats["ROI share (mean)"] = round(float(np.mean(scan.roi_shares)), 4)
+    if scan.ignore_value is not None:
+        stats["ignore label"] = scan.ignore_value
     if ignored:
         stats["ignored files"] = [str(p) for p in ignored]
         logger.info("ignoring %d files that are not images: %s", len(ignored),

@@ -27,6 +27,7 @@ from .instances import evaluate_instances
 from .io import MASK_SUFFIXES, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .metrics import METRICS, evaluate_case
+from .roi import background_outside, pair_rois, read_roi
 from .volumes import is_nifti, nifti_spacing
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def evaluate_folders(
     labels: Sequence[int] | None = None,
     regions: str | dict | None = None,
     instances: bool = False,
+    roi: str | Path | None = None,
 ) -> tuple[dict, tuple[Path, Path]]:
     """Evaluate every predicted mask in ``pred_dir`` against the truth mask of the same stem.
 
@@ -59,6 +61,10 @@ def evaluate_folders(
         regions: nested regions in mask values (:func:`parse_regions`), scored with Dice, IoU,
             HD95 and ASSD in the truth's spacing (NIfTI) or in pixels.
         instances: also score the objects of class 1 (object F1 at IoU 0.5, adapted Rand error).
+        roi: a folder with one region-of-interest mask per prediction (non-zero = inside, paired
+            by :func:`useg.pairing.pair_stems`): the counts, overlap metrics and pixel error see
+            only the pixels inside; regions and objects are scored on both masks with every
+            pixel outside set to background (objects and surfaces are cut at the ROI's edge).
 
     Returns:
         (summary as from :func:`summarize`, plus "regions" and "instances" means when asked,
@@ -67,7 +73,7 @@ def evaluate_folders(
     Raises:
         UsegError: empty folders, a prediction without truth, truth masks the data check would
             flag (mixed encodings, values no encoding explains, one class only), unknown values,
-            shape mismatches.
+            shape mismatches, a prediction without its ROI mask, an ROI of another size or empty.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     if (truth_dir / "masks").is_dir():
@@ -77,6 +83,7 @@ def evaluate_folders(
         regions = parse_regions(regions) if isinstance(regions, str) else regions
     except ValueError as e:
         raise UsegError(str(e)) from None
+    rois = _rois(pairs, roi) if roi is not None else {}
     raw_truth = {t: read_mask(t) for _, t in pairs}
     label_map = _label_map(raw_truth, truth_dir, run, labels)
     names = [f"value {v}" if label_map.mode != "rgb" else f"#{v:06x}" for v in label_map.values]
@@ -85,13 +92,12 @@ def evaluate_folders(
     region_rows: list[dict] = []
     instance_rows: list[dict] = []
     for pred_path, truth_path in pairs:
-        truth = label_map.decode(raw_truth[truth_path][0], path=truth_path)
-        pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
-        if pred.shape != truth.shape:
-            raise UsegError(f"{pred_path} is {pred.shape} but {truth_path} is {truth.shape}; "
-                            "predict the matching images")
+        pred, truth, inside = _decoded(pred_path, truth_path, raw_truth[truth_path][0], label_map, rois)
         case = stem_of(pred_path)
-        rows.extend(evaluate_case(pred, truth, label_map.num_classes, names, case=case))
+        counted = (pred, truth) if inside is None else (pred[inside], truth[inside])  # only inside counts
+        rows.extend(evaluate_case(*counted, label_map.num_classes, names, case=case))
+        if inside is not None:  # regions and objects: both masks cut to the ROI
+            pred, truth = background_outside(pred, inside), background_outside(truth, inside)
         if as_classes:
             spacing = nifti_spacing(truth_path) if is_nifti(truth_path) else None
             scores = evaluate_regions(pred, truth, as_classes, spacing)
@@ -265,6 +271,36 @@ def _pairs(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
         raise UsegError(f"no true mask in {truth_dir} for {', '.join(missing[:5])}; "
                         "evaluate predictions of labelled images only")
     return [(p, truths[stem_of(p)]) for p in preds]
+
+
+def _decoded(pred_path: Path, truth_path: Path, raw_truth: np.ndarray, label_map: LabelMap,
+             rois: Mapping[Path, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(prediction, truth) class indices of one pair and its ROI (None without one).
+
+    Raises:
+        UsegError: unknown values, a prediction of another size than its truth, a bad ROI.
+    """
+    truth = label_map.decode(raw_truth, path=truth_path)
+    pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
+    if pred.shape != truth.shape:
+        raise UsegError(f"{pred_path} is {pred.shape} but {truth_path} is {truth.shape}; "
+                        "predict the matching images")
+    inside = read_roi(rois[pred_path], truth.shape, truth_path) if pred_path in rois else None
+    return pred, truth, inside
+
+
+def _rois(pairs: Sequence[tuple[Path, Path]], roi_dir: str | Path) -> dict[Path, Path]:
+    """Prediction path -> its ROI mask in ``roi_dir``.
+
+    Raises:
+        UsegError: ``roi_dir`` is no folder, or a prediction has no ROI mask there.
+    """
+    preds = [p for p, _ in pairs]
+    found, problems = pair_rois([stem_of(p) for p in preds], preds, roi_dir)
+    if problems:
+        raise UsegError(problems[0] if len(problems) == 1 else
+                        f"{len(problems)} predictions have no ROI mask in {roi_dir}, e.g. {problems[0]}")
+    return {p: found[stem_of(p)] for p in preds}
 
 
 def _label_map(raw_truth: Mapping[Path, tuple], truth_dir: Path, run: str | Path | None,

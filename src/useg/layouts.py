@@ -90,7 +90,12 @@ def _volume_files(folder: Path) -> list[Path]:
 
 
 def read_dataset_json(root: Path) -> dict:
-    """nnU-Net's dataset.json, v1 or v2, as {channel_names, labels {value: name}, file_ending, modality}.
+    """nnU-Net's dataset.json, v1 or v2, as {channel_names, labels {value: name}, file_ending, layout,
+    ignore}.
+
+    nnU-Net v2's ``"ignore"`` label (``"labels": {"background": 0, "vessel": 1, "ignore": 2}``)
+    marks unannotated pixels: it is no class, so it is left out of ``labels`` and returned as
+    ``ignore`` (None without one); training then skips its pixels (:data:`useg.roi.IGNORE`).
 
     Raises:
         UsegError: unreadable JSON, naming the file.
@@ -108,8 +113,10 @@ def read_dataset_json(root: Path) -> dict:
         values = {int(k): str(v) for k, v in labels.items()}
     else:  # v2: {"background": 0, "tumour": 1}; region entries (lists) are nnU-Net's training choice
         values = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+    ignore = next((v for v, name in values.items() if name.lower() == "ignore"), None)
+    values.pop(ignore, None)
     return {"channel_names": channel_names, "labels": dict(sorted(values.items())),
-            "file_ending": d.get("file_ending", ".nii.gz"), "layout": "nnunet"}
+            "file_ending": d.get("file_ending", ".nii.gz"), "layout": "nnunet", "ignore": ignore}
 
 
 def nnunet_cases(root: Path, case_type):

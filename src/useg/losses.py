@@ -132,7 +132,8 @@ def region_targets(target: torch.Tensor, regions: tuple[tuple[int, ...], ...]) -
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, regions: tuple[tuple[int, ...], ...],
-                weight: torch.Tensor | None = None, smooth: float = 1e-5) -> torch.Tensor:
+                weight: torch.Tensor | None = None, smooth: float = 1e-5,
+                ignore_index: int | None = None) -> torch.Tensor:
     """nnU-Net's region-based loss: binary cross-entropy + soft Dice on sigmoid outputs, per region.
 
     Nested regions (BraTS: whole tumour contains tumour core contains enhancing tumour) are each a
@@ -143,6 +144,7 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, regions: tuple[tuple
         target: (B, *S) integer class indices.
         regions: R tuples of the class indices each region unites.
         weight: (B, *S) per-pixel weights for the cross-entropy term, or None.
+        ignore_index: a target value excluded from both terms.
 
     Returns:
         A float32 scalar.
@@ -152,8 +154,12 @@ def region_loss(logits: torch.Tensor, target: torch.Tensor, regions: tuple[tuple
     y = region_targets(target, regions)
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
-    bce = (bce * weight).sum() / weight.sum().clamp_min(1e-8) if weight is not None else bce.mean()
     p = torch.sigmoid(logits)
+    if ignore_index is not None:  # ignored pixels weigh 0 in the cross-entropy and leave the Dice sums
+        keep = (target != ignore_index).float()
+        weight = keep if weight is None else weight * keep
+        p = p * keep.unsqueeze(1)
+    bce = (bce * weight).sum() / weight.sum().clamp_min(1e-8) if weight is not None else bce.mean()
     axes = (0, *range(2, logits.dim()))  # batch Dice, as for classes
     dice = (2 * (p * y).sum(axes) + smooth) / (p.sum(axes) + y.sum(axes) + smooth)
     return bce + 1.0 - dice.mean()
@@ -185,7 +191,7 @@ class SegLoss(nn.Module):
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """The loss (float32 scalar); ``weight`` scales the cross-entropy term only."""
         if self.regions:
-            return region_loss(logits, target, self.regions, weight)
+            return region_loss(logits, target, self.regions, weight, ignore_index=self.ignore_index)
         if self.kind == "ce":
             return weighted_cross_entropy(logits, target, weight, self.ignore_index)
         if self.kind == "dice":

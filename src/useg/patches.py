@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .roi import IGNORE
 from .tiling import mirror_indices
 
 FG_SAMPLES_PER_CLASS = 10_000  # foreground locations kept per class and image (nnU-Net keeps as many)
+ROI_SAMPLES = 100_000  # locations inside the ROI kept per image, for windows centred inside it
 
 
 def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -26,7 +28,9 @@ class PatchDataset(torch.utils.data.Dataset):
     the same in any worker process and differs between epochs. With probability
     ``fg_fraction`` the output window is centred on a foreground pixel: a foreground class
     present in the image is chosen uniformly, then one of its pixels (as nnU-Net does, so rare
-    classes are seen); otherwise the output window lies uniformly inside the image. The input
+    classes are seen); otherwise the output window lies uniformly inside the image, or, when the
+    labels hold :data:`useg.roi.IGNORE` pixels (outside an ROI), it is centred on a uniformly drawn
+    pixel that is not ignored, so every patch has labelled pixels at its centre. The input
     window adds the context margin ``(patch_size - out_size) / 2`` around it and is mirrored
     where it leaves the image (the U-Net paper's overlap-tile extrapolation), so images smaller
     than the patch work.
@@ -80,6 +84,9 @@ class PatchDataset(torch.utils.data.Dataset):
         # foreground locations per image and class, found once (searching per item would dominate)
         self._fg = [_class_locations(lab, np.random.default_rng([self.seed, k]))
                     for k, lab in enumerate(labels)]
+        # inside the ROI: None for images without ignored pixels (their windows stay uniform)
+        self._inside = [_inside_locations(lab, np.random.default_rng([self.seed, k, 1]))
+                        for k, lab in enumerate(labels)]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose patches ``__getitem__`` draws."""
@@ -97,6 +104,9 @@ class PatchDataset(torch.utils.data.Dataset):
         if fg and rng.random() < self.fg_fraction:
             locations = fg[int(rng.integers(len(fg)))]
             centre = np.unravel_index(locations[rng.integers(locations.size)], shape)
+            out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
+        elif (inside := self._inside[k]) is not None:  # centred on a labelled pixel inside the ROI
+            centre = np.unravel_index(inside[rng.integers(inside.size)], shape)
             out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
         else:  # uniform inside the image; an image smaller than the output is centred and mirrored
             out_start = [int(rng.integers(d - o + 1)) if d >= o else (d - o) // 2
@@ -127,3 +137,15 @@ def _class_locations(label: np.ndarray, rng: np.random.Generator) -> list[np.nda
             idx = np.sort(rng.choice(idx, FG_SAMPLES_PER_CLASS, replace=False))
         out.append(idx)
     return out
+
+
+def _inside_locations(label: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """Flat indices of the pixels that are not ignored (at most ROI_SAMPLES, a random subset);
+    None when no pixel is ignored or every pixel is."""
+    ignored = label == IGNORE
+    if not ignored.any() or ignored.all():
+        return None
+    idx = np.flatnonzero(~ignored)
+    if idx.size > ROI_SAMPLES:
+        idx = np.sort(rng.choice(idx, ROI_SAMPLES, replace=False))
+    return idx

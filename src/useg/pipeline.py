@@ -125,8 +125,8 @@ def train_folder(
         plan, train_cases, val_cases = _started(out, data, report, overrides, val, exclude, overwrite, device)
     d = plan.data
     spacing = d.spacing if d.resample else None
-    train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing)
-    val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing)
+    train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing, d.ignore_value)
+    val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing, d.ignore_value)
     if not resume and runtime.main_process():  # under torchrun only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
@@ -139,6 +139,10 @@ def _resumed(out: Path, data: str | Path, report: CheckReport) -> tuple[Plan, li
     """The plan and split of the run in ``out``, its cases found in ``data`` again."""
     by_name = {c.name: c for c in report.cases}
     plan = Plan.load(out / "plan.json")
+    if plan.data.roi != ("roi" in report.info):
+        given = "without" if plan.data.roi else "with"
+        raise UsegError(f"{out / 'plan.json'} was trained {'with' if plan.data.roi else 'without'} --roi "
+                        f"but is resumed {given} it; resume with the same --roi as the training")
     split_path = out / SPLIT_FILE
     try:
         split = json.loads(split_path.read_text(encoding="utf-8"))

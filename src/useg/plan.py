@@ -55,6 +55,8 @@ class DataConfig:
     border_weights: bool = False  # weight the loss by the paper's eq. 2 map (separates touching objects)
     w0: float = 10.0  # eq. 2 border weight (the paper: 10)
     sigma: float = 5.0  # eq. 2 border width in pixels (the paper: 5)
+    roi: bool = False  # trained with a region-of-interest mask per image (--roi): labels outside ignored
+    ignore_value: int | None = None  # mask value of unlabelled pixels (nnU-Net's "ignore"): not trained on
 
 
 @dataclass(frozen=True)

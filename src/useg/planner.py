@@ -298,6 +298,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
         data["regions"] = _region_classes(report.label_map.values, ov.regions, reasons)
     if report.info.get("layout") == "folders":
         data["channel_names"] = tuple(fp["channel_names"])
+    data.update(_ignored(report.info, reasons))
     spacings = [r.spacing for r in report.records] or [(1.0,) * dims]
     model, patch_size = dict(ov.model), ov.patch_size
     if dims == 3:
@@ -310,6 +311,18 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
                      spacings=spacings, overrides=chosen)
     return plan, reasons
+
+
+def _ignored(info: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    """DataConfig fields of the pixels training skips: outside an ROI, nnU-Net's ignore label."""
+    data: dict[str, Any] = {}
+    if info.get("roi"):
+        data["roi"] = True
+        reasons.append(f"ROI masks in {info['roi']}: pixels outside them are ignored, patches centred inside")
+    if info.get("ignore") is not None:
+        data["ignore_value"] = int(info["ignore"])
+        reasons.append(f"dataset.json's ignore label {info['ignore']}: its pixels are ignored")
+    return data
 
 
 def _normalization(fp: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -293,6 +293,7 @@ class Segmenter:
         instances: bool = False,
         probabilities: str | None = None,
         watershed: bool = False,
+        roi: str | Path | None = None,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -308,6 +309,8 @@ class Segmenter:
         probability x 255) the class probabilities are written instead, as ``<name>_probs.tif``
         (K, *S) or, for volumes, ``<name>_probs.nii.gz`` (*S, K). ``progress(done, total)`` is
         called after each input, the same signature as the tile progress of :meth:`predict`.
+        With ``roi`` (a folder of one region-of-interest mask per input, non-zero = inside) every
+        pixel outside is written as background: class 0, or foreground probabilities 0.
 
         Returns:
             The written paths, in input order.
@@ -319,4 +322,5 @@ class Segmenter:
             logger.info("test-time augmentation: %d forward passes per tile, about %dx the time of plain "
                         "prediction%s", passes, passes, where)
         return writing.predict_files(self, inputs, out_dir, overwrite=overwrite, progress=progress,
-                                     instances=instances, probabilities=probabilities, watershed=watershed)
+                                     instances=instances, probabilities=probabilities, watershed=watershed,
+                                     roi=roi)

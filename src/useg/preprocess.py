@@ -15,28 +15,29 @@ from .dataset import Case, format_axes
 from .errors import UsegError
 from .io import read_mask
 from .labels import LabelMap
+from .roi import ignore_outside, read_roi
 
 NORMALIZATIONS = ("zscore", "zscore_mask", "ct", "none")
 
 
-def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] | None = None
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] | None = None,
+              ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read one case, resampled to ``spacing`` when given and different from the file's.
 
+    Pixels outside the case's ROI (``case.roi``) and pixels whose stored mask value is
+    ``ignore_value`` get the label :data:`useg.roi.IGNORE`.
+
     Returns:
-        (image (C, *S) float32, labels (*S) int64 class indices, or None without a mask or map).
+        (image (C, *S) float32, labels (*S) int64 class indices or IGNORE, or None without a mask
+        or map).
 
     Raises:
-        UsegError: unreadable files, unknown mask values, a mask of another size than its image.
+        UsegError: unreadable files, unknown mask values, a mask or ROI of another size than its image.
     """
     image = layouts.read_case_image(case.files)
     labels = None
     if case.mask is not None and label_map is not None:
-        labels = label_map.decode(read_mask(case.mask)[0], path=case.mask)
-        if labels.shape != image.spatial_shape:
-            raise UsegError(f"{case.mask} is {format_axes(labels.shape)} but {case.image} is "
-                            f"{format_axes(image.spatial_shape)}; "
-                            "masks must match their images pixel for pixel")
+        labels = _labels(case, label_map, image.spatial_shape, ignore_value)
     array = image.array.astype(np.float32)
     if spacing is not None and not np.allclose(image.spacing, spacing, rtol=1e-3):
         from .resample import resample_image, resample_labels
@@ -47,9 +48,26 @@ def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] |
     return array, labels
 
 
+def _labels(case: Case, label_map: LabelMap, shape: tuple[int, ...], ignore_value: int | None) -> np.ndarray:
+    """The case's class indices (*S) int64, IGNORE outside its ROI and at ``ignore_value``."""
+    raw = read_mask(case.mask)[0]
+    if raw.shape != shape:
+        raise UsegError(f"{case.mask} is {format_axes(raw.shape)} but {case.image} is "
+                        f"{format_axes(shape)}; masks must match their images pixel for pixel")
+    inside = None
+    if ignore_value is not None:
+        inside = raw != ignore_value
+        raw = np.where(inside, raw, label_map.values[0])  # any valid value: overwritten below
+    if case.roi is not None:
+        roi = read_roi(case.roi, shape, case.image)
+        inside = roi if inside is None else inside & roi
+    labels = label_map.decode(raw, path=case.mask)
+    return labels if inside is None else ignore_outside(labels, inside)
+
+
 def load_arrays(cases: Sequence[Case], label_map: LabelMap | None, normalization: str = "zscore",
-                intensity: Sequence[Sequence[float]] | None = None, spacing: Sequence[float] | None = None
-                ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+                intensity: Sequence[Sequence[float]] | None = None, spacing: Sequence[float] | None = None,
+                ignore_value: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Read and normalise every case: images (C, *S) float32 and labels (*S) int64.
 
     Args:
@@ -57,10 +75,11 @@ def load_arrays(cases: Sequence[Case], label_map: LabelMap | None, normalization
         label_map: decodes the masks.
         normalization, intensity: see :func:`normalize`.
         spacing: resample every case to this spacing first (None keeps the files' grids).
+        ignore_value: the stored mask value of unlabelled pixels (see :func:`load_case`).
     """
     images, labels = [], []
     for case in cases:
-        image, label = load_case(case, label_map, spacing)
+        image, label = load_case(case, label_map, spacing, ignore_value)
         images.append(normalize(image, normalization, intensity))
         labels.append(label)
     return images, labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -30,6 +31,7 @@ class DataSpec:
     mask_values: tuple[int, ...] | None = None  # the masks' stored values (--labels); None infers them
     channel_names: tuple[str, ...] | None = None  # case folders: channel file prefixes in order (--channels)
     label_name: str | None = None  # case folders: the label file-name prefix (--label)
+    roi_dir: str | Path | None = None  # a region-of-interest mask per image (--roi): labels valid inside
 
     def __post_init__(self) -> None:
         values = _tuple(self.mask_values, "mask_values")

@@ -30,6 +30,7 @@ from .model import UNet
 from .patches import PatchDataset
 from .plan import Plan
 from .predict import check_low_precision, predict_proba
+from .roi import IGNORE
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def validate(model, images, labels, plan: Plan, device, precision, dist: runtime
     model.eval()
     for image, label in zip(images, labels):
         probs = predict_proba(TorchBackend(model, plan, device, precision), image, plan)
+        keep = label != IGNORE  # pixels outside an ROI (or nnU-Net's ignore label) count nowhere
+        label, probs = label[keep], probs[:, keep]
         if regions:  # binary cross-entropy per region, classes from the nested-region rule
             y = np.stack([np.isin(label, r) for r in regions])
             p_true = np.where(y, probs, 1.0 - probs)
@@ -114,14 +117,19 @@ def border_weights(labels: Sequence[np.ndarray], plan: Plan) -> list[np.ndarray]
     """The paper's eq. 2 weight map of every training image, computed once before training.
 
     Objects are the connected components of the foreground (all classes > 0), which for
-    membrane data such as ISBI 2012 are the cells between the membranes.
+    membrane data such as ISBI 2012 are the cells between the membranes. Ignored pixels (outside
+    an ROI) count in no class and weigh 0.
     """
     from .weightmap import border_weight_map, instances_from_semantic
 
     d = plan.data
     t0 = time.perf_counter()
-    maps = [border_weight_map(instances_from_semantic(lab), w0=d.w0, sigma=d.sigma, spacing=d.spacing)
-            for lab in labels]
+    maps = []
+    for lab in labels:
+        inside = lab != IGNORE
+        valid = None if inside.all() else inside
+        objects = instances_from_semantic(np.where(inside, lab, 0))
+        maps.append(border_weight_map(objects, w0=d.w0, sigma=d.sigma, spacing=d.spacing, valid=valid))
     logger.info("border weight maps of %d images in %.1f s", len(maps), time.perf_counter() - t0)
     return maps
 
@@ -268,7 +276,8 @@ def _setup(plan: Plan, train_data: tuple[list[np.ndarray], list[np.ndarray]], ru
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = make_optimizer(model, plan)
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
-    loss_fn = SegLoss(t.loss, regions=plan.data.regions)
+    ignores = plan.data.roi or plan.data.ignore_value is not None
+    loss_fn = SegLoss(t.loss, ignore_index=IGNORE if ignores else None, regions=plan.data.regions)
     images, labels = train_data
     weights = border_weights(labels, plan) if plan.data.border_weights else None
     patches = PatchDataset(

@@ -33,35 +33,40 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
                              hint="; use instances_from_semantic for a binary mask")
 
 
-def class_balance_weights(labels: np.ndarray, mode: str = "balanced") -> np.ndarray:
+def class_balance_weights(labels: np.ndarray, mode: str = "balanced", valid: np.ndarray | None = None
+                          ) -> np.ndarray:
     """The class-frequency term w_c of eq. 2, for the semantic classes background / foreground.
 
     Args:
         labels: (H, W) or (D, H, W) int; 0 = background, anything else = foreground.
         mode: "balanced" (w_c = total / (n_classes * count_c), mean 1 over the image) or "none"
             (1 everywhere).
+        valid: (*S) bool, the pixels that count (inside a region of interest); the others count
+            in no class and weigh 0. None: every pixel.
 
     Returns:
         float32 array of labels' shape.
     """
     if mode not in CLASS_WEIGHTS:
         raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {mode!r}")
-    out = np.ones(labels.shape, dtype=np.float32)
-    if mode == "none" or labels.size == 0:
+    every = valid is None
+    valid = np.ones(labels.shape, dtype=bool) if every else np.asarray(valid, dtype=bool)
+    if valid.shape != labels.shape:
+        raise ValueError(f"valid {valid.shape} must have the labels' shape {labels.shape}")
+    out = valid.astype(np.float32)
+    if mode == "none" or not valid.any():
         return out
-    fg = labels > 0
+    fg = (labels > 0) & valid
     n_fg = int(fg.sum())
-    n_bg = labels.size - n_fg
+    n_bg = int(valid.sum()) - n_fg
     present = [c for c in (n_bg, n_fg) if c > 0]
     if len(present) < 2:
         return out  # one class only: nothing to balance
-    total = float(labels.size)
-    w_bg = total / (2 * n_bg)
-    w_fg = total / (2 * n_fg)
-    out[~fg] = w_bg
-    out[fg] = w_fg
-    # Analytically the mean is exactly 1; renormalising removes float32 rounding drift.
-    return out / np.float32(out.mean(dtype=np.float64))
+    total = float(n_bg + n_fg)
+    out[valid & ~fg] = total / (2 * n_bg)
+    out[fg] = total / (2 * n_fg)
+    # Analytically the mean over the valid pixels is exactly 1; renormalising removes float32 drift.
+    return out / np.float32((out if every else out[valid]).mean(dtype=np.float64))
 
 
 def border_margin(sigma: float, tol: float = 1e-3) -> float:
@@ -131,7 +136,7 @@ def two_nearest_distances(labels: np.ndarray, spacing: Sequence[float] | None = 
 
 def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
                       spacing: Sequence[float] | None = None, class_weights: str = "balanced",
-                      *, tol: float = 1e-3) -> np.ndarray:
+                      *, tol: float = 1e-3, valid: np.ndarray | None = None) -> np.ndarray:
     """Pixel weights of the U-Net paper, eq. 2: class balance plus a border term.
 
     w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2)) on background pixels and
@@ -147,6 +152,8 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
             r = sigma * sqrt(2 ln(1/tol)) of its bounding box. A pixel is misjudged only if its
             true d2 >= r, where both the true and the computed border term lie in
             [0, w0 * exp(-r^2 / (2 sigma^2))] = [0, tol * w0]: the absolute error is < tol * w0.
+        valid: (*S) bool, the pixels that count (inside a region of interest); the others weigh 0
+            and count in no class. None: every pixel.
 
     Returns:
         float32 array of labels' shape.
@@ -168,7 +175,7 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
         raise ValueError(f"w0 must be a finite non-negative number, got {w0}")
     if not 0 < tol < 1:
         raise ValueError(f"tol must lie in (0, 1), got {tol}")
-    weights = class_balance_weights(labels, class_weights)
+    weights = class_balance_weights(labels, class_weights, valid)
     if w0 == 0 or labels.size == 0:
         return weights
     n_objects = len(np.unique(labels[labels > 0]))
@@ -178,6 +185,8 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     bg = labels == 0
     s = d1[bg] + d2[bg]  # inf where fewer than two objects lie within r: exp gives exactly 0
     weights[bg] += (w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))).astype(np.float32)
+    if valid is not None:
+        weights[~np.asarray(valid, dtype=bool)] = 0.0
     return weights
 
 

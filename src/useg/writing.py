@@ -23,6 +23,7 @@ from .instances import label_instances
 from .io import write_mask
 from .layouts import read_case_image
 from .plan import Plan
+from .roi import background_outside, pair_rois, probabilities_outside, read_roi
 from .tiff import write_tiff
 from .tiling import Progress
 from .volumes import write_nifti
@@ -56,6 +57,7 @@ def predict_files(
     instances: bool = False,
     probabilities: str | None = None,
     watershed: bool = False,
+    roi: str | Path | None = None,
 ) -> list[Path]:
     """Predict each input and write its mask into ``out_dir``: :meth:`useg.predict.Segmenter.predict_files`.
 
@@ -68,6 +70,7 @@ def predict_files(
     cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
     targets = output_paths(cases, out_dir, overwrite, probabilities is not None)
     label_map = segmenter.plan.data.label_map
+    outside = _outside(cases, roi, probabilities is not None, bool(segmenter.plan.data.regions))
 
     def write(target: Path, labels: np.ndarray, image: Image) -> Path:
         if probabilities:
@@ -87,6 +90,8 @@ def predict_files(
             image = reading.result()
             reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
             labels = segmenter.predict_image_proba(image) if probabilities else segmenter.predict_image(image)
+            if outside is not None:
+                labels = outside(cases[i], labels, image)
             if writing is not None:
                 written.append(writing.result())
             writing = pool.submit(write, target, labels, image)
@@ -95,6 +100,29 @@ def predict_files(
         if writing is not None:
             written.append(writing.result())
     return written
+
+
+def _outside(cases: Sequence[Case], roi: str | Path | None, probabilities: bool, regions: bool):
+    """None without ``roi``; else ``(case, prediction, image) -> prediction`` with background
+    outside the case's ROI mask (class 0, or foreground probabilities 0).
+
+    Raises:
+        UsegError: ``roi`` is no folder, or an input has no ROI mask in it (before anything is
+            predicted).
+    """
+    if roi is None:
+        return None
+    found, problems = pair_rois([c.name for c in cases], [c.image for c in cases], roi)
+    if problems:
+        raise UsegError(problems[0])
+
+    def cut(case: Case, prediction: np.ndarray, image: Image) -> np.ndarray:
+        inside = read_roi(found[case.name], image.spatial_shape, case.image)
+        if probabilities:
+            return probabilities_outside(prediction, inside, regions)
+        return background_outside(prediction, inside)
+
+    return cut
 
 
 def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool) -> list[Path]:
