@@ -285,3 +285,67 @@ def test_predict_and_evaluate_refuse_a_missing_roi(trained, cells_dir, tmp_path,
     assert main(["evaluate", str(data / "masks"), str(data), "--roi", str(roi), "--out", str(out)]) == 2
     assert "cell_004.png has no ROI mask" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+# --- useg evaluate --probabilities ------------------------------------------------------------
+
+
+def _probability_case(root, channels=2, dtype=np.uint8, value=None):
+    """truth/c0.png (0/255) and pred/c0_probs.tif with ``channels`` channels, written by tifffile."""
+    m = np.zeros((12, 10), np.uint8)
+    m[3:8, 2:7] = 255
+    _png(root / "truth" / "c0.png", m)
+    probs = np.full((channels, 12, 10), 1 / channels if value is None else value)
+    stored = np.round(probs * 255).astype(np.uint8) if dtype == np.uint8 else probs.astype(dtype)
+    (root / "pred").mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(root / "pred" / "c0_probs.tif", stored, photometric="minisblack",
+                     planarconfig="separate", metadata={"axes": "SYX"})
+    return root / "pred", root / "truth"
+
+
+def _probs_without_truth(root):
+    pred, truth = _probability_case(root)
+    (truth / "c0.png").rename(truth / "other.png")
+    return [str(pred), str(truth), "--probabilities"], "no true mask in", "c0_probs.tif"
+
+
+def _truth_without_probabilities(root):
+    pred, truth = _probability_case(root)
+    (pred / "c0_probs.tif").unlink()
+    _png(pred / "c0.png", np.zeros((12, 10), np.uint8))  # masks only
+    return [str(pred), str(truth), "--probabilities"], "holds no probability maps", str(pred)
+
+
+def _wrong_channels(root):
+    pred, truth = _probability_case(root, channels=3)
+    return [str(pred), str(truth), "--probabilities"], "holds 3 probability channel(s) but", "c0_probs.tif"
+
+
+def _outside_unit_interval(root):
+    pred, truth = _probability_case(root, dtype=np.float32, value=1.5)
+    return [str(pred), str(truth), "--probabilities"], "outside [0, 1]", "c0_probs.tif"
+
+
+def _probs_without_flag(root):
+    pred, truth = _probability_case(root)
+    return [str(pred), str(truth)], "pass --probabilities", "c0_probs.tif"
+
+
+def _probs_with_regions(root):
+    pred, truth = _probability_case(root)
+    args = [str(pred), str(truth), "--probabilities", "--regions", "fg=255"]
+    return args, "region probabilities", "--regions"
+
+
+PROBABILITY_CASES = {f.__name__.strip("_"): f for f in (_probs_without_truth, _truth_without_probabilities,
+                                                         _wrong_channels, _outside_unit_interval,
+                                                         _probs_without_flag, _probs_with_regions)}
+
+
+@pytest.mark.parametrize("name", sorted(PROBABILITY_CASES))
+def test_evaluate_probabilities_refuses_bad_inputs(name, tmp_path, capsys):
+    args, says, culprit = PROBABILITY_CASES[name](tmp_path)
+    assert main(["evaluate", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("useg evaluate: error:") and says in err and culprit in err
+    assert not list((tmp_path / "pred").glob("metrics.*"))  # nothing written

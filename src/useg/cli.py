@@ -151,7 +151,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_folders, format_table
 
     summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
-                                      regions=a.regions, instances=a.instances, roi=a.roi)
+                                      regions=a.regions, instances=a.instances, roi=a.roi,
+                                      probabilities=a.probabilities)
     print(format_table(summary))
     print(f"per-case metrics: {paths[0]} and {paths[1]}")
     return 0
@@ -311,6 +312,9 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--instances", action="store_true",
                     help="also score objects: precision/recall/F1 at IoU 0.5 and the adapted Rand error")
     _roi_arg(ev, "only pixels inside it are scored")
+    ev.add_argument("--probabilities", action="store_true",
+                    help="score the NAME_probs maps of 'useg predict --probabilities': ROC AUC, average "
+                    "precision, F1 at the best threshold and at 0.5, sensitivity, specificity, accuracy")
     _common(ev, device=False)
     ev.set_defaults(fn=cmd_evaluate)
 

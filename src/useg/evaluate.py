@@ -6,6 +6,11 @@ infers from the truth, refusing masks the data check would flag), scores every c
 array functions of :mod:`useg.metrics`, :mod:`useg.distances` and :mod:`useg.instances`,
 averages the rows (:func:`summarize`) and writes ``metrics.csv`` / ``metrics.json``
 (:func:`write_metrics`). :func:`format_table` prints a summary.
+
+With ``probabilities=True`` the predictions are the ``NAME_probs.tif`` / ``NAME_probs.nii.gz``
+maps of ``useg predict --probabilities``: their argmax is scored like a mask, and each foreground
+class's scores are counted (:mod:`useg.scores`) per case and pooled over all cases for ROC AUC,
+average precision, F1 at the best threshold and at 0.5, sensitivity, specificity and accuracy.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from .distances import BRATS_REGIONS, REGION_METRICS, evaluate_regions
 from .errors import UsegError
 from .files import atomic_write_text, stem_of, suffix_of
 from .instances import evaluate_instances
-from .io import MASK_SUFFIXES, read_mask
+from .io import MASK_SUFFIXES, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .metrics import METRICS, evaluate_case
 from .roi import background_outside, pair_rois, read_roi
+from .scores import SCORE_METRICS, ScoreCounts, empty_counts, merge, score_counts, score_metrics
 from .volumes import is_nifti, nifti_spacing
 
 logger = logging.getLogger(__name__)
@@ -35,6 +41,8 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("case", "class", "name", *METRICS, "tp", "fp", "fn", "pixel_error")
 INSTANCE_METRICS = ("object_precision", "object_recall", "object_f1", "rand_error")
 MAX_LISTED = 10  # problems of the truth masks named in the error, the rest counted
+PROBS_SUFFIX = "_probs"  # what writing.output_paths appends to a probability map's stem
+PROBS_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
 
 
 def evaluate_folders(
@@ -45,6 +53,7 @@ def evaluate_folders(
     labels: Sequence[int] | None = None,
     regions: str | dict | None = None,
     instances: bool = False,
+    probabilities: bool = False,
     roi: str | Path | None = None,
 ) -> tuple[dict, tuple[Path, Path]]:
     """Evaluate every predicted mask in ``pred_dir`` against the truth mask of the same stem.
@@ -61,50 +70,48 @@ def evaluate_folders(
         regions: nested regions in mask values (:func:`parse_regions`), scored with Dice, IoU,
             HD95 and ASSD in the truth's spacing (NIfTI) or in pixels.
         instances: also score the objects of class 1 (object F1 at IoU 0.5, adapted Rand error).
+        probabilities: score the ``NAME_probs`` maps in ``pred_dir`` (K channels, uint8 as
+            round(p * 255) or float) instead of masks; region probabilities are refused.
         roi: a folder with one region-of-interest mask per prediction (non-zero = inside, paired
-            by :func:`useg.pairing.pair_stems`): the counts, overlap metrics and pixel error see
-            only the pixels inside; regions and objects are scored on both masks with every
-            pixel outside set to background (objects and surfaces are cut at the ROI's edge).
+            by :func:`useg.pairing.pair_stems`): the counts, overlap metrics, pixel error and
+            probability scores see only the pixels inside; regions and objects are scored on both
+            masks with every pixel outside set to background (cut at the ROI's edge).
 
     Returns:
-        (summary as from :func:`summarize`, plus "regions" and "instances" means when asked,
-        (csv path, json path)).
+        (summary as from :func:`summarize`, plus "regions" and "instances" means when asked and
+        "probabilities", one entry per foreground class with :data:`useg.scores.SCORE_METRICS`
+        pooled over all pixels of all cases, (csv path, json path)).
 
     Raises:
         UsegError: empty folders, a prediction without truth, truth masks the data check would
             flag (mixed encodings, values no encoding explains, one class only), unknown values,
-            shape mismatches, a prediction without its ROI mask, an ROI of another size or empty.
+            shape mismatches; probability maps with other channels than classes, values outside
+            [0, 1], given without ``probabilities`` (or missing with it), or with ``regions``;
+            a prediction without its ROI mask, an ROI of another size or empty.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     if (truth_dir / "masks").is_dir():
         truth_dir = truth_dir / "masks"
-    pairs = _pairs(pred_dir, truth_dir)
+    if probabilities and regions:
+        raise UsegError("--probabilities with --regions: useg scores class probabilities, not region "
+                        "probabilities (one sigmoid per region); evaluate the region masks "
+                        "without --probabilities")
+    pairs = _pairs(pred_dir, truth_dir, probabilities)
+    rois = _rois(pairs, roi) if roi is not None else {}
     try:
         regions = parse_regions(regions) if isinstance(regions, str) else regions
     except ValueError as e:
         raise UsegError(str(e)) from None
-    rois = _rois(pairs, roi) if roi is not None else {}
     raw_truth = {t: read_mask(t) for _, t in pairs}
     label_map = _label_map(raw_truth, truth_dir, run, labels)
     names = [f"value {v}" if label_map.mode != "rgb" else f"#{v:06x}" for v in label_map.values]
     as_classes = _region_classes(regions, label_map, truth_dir) if regions else None
-    rows: list[dict] = []
-    region_rows: list[dict] = []
-    instance_rows: list[dict] = []
-    for pred_path, truth_path in pairs:
-        pred, truth, inside = _decoded(pred_path, truth_path, raw_truth[truth_path][0], label_map, rois)
-        case = stem_of(pred_path)
-        counted = (pred, truth) if inside is None else (pred[inside], truth[inside])  # only inside counts
-        rows.extend(evaluate_case(*counted, label_map.num_classes, names, case=case))
-        if inside is not None:  # regions and objects: both masks cut to the ROI
-            pred, truth = background_outside(pred, inside), background_outside(truth, inside)
-        if as_classes:
-            spacing = nifti_spacing(truth_path) if is_nifti(truth_path) else None
-            scores = evaluate_regions(pred, truth, as_classes, spacing)
-            region_rows.extend({"case": case, **r} for r in scores)
-        if instances:
-            instance_rows.append({"case": case, **evaluate_instances(pred, truth, object_class=1)})
+    rows, region_rows, instance_rows, pooled = _score_cases(pairs, raw_truth, label_map, names, as_classes,
+                                                            instances, probabilities, rois)
     summary, extra = summarize(rows), {}
+    if probabilities:
+        summary["probabilities"] = [{"class": c, "name": names[c], **score_metrics(counts)}
+                                    for c, counts in enumerate(pooled, start=1)]
     if region_rows:
         summary["regions"] = _mean_rows(region_rows, "region", REGION_METRICS)
         extra["regions"] = region_rows
@@ -158,7 +165,8 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None 
     before either is written, so a failure (e.g. a value JSON cannot encode) writes nothing.
 
     Args:
-        rows: rows from :func:`useg.metrics.evaluate_case`.
+        rows: rows from :func:`useg.metrics.evaluate_case`; when any row holds "auc" (probability
+            maps), the CSV gains the columns :data:`useg.scores.SCORE_METRICS`.
         out_dir: destination folder, created if missing.
         extra: more JSON-able results (regions, instances) stored beside ``cases`` and ``summary``.
         summary: the summary the caller already has (default :func:`summarize` of ``rows``).
@@ -171,7 +179,8 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None 
     summary = _plain_tree(summary) if summary is not None else summarize(clean)
     # Both texts are built before either file is touched, so a failure leaves neither behind.
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    columns = [*COLUMNS, *SCORE_METRICS] if any("auc" in r for r in clean) else list(COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(clean)
     csv_text = buf.getvalue()
@@ -192,7 +201,8 @@ def format_table(summary: dict) -> str:
 
     Returns:
         Lines: header, one line per class (name, Dice, IoU, precision, recall), the foreground
-        mean, and the mean pixel error.
+        mean, and the mean pixel error; regions, objects and the pooled probability metrics
+        (one line per foreground class) when the summary has them.
     """
     lines = [(str(e["name"]), *(e[m] for m in METRICS)) for e in summary["classes"]]
     lines.append(("foreground mean", *(summary["foreground"][m] for m in METRICS)))
@@ -211,6 +221,8 @@ def format_table(summary: dict) -> str:
         r = summary["instances"]
         out.append(f"objects: precision {r['object_precision']:.4f}  recall {r['object_recall']:.4f}  "
                    f"F1 {r['object_f1']:.4f}  adapted Rand error {r['rand_error']:.4f}")
+    if summary.get("probabilities"):
+        out.extend(_probability_table(summary["probabilities"], summary["n_cases"]))
     return "\n".join(out)
 
 
@@ -253,54 +265,155 @@ def parse_regions(spec: str | None) -> dict[str, tuple[int, ...]] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pairs(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
-    """(prediction, truth) paths, the predictions sorted by name, paired by stem."""
+def _probability_table(entries: Sequence[dict], n_cases: int) -> list[str]:
+    """Lines of the pooled probability metrics, one per foreground class."""
+    heads = ("AUC", "AP", "F1 best", "at", "F1@0.5", "sens", "spec", "acc")  # SCORE_METRICS, in order
+    width = max(len("class"), *(len(str(e["name"])) for e in entries))
+    header = f"{'class':<{width}}  " + "  ".join(f"{h:>7}" for h in heads)
+    out = ["", f"probabilities, all pixels of {n_cases} case(s) pooled (F1@0.5, sens, spec, acc: p >= 0.5)",
+           header, "-" * len(header)]
+    for e in entries:
+        out.append(f"{str(e['name']):<{width}}  " + "  ".join(f"{e[k]:>7.4f}" for k in SCORE_METRICS))
+    return out
+
+
+def _score_cases(pairs: Sequence[tuple[Path, Path]], raw_truth: Mapping[Path, tuple], label_map: LabelMap,
+                 names: Sequence[str], as_classes: Mapping[str, tuple[int, ...]] | None, instances: bool,
+                 probabilities: bool, rois: Mapping[Path, Path]
+                 ) -> tuple[list[dict], list[dict], list[dict], list[ScoreCounts]]:
+    """Per-case rows (classes, regions, objects) and, for probability maps, the pooled counts of
+    classes 1..K-1; the cases are read one at a time, only the pixels inside an ROI count."""
+    rows: list[dict] = []
+    region_rows: list[dict] = []
+    instance_rows: list[dict] = []
+    pooled = [empty_counts() for _ in range(1, label_map.num_classes)] if probabilities else []
+    for pred_path, truth_path in pairs:
+        truth = label_map.decode(raw_truth[truth_path][0], path=truth_path)
+        inside = read_roi(rois[pred_path], truth.shape, truth_path) if pred_path in rois else None
+        pred, counts = _prediction(pred_path, truth_path, truth, label_map, probabilities, inside)
+        case = _case_stem(pred_path)
+        counted = (pred, truth) if inside is None else (pred[inside], truth[inside])  # only inside counts
+        case_rows = evaluate_case(*counted, label_map.num_classes, names, case=case)
+        for c, class_counts in enumerate(counts, start=1):
+            case_rows[c].update(score_metrics(class_counts))
+            pooled[c - 1] = merge(pooled[c - 1], class_counts)  # memory: the distinct scores, not the pixels
+        rows.extend(case_rows)
+        if inside is not None:  # regions and objects: both masks cut to the ROI
+            pred, truth = background_outside(pred, inside), background_outside(truth, inside)
+        if as_classes:
+            spacing = nifti_spacing(truth_path) if is_nifti(truth_path) else None
+            scores = evaluate_regions(pred, truth, as_classes, spacing)
+            region_rows.extend({"case": case, **r} for r in scores)
+        if instances:
+            instance_rows.append({"case": case, **evaluate_instances(pred, truth, object_class=1)})
+    return rows, region_rows, instance_rows, pooled
+
+
+def _pairs(pred_dir: Path, truth_dir: Path, probabilities: bool = False) -> list[tuple[Path, Path]]:
+    """(prediction, truth) paths, the predictions sorted by name, paired by stem (without ``_probs``)."""
     for folder in (pred_dir, truth_dir):
         if not folder.is_dir():
             raise UsegError(f"{folder} is not a folder; give the folder of masks")
-    preds = sorted(p for p in pred_dir.iterdir()
-                   if suffix_of(p) in MASK_SUFFIXES and not p.name.startswith("."))
+    listed = sorted(p for p in pred_dir.iterdir()
+                    if suffix_of(p) in MASK_SUFFIXES and not p.name.startswith("."))
+    maps = [p for p in listed if _is_probability_map(p)]
+    preds = maps if probabilities else [p for p in listed if p not in maps]
+    if probabilities and not preds:
+        raise UsegError(f"{pred_dir} holds no probability maps (NAME_probs.tif or NAME_probs.nii.gz); "
+                        "run 'useg predict --probabilities uint8' into it first")
+    if maps and not probabilities:
+        if not preds:
+            raise UsegError(f"{pred_dir} holds probability maps ({maps[0].name}) but no masks; "
+                            "pass --probabilities to score them")
+        logger.warning("ignoring %d probability map(s) in %s; pass --probabilities to score them",
+                       len(maps), pred_dir)
     if not preds:
         raise UsegError(f"{pred_dir} holds no masks; run 'useg predict' into it first")
     truths = {}
     for p in truth_dir.iterdir():
         if suffix_of(p) in MASK_SUFFIXES:
             truths[mask_stem(stem_of(p))] = p
-    missing = [p.name for p in preds if stem_of(p) not in truths]
+    missing = [p.name for p in preds if _case_stem(p) not in truths]
     if missing:
         raise UsegError(f"no true mask in {truth_dir} for {', '.join(missing[:5])}; "
                         "evaluate predictions of labelled images only")
-    return [(p, truths[stem_of(p)]) for p in preds]
-
-
-def _decoded(pred_path: Path, truth_path: Path, raw_truth: np.ndarray, label_map: LabelMap,
-             rois: Mapping[Path, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(prediction, truth) class indices of one pair and its ROI (None without one).
-
-    Raises:
-        UsegError: unknown values, a prediction of another size than its truth, a bad ROI.
-    """
-    truth = label_map.decode(raw_truth, path=truth_path)
-    pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
-    if pred.shape != truth.shape:
-        raise UsegError(f"{pred_path} is {pred.shape} but {truth_path} is {truth.shape}; "
-                        "predict the matching images")
-    inside = read_roi(rois[pred_path], truth.shape, truth_path) if pred_path in rois else None
-    return pred, truth, inside
+    return [(p, truths[_case_stem(p)]) for p in preds]
 
 
 def _rois(pairs: Sequence[tuple[Path, Path]], roi_dir: str | Path) -> dict[Path, Path]:
-    """Prediction path -> its ROI mask in ``roi_dir``.
+    """Prediction path -> its ROI mask in ``roi_dir`` (paired by the case stem, ``_probs`` removed).
 
     Raises:
         UsegError: ``roi_dir`` is no folder, or a prediction has no ROI mask there.
     """
     preds = [p for p, _ in pairs]
-    found, problems = pair_rois([stem_of(p) for p in preds], preds, roi_dir)
+    found, problems = pair_rois([_case_stem(p) for p in preds], preds, roi_dir)
     if problems:
         raise UsegError(problems[0] if len(problems) == 1 else
                         f"{len(problems)} predictions have no ROI mask in {roi_dir}, e.g. {problems[0]}")
-    return {p: found[stem_of(p)] for p in preds}
+    return {p: found[_case_stem(p)] for p in preds}
+
+
+def _is_probability_map(path: Path) -> bool:
+    """A ``NAME_probs.tif`` / ``.nii.gz`` as ``useg predict --probabilities`` names them."""
+    stem = stem_of(path)
+    return suffix_of(path) in PROBS_SUFFIXES and stem.endswith(PROBS_SUFFIX) and len(stem) > len(PROBS_SUFFIX)
+
+
+def _case_stem(path: Path) -> str:
+    """The case a prediction belongs to: its stem, without ``_probs`` for probability maps."""
+    stem = stem_of(path)
+    return stem[: -len(PROBS_SUFFIX)] if _is_probability_map(path) else stem
+
+
+def _prediction(pred_path: Path, truth_path: Path, truth: np.ndarray, label_map: LabelMap,
+                probabilities: bool, inside: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[ScoreCounts]]:
+    """The predicted classes (*S) and, for probability maps, the score counts of classes 1..K-1
+    (over the pixels ``inside`` an ROI when given)."""
+    if not probabilities:
+        pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
+        _check_shape(pred_path, pred.shape, truth_path, truth.shape)
+        return pred, []
+    probs, scale = _read_probabilities(pred_path, truth_path, truth.shape, label_map)
+    keep = (slice(None),) if inside is None else inside
+    counts = [score_counts(probs[c][keep], (truth == c)[keep], scale)
+              for c in range(1, label_map.num_classes)]
+    return np.argmax(probs, axis=0), counts
+
+
+def _read_probabilities(path: Path, truth_path: Path, shape: tuple[int, ...],
+                        label_map: LabelMap) -> tuple[np.ndarray, float]:
+    """A probability map as (K, *S) uint8 (with scale 1/255) or float (scale 1), checked.
+
+    TIFF maps hold (K, *S); NIfTI maps (*S, K), which a 2D map's reading gives as one channel.
+    """
+    arr = read_image(path).array
+    if is_nifti(path) and arr.ndim == len(shape) + 2 and arr.shape[0] == 1:
+        arr = np.moveaxis(arr[0], -1, 0)
+    _check_shape(path, arr.shape[1:], truth_path, shape)
+    k = label_map.num_classes
+    if arr.shape[0] != k:
+        raise UsegError(f"{path} holds {arr.shape[0]} probability channel(s) but the truth masks have {k} "
+                        f"classes (mask values {list(label_map.values)}); score the probabilities of a run "
+                        "trained on these masks (runs trained with --regions are not scored this way)")
+    if arr.dtype == np.uint8:
+        return arr, 1.0 / 255
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UsegError(f"{path} holds {arr.dtype} values; probability maps are uint8 (p * 255) or float, "
+                        "as 'useg predict --probabilities' writes them")
+    if not (np.all(np.isfinite(arr)) and arr.min() >= 0 and arr.max() <= 1):
+        raise UsegError(f"{path} holds values outside [0, 1] (or NaN); give probabilities, "
+                        "as 'useg predict --probabilities' writes them")
+    half = arr.astype(np.float16)
+    # NIfTI stores float16 maps as float32: binning their float16 bit patterns is exact and needs no sort
+    return (half if np.array_equal(half, arr) else arr), 1.0
+
+
+def _check_shape(pred_path: Path, pred_shape: tuple, truth_path: Path, truth_shape: tuple) -> None:
+    if tuple(pred_shape) != tuple(truth_shape):
+        raise UsegError(f"{pred_path} is {tuple(pred_shape)} but {truth_path} is {tuple(truth_shape)}; "
+                        "predict the matching images")
 
 
 def _label_map(raw_truth: Mapping[Path, tuple], truth_dir: Path, run: str | Path | None,
