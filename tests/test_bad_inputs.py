@@ -349,3 +349,72 @@ def test_evaluate_probabilities_refuses_bad_inputs(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("useg evaluate: error:") and says in err and culprit in err
     assert not list((tmp_path / "pred").glob("metrics.*"))  # nothing written
+
+
+# --- issue 12, formats: a missing codec or package, lossy masks, a damaged GIF ---
+
+def _png_as(d, folder, stem, suffix, write):
+    """Replace ``folder/stem.png`` by the same pixels written by ``write(path, array)`` as ``stem+suffix``."""
+    src = d / folder / f"{stem}.png"
+    arr = np.array(PILImage.open(src))
+    src.unlink()
+    write(d / folder / f"{stem}{suffix}", arr)
+    return f"{stem}{suffix}"
+
+
+def _lzw_without_imagecodecs(d, monkeypatch):
+    import tifffile.tifffile as tt
+    from tifffile import _imagecodecs
+
+    name = _png_as(d, "images", "cell_002", ".tif", lambda p, a: tifffile.imwrite(p, a, compression="lzw"))
+    monkeypatch.setattr(tt, "imagecodecs", _imagecodecs)  # what tifffile falls back to without imagecodecs
+    monkeypatch.setattr(tt.TIFF.DECOMPRESSORS, "_codecs", {1: tt.identityfunc})
+    return f"{name}: its LZW compression needs the imagecodecs package; pip install imagecodecs"
+
+
+def _webp_mask(d, monkeypatch):
+    name = _png_as(d, "masks", "cell_001", ".webp",
+                   lambda p, a: PILImage.fromarray(a).save(p, lossless=True))
+    return f"{name} is a WebP mask; lossy WebP compression changes label values"
+
+
+def _jpeg_tiff_mask(d, monkeypatch):
+    name = _png_as(d, "masks", "cell_001", ".tif", lambda p, a: tifffile.imwrite(p, a, compression="jpeg"))
+    return f"{name} is a JPEG-compressed TIFF mask; lossy JPEG compression changes label values"
+
+
+def _damaged_gif_mask(d, monkeypatch):
+    name = _png_as(d, "masks", "cell_003", ".gif", lambda p, a: PILImage.fromarray(a).save(p))
+    p = d / "masks" / name
+    p.write_bytes(p.read_bytes()[:40])
+    return f"cannot read {p}"
+
+
+def _nrrd_without_simpleitk(d, monkeypatch):
+    import sys
+
+    def nrrd(path, arr):  # NRRD as its specification writes it: a text header, then the raw values
+        head = f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {arr.shape[1]} {arr.shape[0]}\nencoding: raw\n\n"
+        path.write_bytes(head.encode() + np.ascontiguousarray(arr, np.uint8).tobytes())
+
+    name = _png_as(d, "images", "cell_004", ".nrrd", nrrd)
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)
+    return f"reading {d / 'images' / name} needs SimpleITK; pip install 'useg[itk]'"
+
+
+FORMAT_CASES = {f.__name__[1:]: f for f in (_lzw_without_imagecodecs, _webp_mask, _jpeg_tiff_mask,
+                                              _damaged_gif_mask, _nrrd_without_simpleitk)}
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_CASES))
+def test_format_failures_are_one_sentence(name, cells_dir, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    culprit = FORMAT_CASES[name](data, monkeypatch)
+    assert main(["check", str(data)]) == 2
+    assert culprit in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:")
+    assert not run.exists() or not any(run.iterdir())  # nothing written

@@ -16,22 +16,25 @@ from useg.io import read_image, read_mask
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _valid_png(arr: np.ndarray) -> bytes:
+def _valid_png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
+    PILImage.fromarray(arr).save(buf, format=fmt)
     return buf.getvalue()
 
 
-def _valid_tiff(arr: np.ndarray) -> bytes:
+def _valid_tiff(arr: np.ndarray, **kw) -> bytes:
     import tifffile
 
     buf = io.BytesIO()
-    tifffile.imwrite(buf, arr)
+    tifffile.imwrite(buf, arr, **kw)
     return buf.getvalue()
 
 
 SEEDS = [_valid_png(np.arange(64, dtype=np.uint8).reshape(8, 8)),
-         _valid_tiff(np.arange(64, dtype=np.uint16).reshape(8, 8))]
+         _valid_tiff(np.arange(64, dtype=np.uint16).reshape(8, 8)),
+         _valid_png(np.arange(64, dtype=np.uint8).reshape(8, 8) % 4, "GIF"),
+         _valid_tiff(np.arange(256, dtype=np.uint16).reshape(16, 16), compression="lzw")]
+SUFFIXES = [".png", ".tif", ".gif", ".tif"]
 
 
 @st.composite
@@ -48,7 +51,7 @@ def damaged(draw):
         data = data[: draw(st.integers(0, len(data) - 1))]
     else:
         data = bytearray(draw(st.binary(max_size=256)))
-    return bytes(data), [".png", ".tif"][which]
+    return bytes(data), SUFFIXES[which]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

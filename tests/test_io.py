@@ -90,9 +90,9 @@ def test_unreadable_files_name_the_file(tmp_path, monkeypatch):
         read_mask(tmp_path / "n.png")
     with pytest.raises(UsegError, match="missing.png does not exist"):
         read_image(tmp_path / "missing.png")
-    (tmp_path / "a.gif").write_bytes(b"GIF89a")
-    with pytest.raises(UsegError, match=r"a\.gif has an unsupported format"):
-        read_image(tmp_path / "a.gif")
+    (tmp_path / "a.jp2").write_bytes(b"\x00\x00\x00\x0cjP  ")  # JPEG 2000: not in the table
+    with pytest.raises(UsegError, match=r"a\.jp2 has an unsupported format"):
+        read_image(tmp_path / "a.jp2")
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 px: a "bomb"
     with pytest.raises(UsegError, match=r"g\.png: it has more pixels than the limit"):
         read_image(good)
@@ -214,9 +214,10 @@ def test_the_format_table_is_the_single_source():
         assert isinstance(io.FORMATS[suffix], io.Format)
     for suffix in io.MASK_SUFFIXES:
         assert io.FORMATS[suffix].read_mask is not None
-    assert {".jpg", ".jpeg"} <= io.MASK_SUFFIXES  # listed, so that JPEG masks are found and refused clearly
+    # listed, so that JPEG and WebP masks are found and refused clearly
+    assert {".jpg", ".jpeg", ".webp", ".gif", ".bmp"} <= io.MASK_SUFFIXES
     writable = {s for s, f in io.FORMATS.items() if f.write_mask is not None}
-    assert writable == {".png", ".tif", ".tiff", ".nii", ".nii.gz"}
+    assert writable == {".png", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"}
     assert NIFTI_SUFFIXES <= io.IMAGE_SUFFIXES
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from useg.dataset import check_dataset, discover
+from useg.io import read_image, write_mask
+from useg.layouts import read_case_image
 from useg.planner import pooled_intensities
 from useg.preprocess import load_case
 from useg.spec import DataSpec
@@ -119,3 +121,110 @@ def test_cases_are_resampled_to_the_plans_spacing(tmp_path, rng):
 def _mk(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- nnU-Net's 2D conventions and its other readers (NaturalImage2DIO, Tiff3DIO, SimpleITKIO) ---
+
+def _dataset_json(root, channels, file_ending, labels=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(channels)},
+        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": 3, "file_ending": file_ending}))
+
+
+def _write_2d(path, arr):
+    import tifffile
+    from PIL import Image as PILImage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".tif":
+        tifffile.imwrite(path, arr, photometric="rgb" if arr.ndim == 3 else "minisblack", compression="lzw")
+    else:
+        PILImage.fromarray(arr).save(path)
+
+
+@pytest.mark.parametrize("ending", [".png", ".tif", ".bmp"])
+@pytest.mark.parametrize("channels", [("R", "G", "B"), ("red", "green", "blue")])
+@pytest.mark.parametrize("shape", [(20, 24), (17, 9)])
+def test_nnunet_natural_images_hold_all_channels_in_one_file(tmp_path, rng, ending, channels, shape):
+    root = tmp_path / "Dataset002_Fundus"
+    _dataset_json(root, channels, ending)
+    for k in range(3):
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        _write_2d(root / "imagesTr" / f"case{k}_0000{ending}", rgb)
+        _write_2d(root / "labelsTr" / f"case{k}{ending}", (rgb[..., 0] > 128).astype(np.uint8))
+    report = check_dataset(root)
+    assert report.ok, report.problems
+    assert report.num_channels == 3 and report.label_map.values == (0, 1) and len(report.cases) == 3
+    image, labels = load_case(report.cases[0], report.label_map)
+    assert image.shape == (3, *shape) and labels.shape == shape
+
+
+def test_nnunet_one_file_with_too_few_channels_is_named(tmp_path, rng):
+    root = tmp_path / "Dataset003"
+    _dataset_json(root, ("R", "G", "B"), ".png")
+    for k in range(2):
+        grey = rng.integers(0, 256, (12, 14), dtype=np.uint8)
+        _write_2d(root / "imagesTr" / f"case{k}_0000.png", grey if k == 1 else np.stack([grey] * 3, -1))
+        _write_2d(root / "labelsTr" / f"case{k}.png", (grey > 128).astype(np.uint8))
+    problems = check_dataset(root).problems
+    assert any("'case1'" in p and "holding 1 channel(s) but dataset.json names 3" in p for p in problems)
+    assert not any("'case0'" in p for p in problems)
+
+
+# nnU-Net's Tiff3DIO writes volumes without axes metadata; a stack of up to 4 planes then reads as
+# channels (tifffile's own reading), so few-slice volumes carry axes="ZYX" as ImageJ and tifffile write it
+@pytest.mark.parametrize("shape,md", [((6, 10, 9), None), ((5, 8, 11), None), ((3, 8, 11), {"axes": "ZYX"})])
+def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape, md):
+    import tifffile
+
+    root = tmp_path / "Dataset004_EM"
+    _dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2})
+    for k in range(2):
+        img, lab = _case(rng, shape)
+        (root / "imagesTr").mkdir(exist_ok=True)
+        (root / "labelsTr").mkdir(exist_ok=True)
+        # the sidecar wins over the TIFF's own resolution, as in nnU-Net
+        tifffile.imwrite(root / "imagesTr" / f"c{k}_0000.tif", img, resolution=(3.0, 3.0), metadata=md,
+                         photometric="minisblack", compression="zlib")
+        (root / "imagesTr" / f"c{k}.json").write_text(json.dumps({"spacing": [2.5, 0.5, 0.25]}))
+        tifffile.imwrite(root / "labelsTr" / f"c{k}.tif", lab, metadata=md, photometric="minisblack",
+                         compression="zlib")
+        (root / "labelsTr" / f"c{k}.json").write_text(json.dumps({"spacing": [2.5, 0.5, 0.25]}))
+    report = check_dataset(root)
+    assert report.ok, report.problems
+    assert [r.spacing for r in report.records] == [(2.5, 0.5, 0.25)] * 2
+    image, labels = load_case(report.cases[0], report.label_map)
+    assert image.shape == (1, *shape) and labels.shape == shape
+    like = read_case_image(report.cases[0].files)
+    out = write_mask(tmp_path / "pred.tif", np.zeros(shape, np.int64), like=like)
+    assert read_image(out).spacing == pytest.approx((2.5, 0.5, 0.25))  # the prediction keeps it
+    (root / "imagesTr" / "c1.json").write_text(json.dumps({"spacing": [1.0, 1.0]}))
+    assert any("c1.json gives spacing [1.0, 1.0] for the 3D image" in p for p in check_dataset(root).problems)
+    (root / "imagesTr" / "c1.json").write_text("{")
+    assert any("cannot read the spacing of" in p and "c1.json" in p for p in check_dataset(root).problems)
+
+
+@pytest.mark.parametrize("ending", [".mha", ".nrrd"])
+def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending):
+    sitk = pytest.importorskip("SimpleITK")
+    root = tmp_path / "Dataset005_GC"
+    _dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2})
+    for k in range(2):
+        img, lab = _case(rng, (5, 7, 9))  # SimpleITK's (z, y, x)
+        for c, arr in enumerate((img, img * 2)):
+            (root / "imagesTr").mkdir(exist_ok=True)
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing((0.7, 0.8, 3.0))
+            sitk.WriteImage(im, str(root / "imagesTr" / f"c{k}_{c:04d}{ending}"))
+        (root / "labelsTr").mkdir(exist_ok=True)
+        im = sitk.GetImageFromArray(lab)
+        im.SetSpacing((0.7, 0.8, 3.0))
+        sitk.WriteImage(im, str(root / "labelsTr" / f"c{k}{ending}"))
+    report = check_dataset(root)
+    assert report.ok, report.problems
+    assert report.num_channels == 2 and report.label_map.values == (0, 1, 2)
+    assert report.records[0].spacing == pytest.approx((0.7, 0.8, 3.0))
+    image, labels = load_case(report.cases[0], report.label_map)
+    assert image.shape == (2, 9, 7, 5) and labels.shape == (9, 7, 5)
+    np.testing.assert_allclose(image[1], image[0] * 2, rtol=1e-5, atol=1e-5)

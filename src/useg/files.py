@@ -41,10 +41,11 @@ class Image:
     Attributes:
         array: (C, H, W) or (C, D, H, W), dtype as stored.
         spacing: pixel size per spatial axis (see :mod:`useg.io` for the unit); 1.0 when unknown.
-        affine: 4x4 voxel-to-world matrix (NIfTI); None for 2D formats.
+        affine: 4x4 voxel-to-world matrix (NIfTI, DICOM, ITK formats: RAS); None for raster formats.
         path: where it was read from.
-        format: "png", "tiff", "jpeg", "bmp", "nifti" or "dicom".
-        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit, NIfTI header).
+        format: "png", "tiff", "jpeg", "bmp", "gif", "webp", "nifti", "nrrd", "metaimage" or "dicom".
+        meta: what writing back needs (TIFF resolution and unit, PNG dpi, spacing unit, NIfTI header,
+            ITK origin/spacing/direction).
     """
 
     array: np.ndarray
@@ -110,6 +111,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")  # no newline translation: ``text`` on any OS
     return path
+
+
+def lossy_mask(path: Path, kind: str, codec: str) -> UsegError:
+    """The error for a mask in a lossy format (JPEG, WebP, JPEG-compressed TIFF): the fix, naming the file."""
+    return UsegError(f"{path} is a {kind} mask; lossy {codec} compression changes label values, "
+                     "save masks as PNG or TIFF (uncompressed, LZW or Deflate)")
 
 
 def unreadable(path: Path, err: BaseException) -> UsegError:

@@ -4,9 +4,11 @@ The contract every format keeps: :func:`read_image` returns an :class:`useg.file
 ``(C, *spatial)`` as stored, spacing, affine, what writing back needs), and :func:`write_mask`
 writes class labels with that image's geometry, to a temporary name renamed when complete.
 Files that cannot be read raise :class:`UsegError` naming the file. Each suffix maps to one
-:class:`Format` whose callables do the format's part (PNG/JPEG/BMP through Pillow here, TIFF in
-:mod:`useg.tiff`, NIfTI and DICOM series in :mod:`useg.volumes`); the public functions check the
-inputs, dispatch, and finish what all formats share. Adding a format is one entry in the table.
+:class:`Format` whose callables do the format's part (PNG/JPEG/BMP/GIF/WebP through Pillow here,
+TIFF in :mod:`useg.tiff`, NIfTI and DICOM series in :mod:`useg.volumes`, NRRD and MetaImage in
+:mod:`useg.itk`); the public functions check the inputs, dispatch, and finish what all formats
+share. Adding a format is one entry in the table. Lossy formats (JPEG, WebP, JPEG-compressed TIFF)
+are read as images and refused as masks.
 
 Spacing is in millimetres per pixel when the file states a physical unit (PNG/JPEG dpi, TIFF
 inch or centimetre resolution, ImageJ's micron/nm/mm unit) and in the file's own unit when it
@@ -25,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from . import tiff, volumes
+from . import itk, tiff, volumes
 from .errors import UsegError
-from .files import MAX_PIXELS, NIFTI_SUFFIXES, Image, atomic_path, suffix_of, unreadable
+from .files import MAX_PIXELS, NIFTI_SUFFIXES, Image, atomic_path, lossy_mask, suffix_of, unreadable
 from .labels import LabelMap, pack_rgb
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ def _read_pil(path: Path) -> PILImage.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
-                im.load()
+                im.load()  # the first frame of an animated GIF or WebP
+                if getattr(im, "n_frames", 1) > 1:
+                    logger.info("%s has %d frames; reading the first", path, im.n_frames)
                 return im.copy()
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
@@ -119,9 +123,8 @@ def _read_pil_mask(path: Path) -> MaskValues:
     return arr, "rgb" if arr.ndim == 3 else "grey", None
 
 
-def _refuse_jpeg_mask(path: Path) -> MaskValues:
-    raise UsegError(f"{path} is a JPEG mask; lossy JPEG compression changes label values, "
-                    "save masks as PNG or TIFF")
+def _refuse_lossy_mask(path: Path, codec: str) -> MaskValues:
+    raise lossy_mask(path, codec, codec)
 
 
 def _write_png_mask(path: Path, stored: np.ndarray, like: Image, label_map: LabelMap | None) -> Path:
@@ -170,37 +173,45 @@ def _write_nifti_mask(path: Path, stored: np.ndarray, like: Image, label_map: La
 
 _PNG = Format("png", partial(_read_pil_image, name="png"), _read_pil_mask, _write_png_mask,
               partial(_write_pil_image, pil_format="PNG"))
-_JPEG = Format("jpeg", partial(_read_pil_image, name="jpeg"), _refuse_jpeg_mask, None,
+_JPEG = Format("jpeg", partial(_read_pil_image, name="jpeg"), partial(_refuse_lossy_mask, codec="JPEG"), None,
                partial(_write_pil_image, pil_format="JPEG"))
 _BMP = Format("bmp", partial(_read_pil_image, name="bmp"), _read_pil_mask, None,
               partial(_write_pil_image, pil_format="BMP"))
+_GIF = Format("gif", partial(_read_pil_image, name="gif"), _read_pil_mask)  # first frame; palette masks
+_WEBP = Format("webp", partial(_read_pil_image, name="webp"), partial(_refuse_lossy_mask, codec="WebP"))
 _TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image)
 _NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask)
 DICOM_SERIES = Format("dicom", volumes.read_dicom_series)  # a folder of one series' slices, found by content
+_ITK = {name: Format(name, itk.read_itk_image, itk.read_itk_mask, itk.write_itk_mask, itk.write_itk_image)
+        for name in ("nrrd", "metaimage")}
 
 FORMATS: dict[str, Format] = {
     ".png": _PNG,
     ".jpg": _JPEG,
     ".jpeg": _JPEG,
     ".bmp": _BMP,
+    ".gif": _GIF,
+    ".webp": _WEBP,
     ".tif": _TIFF,
     ".tiff": _TIFF,
     **{s: _NIFTI for s in NIFTI_SUFFIXES},
+    **{s: _ITK[name] for s, name in itk.ITK_FORMATS.items()},  # NRRD, MetaImage: SimpleITK (useg[itk])
 }
 IMAGE_SUFFIXES = frozenset(FORMATS)
-# JPEG is listed so that JPEG masks are found and refused clearly
+# JPEG and WebP are listed so that their masks are found and refused clearly
 MASK_SUFFIXES = frozenset(s for s, f in FORMATS.items() if f.read_mask is not None)
 
 
 def read_image(path: str | Path) -> Image:
     """Read an image as a channels-first array with its geometry.
 
-    PNG/JPEG/BMP through Pillow: grey (L, I;16, I, F) -> 1 channel keeping the dtype, RGB -> 3,
-    RGBA -> 3 (alpha dropped), LA -> 1, palette -> RGB. TIFF through tifffile: (H, W) -> (1, H, W);
-    (H, W, 3|4) channels last -> (C, H, W) (alpha dropped); (C, H, W) with C <= 4 kept; other
-    3-D stacks, or stacks the file marks as Z, -> (1, D, H, W). NIfTI (.nii, .nii.gz) and DICOM
-    series folders through :mod:`useg.volumes` (voxel order as stored, affine kept). Spacing: see
-    the module note.
+    PNG/JPEG/BMP/GIF/WebP through Pillow: grey (L, I;16, I, F) -> 1 channel keeping the dtype,
+    RGB -> 3, RGBA -> 3 (alpha dropped), LA -> 1, palette -> RGB; the first frame of an animation.
+    TIFF through tifffile: (H, W) -> (1, H, W); (H, W, 3|4) channels last -> (C, H, W) (alpha
+    dropped); (C, H, W) with C <= 4 kept; other 3-D stacks, multi-page files, or stacks the file
+    marks as Z, -> (1, D, H, W); ImageJ hyperstacks -> (C, D, H, W). NIfTI (.nii, .nii.gz) and
+    DICOM series folders through :mod:`useg.volumes`, NRRD (.nrrd, .nhdr) and MetaImage (.mha,
+    .mhd) through :mod:`useg.itk` (voxel order as stored, affine kept). Spacing: see the module note.
 
     Raises:
         UsegError: missing, unreadable, truncated, too large or unsupported files, naming the file.
@@ -222,13 +233,14 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
     """Read a mask's stored values.
 
     Returns:
-        (raw, mode, palette): raw (H, W) (or (D, H, W) from TIFF stacks) integer values; mode
-        "grey"; "palette" for palette PNGs (raw = palette indices, the flat 768-entry palette
+        (raw, mode, palette): raw (*S) (the image's spatial shape) integer values; mode
+        "grey"; "palette" for palette PNGs, GIFs and BMPs (raw = palette indices, the flat 768-entry palette
         returned); "rgb" for colour masks, packed into int32 ``r << 16 | g << 8 | b`` (a colour
         mask whose three channels are equal is "grey").
 
     Raises:
-        UsegError: JPEG masks (lossy compression changes label values), non-integer values,
+        UsegError: JPEG, WebP and JPEG-compressed TIFF masks (lossy compression changes label
+            values), non-integer values,
             several channels that are not a colour, and unreadable files.
     """
     path = Path(path)
@@ -261,7 +273,8 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
     """Write class labels with ``like``'s geometry, encoded through ``label_map``, atomically.
 
     Args:
-        path: destination; the suffix picks the format (.png, .tif/.tiff, .nii.gz/.nii). Palette PNG when
+        path: destination; the suffix picks the format (.png, .tif/.tiff, .nii.gz/.nii, .nrrd/.nhdr,
+            .mha/.mhd). Palette PNG when
             ``label_map.mode == "palette"``, 16-bit when values exceed 255.
         labels: (*spatial) integer class indices, shape equal to ``like.spatial_shape``.
         like: the image the labels belong to (resolution and spacing are copied).
@@ -280,7 +293,7 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
     fmt = FORMATS.get(suffix)
     if fmt is None or fmt.write_mask is None:
         raise ValueError(f"cannot write a mask as {suffix or 'a file without suffix'!r}; "
-                         "use .png, .tif or .nii.gz")
+                         "use .png, .tif or .nii.gz (or .nrrd, .mha)")
     if labels.shape != like.spatial_shape:
         raise ValueError(f"labels {labels.shape} do not match the image's shape {like.spatial_shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -321,3 +334,27 @@ def write_image(path: str | Path, image: Image | np.ndarray) -> Path:
         raise ValueError(f"cannot write an image as {suffix!r}; "
                          f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
     return fmt.write_image(path, arr, like)
+
+
+_PIL_FORMATS = frozenset({"png", "jpeg", "bmp", "gif", "webp"})
+# the channels read_image gives each Pillow mode (palettes as RGB); other modes are colour
+_PIL_CHANNELS = {"1": 1, "L": 1, "LA": 1, "La": 1, "I": 1, "F": 1, "P": 3, "PA": 3}
+
+
+def channel_count(path: str | Path) -> int | None:
+    """The channels :func:`read_image` gives ``path``, from the header where the format allows.
+
+    Pillow's formats and TIFF are not decoded; other formats are read. None when the file cannot
+    be read (reading it later names the problem).
+    """
+    path = Path(path)
+    fmt = FORMATS.get(suffix_of(path))
+    try:
+        if fmt is not None and fmt.name == "tiff":
+            return tiff.tiff_channels(path)
+        if fmt is not None and fmt.name in _PIL_FORMATS:
+            with PILImage.open(path) as im:  # lazy: the header only
+                return _PIL_CHANNELS.get(im.mode, 1 if im.mode.startswith("I;16") else 3)
+        return read_image(path).channels
+    except (UsegError, OSError, ValueError):
+        return None

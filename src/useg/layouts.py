@@ -5,7 +5,10 @@ case folders.
   (in ``images/`` or ``imagesTr/``), the mask named ``<case>.nii.gz``.
 * nnU-Net's raw layout, read as it is (Isensee et al. 2021, nnU-Net v2 ``dataset.json``):
   ``dataset.json`` (``channel_names`` or v1 ``modality``, ``labels``, ``file_ending``),
-  ``imagesTr/``, ``labelsTr/``, ``imagesTs/``.
+  ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, with the conventions of nnU-Net's readers: one
+  ``case_0000.png`` (or .bmp, .tif) holding all the channels ``channel_names`` names (an RGB image,
+  its NaturalImage2DIO); a TIFF's spacing from the sidecar ``case.json`` ``{"spacing": [z, y, x]}``
+  beside it (its Tiff3DIO); NRRD and MetaImage files through SimpleITK (its SimpleITKIO).
 * One folder per case holding named channel files and a label file (BraTS-style):
   ``case/Flair.nii.gz``, ``case/T1c.nii.gz``, ``case/seg.nii.gz``; the channels and the label are
   named by file-name prefix (``--channels Flair,T1c --label seg``).
@@ -25,7 +28,7 @@ import numpy as np
 
 from .errors import UsegError
 from .files import Image, stem_of, suffix_of
-from .io import IMAGE_SUFFIXES, read_image
+from .io import IMAGE_SUFFIXES, channel_count, read_image
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
 
@@ -64,10 +67,15 @@ def group_channels(files: Sequence[Path]) -> tuple[dict[str, tuple[Path, ...]], 
 def read_case_image(files: Sequence[Path]) -> Image:
     """Read a case's channel files and stack them: (sum of channels, *S), geometry of the first.
 
+    A TIFF named ``<case>_0000.tif`` takes its spacing from ``<case>.json`` beside it when there is
+    one (nnU-Net's Tiff3DIO sidecar, ``{"spacing": [z, y, x]}``, in the array's axis order).
+
     Raises:
-        UsegError: a channel whose shape (or NIfTI orientation) differs from the first one.
+        UsegError: a channel whose shape (or NIfTI orientation) differs from the first one, or a
+            sidecar that is not valid.
     """
     images = [read_image(p) for p in files]
+    images[0] = sidecar_spacing(images[0], Path(files[0]))
     first = images[0]
     for im in images[1:]:
         if im.spatial_shape != first.spatial_shape:
@@ -82,6 +90,37 @@ def read_case_image(files: Sequence[Path]) -> Image:
         return first
     arr = np.concatenate([im.array for im in images], axis=0)
     return Image(arr, first.spacing, first.affine, first.path, first.format, first.meta)
+
+
+def sidecar_spacing(image: Image, path: Path) -> Image:
+    """``image`` with the spacing of nnU-Net's Tiff3DIO sidecar ``<case>.json`` of ``<case>_XXXX.tif``.
+
+    The sidecar wins over the TIFF's own resolution, as in nnU-Net. nnU-Net's 2D reader ignores
+    sidecars, so a 2D image keeps its spacing unless the sidecar gives exactly two values.
+
+    Raises:
+        UsegError: unreadable JSON, no "spacing" list of positive numbers, or (3D) a wrong length.
+    """
+    parsed = split_channel(stem_of(path))
+    if suffix_of(path) not in (".tif", ".tiff") or parsed is None:
+        return image
+    side = path.with_name(parsed[0] + ".json")
+    if not side.is_file():
+        return image
+    try:
+        spacing = tuple(float(v) for v in json.loads(side.read_text(encoding="utf-8"))["spacing"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsegError(f"cannot read the spacing of {path} from {side} ({type(e).__name__}: {e}); "
+                        'write it as {"spacing": [z, y, x]}') from None
+    if len(spacing) != image.dims or not all(s > 0 for s in spacing):
+        if image.dims == 2:
+            return image
+        raise UsegError(f"{side} gives spacing {list(spacing)} for the {image.dims}D image {path}; "
+                        f"give {image.dims} positive values in the array's axis order [z, y, x]")
+    drop = ("resolution", "resolution_unit", "imagej_spacing", "imagej_unit", "dpi")
+    meta = {k: v for k, v in image.meta.items() if k not in drop}  # written back from the spacing
+    meta.update(spacing_source=str(side), spacing_unit="mm")
+    return Image(image.array, spacing, image.affine, image.path, image.format, meta)
 
 
 def _volume_files(folder: Path) -> list[Path]:
@@ -134,9 +173,15 @@ def nnunet_cases(root: Path, case_type):
     groups, problems = group_channels(files)
     n = len(info["channel_names"])
     for case, chans in groups.items():
-        if len(chans) != n:
-            problems.append(f"case {case!r} in {root / 'imagesTr'} has {len(chans)} channel file(s) but "
-                            f"dataset.json names {n}; add {case}_0000 .. {case}_{n - 1:04d}")
+        if len(chans) == n:
+            continue
+        held = channel_count(chans[0]) if len(chans) == 1 else None  # one RGB file: NaturalImage2DIO
+        if held == n:
+            continue
+        holding = f" holding {held} channel(s)" if held is not None and len(chans) == 1 else ""
+        problems.append(f"case {case!r} in {root / 'imagesTr'} has {len(chans)} channel file(s){holding} "
+                        f"but dataset.json names {n}; add {case}_0000 .. {case}_{n - 1:04d}"
+                        + (" or one file holding all of them" if len(chans) == 1 else ""))
     label_dir = root / "labelsTr"
     labels = {stem_of(p): p for p in _volume_files(label_dir)} if label_dir.is_dir() else {}
     cases = []

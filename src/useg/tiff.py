@@ -1,60 +1,121 @@
-"""TIFF through tifffile: images, stacks and masks, with their resolution and ImageJ spacing.
+"""TIFF through tifffile: images, stacks and masks, with their resolution, ImageJ and OME spacing.
 
 The format's entries in :data:`useg.io.FORMATS`. Layout: (H, W) -> (1, H, W); (H, W, 3|4)
-channels last -> (C, H, W) (alpha dropped); (C, H, W) with C <= 4 kept; other 3-D stacks, or
-stacks the file marks as Z, -> (1, D, H, W). Spacing is in millimetres when the file states
-inch or centimetre resolution or an ImageJ unit (micron, nm, mm, ...), in the file's own unit
-when it states none (``meta["spacing_unit"] == ""``), 1.0 where it says nothing.
+channels last -> (C, H, W) (alpha dropped); (C, H, W) with C <= 4 kept; other 3-D stacks,
+multi-page files, or stacks the file marks as Z, -> (1, D, H, W); ImageJ hyperstacks ``ZCYX``
+-> (C, D, H, W). Spacing is in millimetres when the file states inch or centimetre resolution,
+an ImageJ unit (micron, nm, mm, ...) or OME physical sizes, in the file's own unit when it
+states none (``meta["spacing_unit"] == ""``), 1.0 where it says nothing. Compressed files
+(LZW, Deflate, PackBits, JPEG, zstd, ...) decode through imagecodecs, a dependency; masks
+stored with a lossy codec (JPEG, WebP, JPEG XR) are refused like JPEG masks.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UsegError
-from .files import MAX_PIXELS, Image, atomic_path, unreadable
+from .files import MAX_PIXELS, Image, atomic_path, lossy_mask, unreadable
 
 if TYPE_CHECKING:
     from .labels import LabelMap
 
 _TO_MM = {2: 25.4, 3: 10.0}  # TIFF ResolutionUnit inch, centimetre
 _UNIT_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0, "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3,
-               "\\u00b5m": 1e-3, "nm": 1e-6, "inch": 25.4}
+               "\u03bcm": 1e-3, "\\u00b5m": 1e-3, "nm": 1e-6, "\u00e5": 1e-7, "inch": 25.4}
+# TIFF Compression values of lossy codecs: a mask stored with one of them has changed labels
+_LOSSY = {6: "JPEG", 7: "JPEG", 34892: "JPEG", 50001: "WebP", 34927: "WebP",
+          22610: "JPEG XR", 34934: "JPEG XR"}
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple, dict]:
-    """The first series as stored, its axes string, the extra samples, and the resolution metadata."""
+    """The first series as stored, its axes string, the extra samples, and the geometry metadata."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            if math.prod(series.shape) > 4 * MAX_PIXELS:
-                raise UsegError(f"{path} holds {math.prod(series.shape)} values, more than useg reads "
-                                "at once; crop or tile it first")
-            arr = series.asarray()
+            arr, axes = _series_array(tif, path)
             page = tif.pages[0]
-            tags = page.tags
-            meta: dict = {}
-            if "XResolution" in tags and "YResolution" in tags:
-                x, y = (tags[k].value for k in ("XResolution", "YResolution"))  # (numerator, denominator)
-                meta["resolution"] = tuple(float(v[0] / v[1] if v[1] else 0.0) for v in (x, y))
-                meta["resolution_unit"] = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+            meta = _resolution_meta(page.tags)
+            meta["compression"] = int(page.compression)
             extra = tif.imagej_metadata or (tif.shaped_metadata or [{}])[0] or {}
             for key in ("unit", "spacing"):
                 if key in extra:
                     meta[f"imagej_{key}"] = extra[key]
-            return arr, series.axes, tuple(page.extrasamples or ()), meta
+            if tif.is_ome and tif.ome_metadata:
+                meta.update(_ome_sizes(tif.ome_metadata))
+            return arr, axes, tuple(page.extrasamples or ()), meta
     except FileNotFoundError:
         raise UsegError(f"{path} does not exist; check the path") from None
     except (UsegError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged files
-        raise unreadable(path, e) from None
+        raise _read_error(path, e) from None
+
+
+def _series_array(tif, path: Path) -> tuple[np.ndarray, str]:
+    """The first series, or every page stacked along "I" when each page is a series of its own.
+
+    tifffile makes one series per page for files written page by page with its own metadata
+    (``imwrite(..., append=True)``); a multi-page file of equal planes is one stack all the same.
+    """
+    series = tif.series
+    first = series[0]
+    stack = len(series) > 1 and all(s.shape == first.shape and s.dtype == first.dtype and s.axes == first.axes
+                                    and s.axes in ("YX", "YXS") for s in series)
+    total = math.prod(first.shape) * (len(series) if stack else 1)
+    if total > 4 * MAX_PIXELS:
+        raise UsegError(f"{path} holds {total} values, more than useg reads at once; crop or tile it first")
+    if stack:
+        return np.stack([s.asarray() for s in series]), "I" + first.axes
+    return first.asarray(), first.axes
+
+
+def _resolution_meta(tags) -> dict:
+    meta: dict = {}
+    if "XResolution" in tags and "YResolution" in tags:
+        x, y = (tags[k].value for k in ("XResolution", "YResolution"))  # (numerator, denominator)
+        meta["resolution"] = tuple(float(v[0] / v[1] if v[1] else 0.0) for v in (x, y))
+        meta["resolution_unit"] = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    return meta
+
+
+def _read_error(path: Path, e: BaseException) -> UsegError:
+    """A missing codec says what to install; anything else is the shared unreadable-file sentence."""
+    reason = str(e)
+    if "imagecodecs" in reason:
+        m = re.search(r"(COMPRESSION|PREDICTOR)\.(\w+)", reason)
+        what = f"{m[2]} {'compression' if m[1] == 'COMPRESSION' else 'predictor'}" if m else "compression"
+        return UsegError(f"cannot read {path}: its {what} needs the imagecodecs package; "
+                         "pip install imagecodecs")
+    return unreadable(path, e)
+
+
+def _ome_sizes(xml: str) -> dict:
+    """OME-XML's PhysicalSizeX/Y/Z of the first image, in mm, as ``{"ome_x": ..}``; {} where it has none."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}  # damaged OME-XML: the resolution tags still hold the in-plane size
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    sizes = {}
+    for axis in "XYZ" if pixels is not None else "":
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m")
+        factor = _UNIT_TO_MM.get(unit.strip().lower())
+        try:
+            size = float(value) if value is not None else 0.0
+        except ValueError:
+            size = 0.0
+        if factor and size > 0:
+            sizes[f"ome_{axis.lower()}"] = size * factor
+    return sizes
 
 
 def _tiff_layout(arr: np.ndarray, axes: str, extrasamples: tuple, path: Path) -> np.ndarray:
@@ -93,7 +154,14 @@ def _mm_factor(meta: dict) -> tuple[float, str]:
 
 
 def _tiff_spacing(meta: dict, dims: int) -> tuple[tuple[float, ...], str]:
-    """Spacing (z, y, x) or (y, x): mm when the unit is known, 1.0 where the file says nothing."""
+    """Spacing (z, y, x) or (y, x): mm when the unit is known, 1.0 where the file says nothing.
+
+    OME-XML's physical sizes come first (they are what OME-TIFF writers mean), then the TIFF
+    resolution tags with the ImageJ unit and z spacing.
+    """
+    if "ome_x" in meta or "ome_y" in meta:
+        yx = (meta.get("ome_y", meta.get("ome_x")), meta.get("ome_x", meta.get("ome_y")))
+        return ((meta.get("ome_z", 1.0), *yx) if dims == 3 else yx), "mm"
     factor, name = _mm_factor(meta)
     res = meta.get("resolution")
     yx = (factor / res[1], factor / res[0]) if res and res[0] > 0 and res[1] > 0 else (1.0, 1.0)
@@ -104,20 +172,45 @@ def _tiff_spacing(meta: dict, dims: int) -> tuple[tuple[float, ...], str]:
 
 
 def read_tiff_image(path: Path) -> Image:
-    """A TIFF image (C, H, W) or stack (C, D, H, W), dtype as stored, with its spacing (module note)."""
+    """A TIFF image (C, H, W) or stack (C, D, H, W), dtype as stored, with its spacing (module note).
+
+    Multi-page files and ImageJ hyperstacks (``ZCYX``) are volumes, OME-TIFF's physical pixel sizes
+    its spacing; any compression tifffile decodes with imagecodecs (LZW, Deflate, PackBits, JPEG,
+    zstd, ...), tiled or striped, classic or BigTIFF.
+    """
     arr, axes, extrasamples, meta = _read_tiff(path)
     arr = _tiff_layout(arr, axes, extrasamples, path)
     spacing, meta["spacing_unit"] = _tiff_spacing(meta, arr.ndim - 1)
+    if "ome_x" in meta or "ome_y" in meta:  # written back as pixels per cm, so that masks keep the OME sizes
+        meta.update(resolution=(10.0 / spacing[-1], 10.0 / spacing[-2]), resolution_unit=3)
+        meta.pop("imagej_unit", None)
     return Image(np.ascontiguousarray(arr), spacing, None, path, "tiff", meta)
+
+
+def tiff_channels(path: Path) -> int | None:
+    """The channels :func:`read_tiff_image` gives, from the header only; None when the file cannot tell."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes, extra = series.shape, series.axes, tuple(tif.pages[0].extrasamples or ())
+        return int(_tiff_layout(np.broadcast_to(np.zeros((), np.uint8), shape), axes, extra, path).shape[0])
+    except Exception:  # noqa: BLE001 - reading the file later names the problem
+        return None
 
 
 def read_tiff_mask(path: Path) -> tuple[np.ndarray, str, None]:
     """A TIFF mask's values: (H, W) or (D, H, W) "grey", or (H, W, 3) "rgb" colours.
 
     Raises:
-        UsegError: masks with channels other than one or three (a colour), and unreadable files.
+        UsegError: masks with channels other than one or three (a colour), masks stored with a lossy
+            compression (JPEG, WebP, JPEG XR), and unreadable files.
     """
-    arr, axes, extrasamples, _ = _read_tiff(path)
+    arr, axes, extrasamples, meta = _read_tiff(path)
+    if meta["compression"] in _LOSSY:
+        codec = _LOSSY[meta["compression"]]
+        raise lossy_mask(path, f"{codec}-compressed TIFF", codec)
     arr = _tiff_layout(arr, axes, extrasamples, path)
     if arr.shape[0] == 1:
         return arr[0], "grey", None

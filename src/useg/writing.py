@@ -30,7 +30,9 @@ from .volumes import write_nifti
 
 logger = logging.getLogger(__name__)
 
-MASK_OUT_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff", ".nii": ".nii", ".nii.gz": ".nii.gz"}
+MASK_OUT_SUFFIX = {".png": ".png", ".tif": ".tif", ".tiff": ".tiff", ".nii": ".nii", ".nii.gz": ".nii.gz",
+                   ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}  # one file per mask
+VOLUME_OUT = (".nii", ".nii.gz", ".nrrd", ".mha")  # inputs with an affine: probabilities as NIfTI
 PROBABILITY_DTYPES = ("float16", "uint8")
 
 
@@ -129,8 +131,9 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
     """One output per case inside ``out_dir``; clashes and existing files are refused up front.
 
     Names are the case names (never a path outside ``out_dir``) with the input's suffix for
-    PNG/TIFF/NIfTI, ``.nii.gz`` for DICOM series and ``.png`` otherwise; probability maps are
-    ``<name>_probs.tif``, or ``<name>_probs.nii.gz`` for NIfTI inputs.
+    PNG/TIFF/NIfTI/NRRD/MetaImage (.nhdr -> .nrrd, .mhd -> .mha), ``.nii.gz`` for DICOM series and
+    ``.png`` otherwise (JPEG, BMP, GIF, WebP); probability maps are ``<name>_probs.tif``, or
+    ``<name>_probs.nii.gz`` for NIfTI, NRRD and MetaImage inputs (the affine kept).
 
     Raises:
         UsegError: two cases with the same output, or an existing output without ``overwrite``.
@@ -139,7 +142,7 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
     for c in cases:
         suffix = MASK_OUT_SUFFIX.get(suffix_of(c.image), ".nii.gz" if c.image.is_dir() else ".png")
         if probabilities:
-            suffix = "_probs" + (".nii.gz" if suffix in (".nii", ".nii.gz") else ".tif")
+            suffix = "_probs" + (".nii.gz" if suffix in VOLUME_OUT else ".tif")
         # no separators in the name, so whatever the input names, the output stays in out_dir
         target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
         if target in targets:
