@@ -55,6 +55,9 @@ class DataConfig:
     border_weights: bool = False  # weight the loss by the paper's eq. 2 map (separates touching objects)
     w0: float = 10.0  # eq. 2 border weight (the paper: 10)
     sigma: float = 5.0  # eq. 2 border width in pixels (the paper: 5)
+    pairing: str = "same stem"  # the rule that paired images with masks (useg.pairing's names)
+    image_pattern: str | None = None  # the --image-pattern the run was trained with
+    mask_pattern: str | None = None  # the --mask-pattern the run was trained with
 
 
 @dataclass(frozen=True)

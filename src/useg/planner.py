@@ -298,6 +298,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
         data["regions"] = _region_classes(report.label_map.values, ov.regions, reasons)
     if report.info.get("layout") == "folders":
         data["channel_names"] = tuple(fp["channel_names"])
+    data.update({k: report.info[k] for k in ("pairing", "image_pattern", "mask_pattern") if k in report.info})
     spacings = [r.spacing for r in report.records] or [(1.0,) * dims]
     model, patch_size = dict(ov.model), ov.patch_size
     if dims == 3:

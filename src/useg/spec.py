@@ -30,6 +30,8 @@ class DataSpec:
     mask_values: tuple[int, ...] | None = None  # the masks' stored values (--labels); None infers them
     channel_names: tuple[str, ...] | None = None  # case folders: channel file prefixes in order (--channels)
     label_name: str | None = None  # case folders: the label file-name prefix (--label)
+    image_pattern: str | None = None  # image stem around {stem}, e.g. {stem}_img (--image-pattern)
+    mask_pattern: str | None = None  # mask stem around {stem}, e.g. {stem}_seg (--mask-pattern)
 
     def __post_init__(self) -> None:
         values = _tuple(self.mask_values, "mask_values")
