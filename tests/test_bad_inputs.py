@@ -418,3 +418,60 @@ def test_format_failures_are_one_sentence(name, cells_dir, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert culprit in err and err.startswith("useg train: error:")
     assert not run.exists() or not any(run.iterdir())  # nothing written
+
+
+# ------------------------------------------------------------------- pairing by name (issue 12)
+
+
+def _ambiguous_masks(d):
+    shutil.copy(d / "masks" / "cell_003.png", d / "masks" / "cell_003_seg.png")
+    shutil.copy(d / "masks" / "cell_003.png", d / "masks" / "cell_003_mask.png")
+    (d / "masks" / "cell_003.png").unlink()
+    return "cell_003_mask.png and cell_003_seg.png are both masks of 'cell_003'"
+
+
+def _repeated_numbers(d):
+    for i in range(6):
+        (d / "masks" / f"cell_{i:03d}.png").rename(d / "masks" / f"{i}_truth.png")
+    shutil.copy(d / "images" / "cell_002.png", d / "images" / "scan_002.png")
+    return "cell_002.png and scan_002.png pair with the same mask(s) 2_truth.png"
+
+
+def _unpaired_names(d):
+    for i in range(6):
+        (d / "masks" / f"cell_{i:03d}.png").rename(d / "masks" / f"{i}_truth.png")
+    (d / "masks" / "5_truth.png").rename(d / "masks" / "gt_five.png")
+    return "gt_five.png has no image"
+
+
+PAIRING = {f.__name__[1:]: f for f in (_ambiguous_masks, _repeated_numbers, _unpaired_names)}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRING))
+def test_train_refuses_names_that_do_not_pair(name, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    culprit = PAIRING[name](data)
+    assert main(["check", str(data)]) == 2
+    assert culprit in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:")
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("flag, pattern, culprit", [
+    ("--mask-pattern", "{stem}_seg", "--mask-pattern '{stem}_seg' matches none of the 6 files in"),
+    ("--image-pattern", "img_{stem}", "--image-pattern 'img_{stem}' matches none of the 6 files in"),
+    ("--mask-pattern", "seg", "--mask-pattern: the name pattern 'seg' must hold {stem} exactly once"),
+])
+def test_a_name_pattern_that_matches_nothing_is_refused(flag, pattern, culprit, cells_dir, tmp_path, capsys):
+    assert main(["check", str(cells_dir), flag, pattern]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err
+    assert "(such as cell_000.png)" in err or "exactly once" in culprit
+    run = tmp_path / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), flag, pattern, *TINY]) == 2
+    assert culprit in capsys.readouterr().err
+    assert not run.exists()

@@ -71,10 +71,12 @@ def _disc_dataset(root, n=4, shape=(40, 44), roi_suffix="_roi"):
 
 def test_pair_stems_equal_and_suffixed():
     p = pair_stems(["a", "b", "c"], ["a", "b_roi", "b", "x_mask"])
-    assert p.pairs == {"a": "a", "b": "b"} and p.rule == "equal stems"
-    assert p.unpaired_images == ("c",) and p.unpaired_others == ("b_roi", "x_mask")
+    assert p.pairs == {"a": "a", "b": "b"} and p.rule == "same stem"
+    assert p.unpaired_images == ("c",) and set(p.unpaired_others) == {"b_roi", "x_mask"}
     q = pair_stems(["07_scan"], ["07_scan_mask"])
-    assert q.pairs == {"07_scan": "07_scan_mask"} and q.rule == "stem + suffix"
+    assert q.pairs == {"07_scan": "07_scan_mask"} and q.rule == "mask suffix"
+    r = pair_stems(["a", "b"], ["a_roi", "b_roi"])  # every ROI name shares _roi
+    assert r.pairs == {"a": "a_roi", "b": "b_roi"} and r.rule == "shared affixes"
     assert pair_stems(["a"], ["a_gt"], other_pattern="{stem}_gt").pairs == {"a": "a_gt"}
 
 

@@ -37,15 +37,26 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _spec(a: argparse.Namespace) -> DataSpec:
-    """The DataSpec of --labels, --channels, --label and --roi."""
-    return DataSpec(mask_values=a.labels, channel_names=a.channels, label_name=a.label, roi_dir=a.roi)
+    """The DataSpec of --labels, --channels, --label, --image-pattern, --mask-pattern and --roi."""
+    return DataSpec(mask_values=a.labels, channel_names=a.channels, label_name=a.label,
+                    image_pattern=a.image_pattern, mask_pattern=a.mask_pattern, roi_dir=a.roi)
+
+
+def _channels(report) -> str:
+    """"3 channel(s)", "channels differ (1, 3)" or "channels unknown (no readable image)"."""
+    if report.num_channels is not None:
+        return f"{report.num_channels} channel(s)"
+    counts = sorted({r.num_channels for r in report.records})
+    if counts:
+        return f"channels differ ({', '.join(map(str, counts))})"
+    return "channels unknown (no readable image)"
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
 
     report = check_dataset(a.data, _spec(a))
-    print(f"{a.data}: {len(report.cases)} cases, {report.num_channels} channel(s)")
+    print(f"{a.data}: {len(report.cases)} cases, {_channels(report)}")
     if report.label_map is not None:
         lm = report.label_map
         print(f"classes: {lm.num_classes} (mask values {list(lm.values)}, {lm.mode})")
@@ -187,6 +198,10 @@ def _layout_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--channels", type=lambda t: [v for v in t.split(",") if v],
                     help="case folders: channel file-name prefixes in order, e.g. Flair,T1c")
     sp.add_argument("--label", help="case folders: the label file-name prefix, e.g. seg")
+    sp.add_argument("--mask-pattern", help="a mask's name around its image's, e.g. {stem}_seg "
+                    "(default: equal names, _mask/_label/_seg, shared prefixes/suffixes or one number)")
+    sp.add_argument("--image-pattern", help="with --mask-pattern: the part of an image's name that is "
+                    "shared, e.g. {stem}_img (default: {stem}, the whole name)")
     _roi_arg(sp, "labels count only inside it (training ignores the rest)")
 
 

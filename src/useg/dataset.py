@@ -1,7 +1,8 @@
 """Data folders: finding the cases (pairing images with masks) and checking them.
 
-Layout: ``DATA/images/<stem>.<ext>`` with ``DATA/masks/<stem>.<ext>`` (or ``<stem>_mask`` /
-``<stem>_label``), PNG, TIFF or NIfTI, paired by stem; channels as separate ``<stem>_0000`` files,
+Layout: ``DATA/images/<stem>.<ext>`` with ``DATA/masks/<stem>.<ext>``, PNG, TIFF or NIfTI, paired
+by name as :mod:`useg.pairing` describes (equal stems, ``<stem>_mask``, shared prefixes and
+suffixes, one number per name, or the user's patterns); channels as separate ``<stem>_0000`` files,
 nnU-Net's raw layout and case folders through :mod:`useg.layouts`. :func:`check_dataset` reads
 every file once and lists every problem, one sentence each naming the file and the fix, and keeps
 a :class:`CaseRecord` per case so planning need not read the files again. Reading cases into
@@ -24,12 +25,11 @@ from .errors import UsegError
 from .files import stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, read_mask
 from .labels import LabelMap, label_map_of_masks
+from .pairing import RULE_TEXT, STEM, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
 from .roi import pair_rois, read_roi
 from .spec import DataSpec
 
 logger = logging.getLogger(__name__)
-
-MASK_STEM_SUFFIXES = ("_mask", "_label", "_labels", "_seg")  # mask stem = image stem + one of these
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,6 @@ def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Pa
     return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
 
-def mask_stem(stem: str) -> str:
-    for suffix in MASK_STEM_SUFFIXES:
-        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
 def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path], dict]:
     """Cases, pairing problems, ignored (non-image) files and layout information of a data folder."""
     if not root.is_dir():
@@ -89,9 +82,9 @@ def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path]
                      f"put the images in {root / 'images'}")
         return [], [no_images], ignored, {}
     by_stem, extra, problems = _image_stems(images)
-    masks = _pair_masks(root, img_dir, by_stem, ignored, problems)
+    masks, pairing = _pair_masks(root, img_dir, by_stem, ignored, problems, spec)
     cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
-    return cases, problems, ignored, {"layout": "plain"}
+    return cases, problems, ignored, {"layout": "plain", **pairing}
 
 
 def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tuple[Path, ...]], list[str]]:
@@ -113,38 +106,131 @@ def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tup
 
 
 def _pair_masks(root: Path, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
-                problems: list[str]) -> dict[str, Path]:
-    """Case name -> mask file from ``root/masks``; non-masks go to ``ignored``, pairing problems to
-    ``problems``."""
-    masks: dict[str, Path] = {}
+                problems: list[str], spec: DataSpec) -> tuple[dict[str, Path], dict]:
+    """(case name -> mask file from ``root/masks``, pairing information); non-masks go to
+    ``ignored``, pairing problems to ``problems``."""
     mask_dir = root / "masks"
     if img_dir == root or not mask_dir.is_dir():
-        return masks
+        return {}, {}
     mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
     ignored.extend(other)
     if not mask_files:
         problems.append(f"{mask_dir} holds no masks; put one mask per image there, named like its image")
+        return {}, {}
+    by_mask: dict[str, Path] = {}
     for p in mask_files:
-        stem = stem_of(p) if stem_of(p) in by_stem else mask_stem(stem_of(p))
-        if stem in masks:
-            problems.append(f"{p} and {masks[stem].name} are both masks of {stem!r}; keep one of them")
+        if stem_of(p) in by_mask:
+            problems.append(f"{p} and {by_mask[stem_of(p)].name} share the name {stem_of(p)!r}; "
+                            "keep one of them")
         else:
-            masks[stem] = p
-    for stem, p in masks.items():
-        if stem not in by_stem:
-            problems.append(f"{p} has no image {stem}.* in {img_dir}; add the image or remove the mask")
-    if mask_files:
-        for stem, p in by_stem.items():
-            if stem not in masks:
-                problems.append(f"{p} has no mask {stem}.png in {mask_dir}; "
-                                "add its mask or move the image out")
-    return masks
+            by_mask[stem_of(p)] = p
+    for flag, pattern in (("--image-pattern", spec.image_pattern), ("--mask-pattern", spec.mask_pattern)):
+        try:
+            compile_pattern(pattern or STEM)
+        except UsegError as e:
+            problems.append(f"{flag}: {e}")
+            return {}, {}
+    pairing = pair_stems(list(by_stem), list(by_mask), spec.image_pattern, spec.mask_pattern)
+    folders = _Folders(img_dir, mask_dir, by_stem, by_mask)
+    problems.extend(_pattern_problems(folders, spec) or _pairing_problems(folders, pairing))
+    masks = {stem: by_mask[m] for stem, m in pairing.pairs.items()}
+    info = {"pairing": pairing.rule, "image_pattern": spec.image_pattern, "mask_pattern": spec.mask_pattern,
+            "files": {"images": len(by_stem), "masks": len(by_mask)}}
+    if pairing.pairs:
+        stem, m = next(iter(pairing.pairs.items()))
+        info["example"] = (by_stem[stem].name, by_mask[m].name)
+    return masks, info
+
+
+@dataclass(frozen=True)
+class _Folders:
+    """The two folders of a plain layout and their files by stem, for the pairing sentences."""
+
+    img_dir: Path
+    mask_dir: Path
+    images: dict[str, Path]  # image stem (case name) -> its first file
+    masks: dict[str, Path]  # mask stem -> mask file
+
+
+def _pattern_problems(f: _Folders, spec: DataSpec) -> list[str]:
+    """A pattern that matches no file of its folder (one sentence, instead of one per file)."""
+    problems = []
+    for flag, pattern, files, folder in (("--image-pattern", spec.image_pattern, f.images, f.img_dir),
+                                         ("--mask-pattern", spec.mask_pattern, f.masks, f.mask_dir)):
+        if pattern is not None and not any(compile_pattern(pattern).fullmatch(s) for s in files):
+            problems.append(f"{flag} {pattern!r} matches none of the {len(files)} files in {folder} "
+                            f"(such as {next(iter(files.values())).name}); write their names with {STEM} "
+                            f"in place of the part they share with their partners, like '{STEM}_seg'")
+    return problems
+
+
+def _pairing_problems(f: _Folders, pairing: Pairing) -> list[str]:
+    """One sentence per ambiguity and per unpaired file, after a hint when the folder almost pairs."""
+    how = RULE_TEXT[pairing.rule]
+    problems = [_ambiguity_sentence(f, a, how) for a in pairing.ambiguous]
+    in_ambiguity = {s for a in pairing.ambiguous for s in (*a.images, *a.others)}
+    lone_images = [s for s in pairing.unpaired_images if s not in in_ambiguity]
+    lone_masks = [s for s in pairing.unpaired_others if s not in in_ambiguity]
+    by_name = pairing.rule in ("same stem", "mask suffix")
+    for stem in lone_masks:
+        p = f.masks[stem]
+        if by_name and mask_stem(stem) in pairing.pairs:
+            problems.append(f"{p} and {f.masks[pairing.pairs[mask_stem(stem)]].name} are both masks of "
+                            f"{mask_stem(stem)!r}; keep one of them")
+        elif by_name:
+            problems.append(f"{p} has no image {mask_stem(stem)}.* in {f.img_dir}; "
+                            "add the image or remove the mask")
+        else:
+            problems.append(f"{p} has no image in {f.img_dir} that pairs with it by {how}; "
+                            "add the image, remove the mask or give --mask-pattern")
+    for stem in lone_images:
+        p = f.images[stem]
+        if by_name:
+            problems.append(f"{p} has no mask {stem}.png in {f.mask_dir}; add its mask or move the image out")
+        else:
+            problems.append(f"{p} has no mask in {f.mask_dir} that pairs with it by {how}; "
+                            "add its mask, move the image out or give --mask-pattern")
+    if lone_images and lone_masks and pairing.rule != "pattern":  # names that almost pair
+        problems.insert(0, _almost_pairs_hint(f, pairing, how))
+    return [p for p in problems if p]
+
+
+def _ambiguity_sentence(f: _Folders, a: Ambiguity, how: str) -> str:
+    """One sentence naming the files that could pair more than one way."""
+    if len(a.images) == 1:
+        masks = [f.masks[s] for s in a.others]
+        return (f"{masks[0]} and {_names(masks[1:])} are {'both' if len(masks) == 2 else 'all'} masks of "
+                f"{a.images[0]!r} by {how}; keep one of them or give --mask-pattern")
+    images = [f.images[s] for s in a.images]
+    return (f"{images[0]} and {_names(images[1:])} pair with the same mask(s) "
+            f"{_names([f.masks[s] for s in a.others])} by {how}; rename them or give "
+            "--image-pattern and --mask-pattern")
+
+
+def _names(paths: Sequence[Path], most: int = 3) -> str:
+    names = ", ".join(p.name for p in paths[:most])
+    return names + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def _almost_pairs_hint(f: _Folders, pairing: Pairing, how: str) -> str | None:
+    """"12 of 20 masks pair by number; ..." when images and masks are left over on both sides and
+    names pair some other way than equal names and suffixes (or not at all)."""
+    if not pairing.pairs:
+        return (f"no mask in {f.mask_dir} pairs with an image in {f.img_dir} (tried equal names, "
+                "the suffixes _mask, _label, _labels and _seg, shared prefixes and suffixes, one number "
+                f"per name); name the masks like their images or give --mask-pattern, like '{STEM}_seg'")
+    if pairing.rule in ("same stem", "mask suffix"):  # the file sentences say it: files are missing
+        return None
+    return (f"{len(pairing.pairs)} of {len(f.masks)} masks in {f.mask_dir} pair with an image by {how}; "
+            f"name the other {len(f.masks) - len(pairing.pairs)} the same way or give --mask-pattern "
+            f"(and --image-pattern), like '{STEM}_seg'")
 
 
 def discover(root: str | Path, spec: DataSpec | None = None) -> list[Case]:
-    """The cases of a data folder: ``root/images/*`` paired with ``root/masks/*`` by stem.
+    """The cases of a data folder: ``root/images/*`` paired with ``root/masks/*`` by name.
 
-    A mask may carry a ``_mask`` / ``_label`` suffix on its image's stem. Cases come in natural
+    Names pair by :func:`useg.pairing.pair_stems` (``spec.image_pattern`` / ``spec.mask_pattern``
+    override its rules); a case is named after its image's stem. Cases come in natural
     order (2 before 10). A folder without images/ is a folder of images to predict (cases
     without masks); images without masks get ``mask=None``. :func:`check_dataset` reports the rest.
     nnU-Net raw folders and case folders (``spec.channel_names``/``spec.label_name`` file-name
@@ -220,7 +306,8 @@ class CheckReport:
         label_map: the masks' encoding, when masks were readable.
         num_channels: image channels, when every readable image has the same count.
         stats: JSON-able summary (counts, sizes, dtypes, pixel share per mask value, ignored files).
-        info: the layout ("plain", "nnunet", "folders") and what it names (channel names, labels).
+        info: the layout ("plain", "nnunet", "folders") and what it names (channel names, labels,
+            the pairing rule of a plain layout).
         records: one :class:`CaseRecord` per readable image, in case order (the planner's
             fingerprint is computed from them: :func:`useg.planner.fingerprint`).
     """
@@ -268,8 +355,9 @@ def _majority(groups: dict) -> object:
 def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport:
     """Read every file of a training folder once and list every problem.
 
-    Problems: missing or empty folders, images without masks and masks without images,
-    duplicate names, unreadable files, JPEG masks, image/mask size mismatches, inconsistent
+    Problems: missing or empty folders, images without masks and masks without images (after
+    a hint when a folder almost pairs), names that pair more than one way, patterns that match
+    nothing, duplicate names, unreadable files, JPEG masks, image/mask size mismatches, inconsistent
     channel counts or dimensions, palettes that disagree, unknown mask values (see
     :func:`useg.labels.label_map_of_masks`) and a single class only.
 
@@ -277,11 +365,14 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
         root: a folder with images/ and masks/.
         spec: how to read it: ``mask_values`` (``--labels``) when they should not be inferred (an
             nnU-Net dataset.json's labels are used otherwise), the channel and label file-name
-            prefixes of case folders, ``roi_dir`` (``--roi``): every image then needs an ROI mask
-            of its size with at least one pixel inside (``stats["ROI share (mean)"]``).
+            prefixes of case folders, the image and mask name patterns, ``roi_dir`` (``--roi``):
+            every image then needs an ROI mask of its size with at least one pixel inside
+            (``stats["ROI share (mean)"]``).
 
     Returns:
-        A :class:`CheckReport`; ``report.ok`` is False when anything must be fixed.
+        A :class:`CheckReport`; ``report.ok`` is False when anything must be fixed. A plain layout
+        with masks/ has ``info["pairing"]`` (the rule that paired it, :mod:`useg.pairing`), the
+        patterns, ``info["files"]`` (stems per folder) and ``info["example"]`` (one pair's names).
     """
     root, spec = Path(root), spec or DataSpec()
     cases, problems, ignored, info = _pair(root, spec)
@@ -397,7 +488,8 @@ def _disagreements(records: Sequence[CaseRecord], cases: Sequence[Case]) -> list
 
 def _stats(cases: Sequence[Case], scan: _Scan, ignored: Sequence[Path], info: dict) -> dict:
     """The JSON-able summary ``useg check`` prints, in that order."""
-    stats: dict = {"cases": len(cases), "labelled": sum(c.mask is not None for c in cases)}
+    stats: dict = {**_folder_lines(cases, info), "cases": len(cases),
+                   "labelled": sum(c.mask is not None for c in cases)}
     shapes = [r.shape for r in scan.records]
     if shapes:
         stats["dims"] = sorted({r.dims for r in scan.records})
@@ -422,6 +514,22 @@ def _stats(cases: Sequence[Case], scan: _Scan, ignored: Sequence[Path], info: di
     if info.get("layout", "plain") != "plain":
         stats["layout"] = info["layout"]
     return stats
+
+
+def _folder_lines(cases: Sequence[Case], info: dict) -> dict[str, str]:
+    """The per-folder summary of a plain layout: "images/": "20 files", "masks/": "20 files, paired
+    by number (07_scan.tif with 07_truth.gif)"."""
+    if info.get("layout", "plain") != "plain" or not cases:
+        return {}
+    lines = {"images/": f"{sum(len(c.files) for c in cases)} files"}
+    if "pairing" in info:
+        paired = sum(c.mask is not None for c in cases)
+        n = info["files"]["masks"]
+        line = f"{n} files, {'' if paired == n else f'{paired} '}paired by {info['pairing']}"
+        if info.get("example") and info["pairing"] != "same stem":
+            line += " ({} with {})".format(*info["example"])
+        lines["masks/"] = line
+    return lines
 
 
 def _foreground_sample(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -98,7 +99,8 @@ def train_folder(
         data: a folder with images/ and masks/ (or an nnU-Net raw folder, or case folders).
         out: the run folder.
         spec: how to read ``data``: its mask values when they should not be inferred (e.g.
-            ``DataSpec(mask_values=(0, 255))``), the channel and label prefixes of case folders.
+            ``DataSpec(mask_values=(0, 255))``), the channel and label prefixes of case folders,
+            the image and mask name patterns (a resumed run keeps its own unless others are given).
         overrides: the preset (see :data:`useg.planner.PRESETS`) and the plan's fields fixed by hand,
             the training patch, the memory budget and nested regions (see
             :func:`useg.planner.plan_dataset`); ``train["val_fraction"]`` and ``train["seed"]`` also
@@ -116,6 +118,8 @@ def train_folder(
     """
     overrides = overrides or Overrides()
     out = Path(out)
+    if resume:
+        spec = _run_patterns(spec, out)
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
@@ -133,6 +137,15 @@ def train_folder(
         atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=1))
     return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
                device=device, quiet=quiet)
+
+
+def _run_patterns(spec: DataSpec | None, out: Path) -> DataSpec:
+    """On resume, the name patterns the run was trained with, unless ``spec`` gives its own."""
+    spec = spec or DataSpec()
+    if spec.image_pattern or spec.mask_pattern or not (out / "plan.json").is_file():
+        return spec
+    d = Plan.load(out / "plan.json").data
+    return dataclasses.replace(spec, image_pattern=d.image_pattern, mask_pattern=d.mask_pattern)
 
 
 def _resumed(out: Path, data: str | Path, report: CheckReport) -> tuple[Plan, list[Case], list[Case]]:

@@ -57,6 +57,9 @@ class DataConfig:
     sigma: float = 5.0  # eq. 2 border width in pixels (the paper: 5)
     roi: bool = False  # trained with a region-of-interest mask per image (--roi): labels outside ignored
     ignore_value: int | None = None  # mask value of unlabelled pixels (nnU-Net's "ignore"): not trained on
+    pairing: str = "same stem"  # the rule that paired images with masks (useg.pairing's names)
+    image_pattern: str | None = None  # the --image-pattern the run was trained with
+    mask_pattern: str | None = None  # the --mask-pattern the run was trained with
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     if report.info.get("layout") == "folders":
         data["channel_names"] = tuple(fp["channel_names"])
     data.update(_ignored(report.info, reasons))
+    data.update({k: report.info[k] for k in ("pairing", "image_pattern", "mask_pattern") if k in report.info})
     spacings = [r.spacing for r in report.records] or [(1.0,) * dims]
     model, patch_size = dict(ov.model), ov.patch_size
     if dims == 3:

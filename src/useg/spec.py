@@ -31,6 +31,8 @@ class DataSpec:
     mask_values: tuple[int, ...] | None = None  # the masks' stored values (--labels); None infers them
     channel_names: tuple[str, ...] | None = None  # case folders: channel file prefixes in order (--channels)
     label_name: str | None = None  # case folders: the label file-name prefix (--label)
+    image_pattern: str | None = None  # image stem around {stem}, e.g. {stem}_img (--image-pattern)
+    mask_pattern: str | None = None  # mask stem around {stem}, e.g. {stem}_seg (--mask-pattern)
     roi_dir: str | Path | None = None  # a region-of-interest mask per image (--roi): labels valid inside
 
     def __post_init__(self) -> None:
