@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import mask_stem
 from .distances import BRATS_REGIONS, REGION_METRICS, evaluate_regions
 from .errors import UsegError
 from .files import atomic_write_text, stem_of, suffix_of
@@ -32,6 +31,7 @@ from .instances import evaluate_instances
 from .io import MASK_SUFFIXES, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .metrics import METRICS, evaluate_case
+from .pairing import pair_stems
 from .roi import background_outside, pair_rois, read_roi
 from .scores import SCORE_METRICS, ScoreCounts, empty_counts, merge, score_counts, score_metrics
 from .volumes import is_nifti, nifti_spacing
@@ -329,15 +329,15 @@ def _pairs(pred_dir: Path, truth_dir: Path, probabilities: bool = False) -> list
                        len(maps), pred_dir)
     if not preds:
         raise UsegError(f"{pred_dir} holds no masks; run 'useg predict' into it first")
-    truths = {}
-    for p in truth_dir.iterdir():
-        if suffix_of(p) in MASK_SUFFIXES:
-            truths[mask_stem(stem_of(p))] = p
-    missing = [p.name for p in preds if _case_stem(p) not in truths]
+    truths = {stem_of(p): p for p in sorted(truth_dir.iterdir())
+              if suffix_of(p) in MASK_SUFFIXES and not p.name.startswith(".")}
+    # the same rules as the data check: predictions carry the image's name, the truth the mask's
+    paired = pair_stems([_case_stem(p) for p in preds], list(truths)).pairs
+    missing = [p.name for p in preds if _case_stem(p) not in paired]
     if missing:
         raise UsegError(f"no true mask in {truth_dir} for {', '.join(missing[:5])}; "
                         "evaluate predictions of labelled images only")
-    return [(p, truths[_case_stem(p)]) for p in preds]
+    return [(p, truths[paired[_case_stem(p)]]) for p in preds]
 
 
 def _rois(pairs: Sequence[tuple[Path, Path]], roi_dir: str | Path) -> dict[Path, Path]:
