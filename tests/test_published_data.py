@@ -58,7 +58,8 @@ def test_published_rgb_tiff_gif_dataset_end_to_end(tmp_path, capsys):
     assert "paired by number" in out
 
     run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), "--roi", fov, "--exclude", "05_scan,06_scan", *TINY]) == 0
+    held_out = "05_scan,06_scan"
+    assert main(["train", str(data), "--out", str(run), "--roi", fov, "--exclude", held_out, *TINY]) == 0
     plan = json.loads((run / "plan.json").read_text())
     assert plan["data"]["pairing"] == "number" and plan["data"]["roi"] is True
     assert plan["model"]["in_channels"] == 3
