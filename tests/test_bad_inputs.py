@@ -127,18 +127,22 @@ CASES = {f.__name__[1:]: f for f in (_truncated_png, _truncated_tiff, _size_mism
                                        _fractional_labels)}
 
 
+def _check_and_train_refuse(data, culprit, tmp_path, capsys, *flags):
+    """``useg check`` and ``useg train`` both exit 2 naming ``culprit``, and train writes nothing."""
+    assert main(["check", str(data), *flags]) == 2
+    assert culprit in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *flags, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:")
+    assert not run.exists() or not any(run.iterdir())  # nothing written
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_train_refuses_bad_data(name, cells_dir, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)
-    culprit = CASES[name](data)
-    assert main(["check", str(data)]) == 2
-    assert culprit in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
-    err = capsys.readouterr().err
-    assert culprit in err and err.startswith("useg train: error:")
-    assert not run.exists() or not any(run.iterdir())  # nothing written
+    _check_and_train_refuse(data, CASES[name](data), tmp_path, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +266,7 @@ def test_train_refuses_bad_rois(name, cells_dir, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)
     culprit = ROI_CASES[name](data)
-    roi = str(data / "roi")
-    assert main(["check", str(data), "--roi", roi]) == 2
-    assert culprit in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), "--roi", roi, *TINY]) == 2
-    err = capsys.readouterr().err
-    assert culprit in err and err.startswith("useg train: error:")
-    assert not run.exists() or not any(run.iterdir())
+    _check_and_train_refuse(data, culprit, tmp_path, capsys, "--roi", str(data / "roi"))
 
 
 def test_predict_and_evaluate_refuse_a_missing_roi(trained, cells_dir, tmp_path, capsys):
@@ -410,14 +407,7 @@ FORMAT_CASES = {f.__name__[1:]: f for f in (_lzw_without_imagecodecs, _webp_mask
 def test_format_failures_are_one_sentence(name, cells_dir, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)
-    culprit = FORMAT_CASES[name](data, monkeypatch)
-    assert main(["check", str(data)]) == 2
-    assert culprit in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
-    err = capsys.readouterr().err
-    assert culprit in err and err.startswith("useg train: error:")
-    assert not run.exists() or not any(run.iterdir())  # nothing written
+    _check_and_train_refuse(data, FORMAT_CASES[name](data, monkeypatch), tmp_path, capsys)
 
 
 # ------------------------------------------------------------------- pairing by name (issue 12)
@@ -451,14 +441,7 @@ PAIRING = {f.__name__[1:]: f for f in (_ambiguous_masks, _repeated_numbers, _unp
 def test_train_refuses_names_that_do_not_pair(name, cells_dir, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)
-    culprit = PAIRING[name](data)
-    assert main(["check", str(data)]) == 2
-    assert culprit in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), *TINY]) == 2
-    err = capsys.readouterr().err
-    assert culprit in err and err.startswith("useg train: error:")
-    assert not run.exists() or not any(run.iterdir())
+    _check_and_train_refuse(data, PAIRING[name](data), tmp_path, capsys)
 
 
 @pytest.mark.parametrize("flag, pattern, culprit", [
