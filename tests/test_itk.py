@@ -167,3 +167,32 @@ def test_predictions_of_itk_inputs_keep_format_and_affine(tmp_path, rng):
     probs = rng.random((2, 6, 5, 4)).astype(np.float32)
     out = write_probabilities(tmp_path / "o" / "v_probs.nii.gz", probs, image)
     np.testing.assert_allclose(nib.load(str(out)).affine, image.affine, atol=1e-5)
+
+
+def test_header_spacing_checks_masks_and_scales_surface_distances(tmp_path):
+    from useg.dataset import check_dataset
+    from useg.evaluate import evaluate_folders
+    from useg.io import file_spacing
+
+    for d in ("images", "masks", "pred"):
+        (tmp_path / d).mkdir()
+    mask = np.zeros((6, 8, 10), np.uint8)
+    mask[2:4, 2:6, 3:8] = 1
+    for k in range(2):
+        _itk_file(tmp_path / "images" / f"c{k}.nrrd", mask.astype(np.float32) * 100, (1.0, 1.0, 2.0),
+                  (0.0, 0.0, 0.0), IDENTITY)
+        _itk_file(tmp_path / "masks" / f"c{k}.nrrd", mask, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
+    assert file_spacing(tmp_path / "masks" / "c0.nrrd") == (1.0, 1.0, 2.0)
+    assert file_spacing(tmp_path / "images" / "missing.nrrd") is None
+    assert check_dataset(tmp_path).ok
+    _itk_file(tmp_path / "masks" / "c1.nrrd", mask, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), IDENTITY)
+    problems = check_dataset(tmp_path).problems
+    assert any("c1.nrrd has spacing 1x1x3 but its image has 1x1x2" in p for p in problems)
+
+    # a prediction one slice off along z (ITK's third axis, 2 mm): HD95 is 2 mm, not 1 pixel
+    shifted = np.roll(mask, 1, axis=0)
+    _itk_file(tmp_path / "masks" / "c1.nrrd", mask, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
+    for k in range(2):
+        _itk_file(tmp_path / "pred" / f"c{k}.nrrd", shifted, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
+    summary, _ = evaluate_folders(tmp_path / "pred", tmp_path / "masks", regions="fg=1")
+    assert summary["regions"]["fg"]["hd95"] == pytest.approx(2.0)

@@ -23,7 +23,7 @@ import numpy as np
 from . import layouts, volumes
 from .errors import UsegError
 from .files import stem_of, suffix_of
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, read_mask
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, file_spacing, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .pairing import RULE_TEXT, STEM, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
 from .roi import pair_rois, read_roi
@@ -447,7 +447,7 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
         problems.append(f"{case.mask} is {format_axes(raw.shape)} but its image is "
                         f"{format_axes(image.spatial_shape)}; masks must match their images pixel for pixel")
         return
-    mask_spacing = volumes.nifti_spacing(case.mask) if volumes.is_nifti(case.mask) else None
+    mask_spacing = file_spacing(case.mask)  # NIfTI, NRRD, MetaImage headers
     if image is not None and mask_spacing and not np.allclose(mask_spacing, image.spacing, rtol=1e-3):
         problems.append(f"{case.mask} has spacing {format_axes(mask_spacing)} but its image has "
                         f"{format_axes(image.spacing)}; resample the mask onto its image's grid "

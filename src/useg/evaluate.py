@@ -28,13 +28,13 @@ from .distances import BRATS_REGIONS, REGION_METRICS, evaluate_regions
 from .errors import UsegError
 from .files import atomic_write_text, stem_of, suffix_of
 from .instances import evaluate_instances
-from .io import MASK_SUFFIXES, read_image, read_mask
+from .io import MASK_SUFFIXES, file_spacing, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .metrics import METRICS, evaluate_case
 from .pairing import pair_stems
 from .roi import background_outside, pair_rois, read_roi
 from .scores import SCORE_METRICS, ScoreCounts, empty_counts, merge, score_counts, score_metrics
-from .volumes import is_nifti, nifti_spacing
+from .volumes import is_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _score_cases(pairs: Sequence[tuple[Path, Path]], raw_truth: Mapping[Path, tu
         if inside is not None:  # regions and objects: both masks cut to the ROI
             pred, truth = background_outside(pred, inside), background_outside(truth, inside)
         if as_classes:
-            spacing = nifti_spacing(truth_path) if is_nifti(truth_path) else None
+            spacing = file_spacing(truth_path)  # mm from NIfTI, NRRD, MetaImage; else pixels
             scores = evaluate_regions(pred, truth, as_classes, spacing)
             region_rows.extend({"case": case, **r} for r in scores)
         if instances:

@@ -59,6 +59,9 @@ class Format:
             whether to write a palette or colours. Raises ValueError for values the format cannot hold.
         write_image: ``(path, array, like) -> path``: writes (C, H, W) or (C, D, H, W) atomically
             with ``like``'s resolution. Raises ValueError for what the format cannot hold.
+        read_spacing: ``(path) -> spacing or None`` from the header alone, in the axis order of
+            ``read_image``'s array, for formats whose headers hold a physical spacing (medical
+            volumes); None when the file cannot be read.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Format:
     read_mask: Callable[[Path], MaskValues] | None = None
     write_mask: Callable[[Path, np.ndarray, Image, LabelMap | None], Path] | None = None
     write_image: Callable[[Path, np.ndarray, Image], Path] | None = None
+    read_spacing: Callable[[Path], tuple[float, ...] | None] | None = None
 
 
 def _read_pil(path: Path) -> PILImage.Image:
@@ -180,9 +184,11 @@ _BMP = Format("bmp", partial(_read_pil_image, name="bmp"), _read_pil_mask, None,
 _GIF = Format("gif", partial(_read_pil_image, name="gif"), _read_pil_mask)  # first frame; palette masks
 _WEBP = Format("webp", partial(_read_pil_image, name="webp"), partial(_refuse_lossy_mask, codec="WebP"))
 _TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image)
-_NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask)
+_NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask,
+                read_spacing=volumes.nifti_spacing)
 DICOM_SERIES = Format("dicom", volumes.read_dicom_series)  # a folder of one series' slices, found by content
-_ITK = {name: Format(name, itk.read_itk_image, itk.read_itk_mask, itk.write_itk_mask, itk.write_itk_image)
+_ITK = {name: Format(name, itk.read_itk_image, itk.read_itk_mask, itk.write_itk_mask, itk.write_itk_image,
+                     itk.itk_spacing)
         for name in ("nrrd", "metaimage")}
 
 FORMATS: dict[str, Format] = {
@@ -334,6 +340,17 @@ def write_image(path: str | Path, image: Image | np.ndarray) -> Path:
         raise ValueError(f"cannot write an image as {suffix!r}; "
                          f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
     return fmt.write_image(path, arr, like)
+
+
+def file_spacing(path: str | Path) -> tuple[float, ...] | None:
+    """The physical spacing a file's header states (NIfTI, NRRD, MetaImage), without its pixels.
+
+    None for formats whose spacing is not a reliable header field (PNG, TIFF, ...) and for files
+    that cannot be read (reading them later names the problem). Masks are compared with their
+    images by it, and surface distances are measured in it.
+    """
+    fmt = FORMATS.get(suffix_of(path))
+    return fmt.read_spacing(Path(path)) if fmt is not None and fmt.read_spacing is not None else None
 
 
 _PIL_FORMATS = frozenset({"png", "jpeg", "bmp", "gif", "webp"})

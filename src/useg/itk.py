@@ -108,6 +108,19 @@ def _geometry(like: Image, dims: int) -> tuple[tuple, tuple, tuple]:
     return tuple(reversed(like.spacing)), (0.0,) * dims, tuple(np.eye(dims).ravel().tolist())
 
 
+def itk_spacing(path: Path) -> tuple[float, ...] | None:
+    """The spacing in an NRRD / MetaImage header, in :func:`read_itk_image`'s axis order (x, y, z);
+    None when the file cannot be read or SimpleITK is missing (reading it names the problem)."""
+    try:
+        sitk = _sitk(path, "reading")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return tuple(float(v) for v in reader.GetSpacing())
+    except Exception:  # noqa: BLE001 - SimpleITK raises RuntimeError for every damaged file
+        return None
+
+
 def read_itk_image(path: Path) -> Image:
     """An NRRD / MetaImage file as an Image (C, X, Y, Z) or (C, X, Y), dtype as stored, affine kept.
 
