@@ -136,6 +136,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     missing = [p for p in a.inputs if not Path(p).exists()]
     if missing:  # before loading the model: a typo should fail at once
         raise UsegError(f"{missing[0]} does not exist; check the path")
+    _refuse_idle_predict_options(a)
     seg = Segmenter.load(a.run, device=a.device, backend=a.backend)
     changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
     if changes:
@@ -148,6 +149,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
                                     progress=lambda done, _total: progress.update(task, completed=done))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
+
+
+def _refuse_idle_predict_options(a: argparse.Namespace) -> None:
+    """Options that would have no effect together are refused, never silently dropped."""
+    if a.watershed and not a.instances:
+        raise UsegError("--watershed splits instance masks and needs --instances; add --instances or "
+                        "drop --watershed")
+    if a.instances and a.probabilities:
+        raise UsegError("--instances writes object ids and --probabilities writes class probabilities, "
+                        "not both; choose one (run predict twice into two --out folders for both)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:

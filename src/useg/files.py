@@ -77,20 +77,71 @@ class Image:
         return self.array.ndim - 1
 
 
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, APFS, NTFS (UTF-16 units there)
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden, random name beside ``path`` ending in its suffix, within the file-name limit.
+
+    The stem is cut (by UTF-8 bytes, never inside a character) so that a name already near the
+    255-byte limit still gets a temporary name: the random part, not the stem, makes it unique.
+    """
+    suffix = suffix_of(path)
+    tail = f".{secrets.token_hex(6)}.tmp{suffix}"
+    room = NAME_MAX - 1 - len(tail.encode())
+    stem = stem_of(path).encode()[: max(room, 0)].decode("utf-8", "ignore")
+    return path.with_name(f".{stem}{tail}")
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` only if ``path`` does not exist (a hard link fails on an existing name).
+
+    Raises:
+        FileExistsError: ``path`` exists (another process wrote it since we looked).
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FUSE file systems): claim the name itself
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on failure.
 
     Readers never see a half-written file and a crash leaves the previous version intact. The
-    temporary name is hidden (leading dot) and ends in ``path``'s suffix, so writers that pick a
-    format by suffix still work. Parent folders are created.
+    temporary name is hidden (leading dot), created exclusively (no two writers share it), within
+    the file-name limit (:func:`temporary_name`) and ends in ``path``'s suffix, so writers that
+    pick a format by suffix still work. Parent folders are created.
+
+    Args:
+        path: the file to write.
+        exclusive: refuse to replace ``path`` if it exists when the file is complete (another
+            process claimed it meanwhile): ``FileExistsError`` naming ``path``, the temporary file
+            removed. Checking before writing is not enough when two writers share a folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{stem_of(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix_of(path)}")
+    while True:
+        tmp = temporary_name(path)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # 48 random bits collided: draw again
+            continue
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         yield tmp
-        os.replace(tmp, path)
+        if exclusive:
+            _claim(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.filename and Path(e.filename) == tmp:  # name the file the user asked for, not our temp

@@ -18,7 +18,7 @@ import numpy as np
 
 from .dataset import Case
 from .errors import UsegError
-from .files import NIFTI_SUFFIXES, Image, stem_of, suffix_of
+from .files import NAME_MAX, NIFTI_SUFFIXES, Image, atomic_path, stem_of, suffix_of
 from .instances import label_instances
 from .io import write_mask
 from .layouts import read_case_image
@@ -74,13 +74,24 @@ def predict_files(
     label_map = segmenter.plan.data.label_map
     outside = _outside(cases, roi, probabilities is not None, bool(segmenter.plan.data.regions))
 
-    def write(target: Path, labels: np.ndarray, image: Image) -> Path:
+    def encode(target: Path, labels: np.ndarray, image: Image) -> None:
         if probabilities:
-            return write_probabilities(target, labels, image, probabilities)
-        if instances:
-            objects = label_instances(labels, object_class=1, watershed=watershed)
-            return write_mask(target, objects, like=image)
-        return write_mask(target, labels, like=image, label_map=label_map)
+            write_probabilities(target, labels, image, probabilities)
+        elif instances:
+            write_mask(target, label_instances(labels, object_class=1, watershed=watershed), like=image)
+        else:
+            write_mask(target, labels, like=image, label_map=label_map)
+
+    def write(target: Path, labels: np.ndarray, image: Image) -> Path:
+        # Each output is claimed when it is complete: another process that wrote the same name since
+        # output_paths looked makes this one refuse instead of mixing two runs' masks in one folder.
+        try:
+            with atomic_path(target, exclusive=not overwrite) as tmp:
+                encode(tmp, labels, image)
+        except FileExistsError:
+            raise UsegError(f"{target} already exists (written by another process since this one "
+                            "started); pass --overwrite or choose another --out") from None
+        return target
 
     # Reading the next file and writing the last mask overlap with the network's work on this
     # one (file I/O and compression release the GIL); at most one read and one write are queued.
@@ -128,7 +139,7 @@ def _outside(cases: Sequence[Case], roi: str | Path | None, probabilities: bool,
 
 
 def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool) -> list[Path]:
-    """One output per case inside ``out_dir``; clashes and existing files are refused up front.
+    """One output per case inside ``out_dir``; clashes, inputs and existing files are refused up front.
 
     Names are the case names (never a path outside ``out_dir``) with the input's suffix for
     PNG/TIFF/NIfTI/NRRD/MetaImage (.nhdr -> .nrrd, .mhd -> .mha), ``.nii.gz`` for DICOM series and
@@ -136,8 +147,12 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
     ``<name>_probs.nii.gz`` for NIfTI, NRRD and MetaImage inputs (the affine kept).
 
     Raises:
-        UsegError: two cases with the same output, or an existing output without ``overwrite``.
+        UsegError: ``out_dir`` is a file or a folder of inputs; two cases with the same output; an
+            output that is an input, a folder, longer than the file-name limit, or exists without
+            ``overwrite``.
     """
+    _refuse_input_folders(cases, out_dir)
+    inputs = {p.resolve() for c in cases for p in c.files}
     targets: list[Path] = []
     for c in cases:
         suffix = MASK_OUT_SUFFIX.get(suffix_of(c.image), ".nii.gz" if c.image.is_dir() else ".png")
@@ -147,10 +162,37 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
         target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
         if target in targets:
             raise UsegError(f"{c.image} and another input both map to {target.name}; rename one of them")
+        if target.resolve() in inputs:  # a link, or a folder reached two ways: never replace an input
+            raise UsegError(f"{target} would replace the input {c.image} with its mask; choose an --out "
+                            "folder that holds no inputs")
+        if len(target.name.encode()) > NAME_MAX:
+            raise UsegError(f"the output name for {c.image} would be {len(target.name.encode())} bytes, over "
+                            f"the file-name limit of {NAME_MAX}; rename the input shorter")
+        if target.is_dir():
+            raise UsegError(f"{target} is a folder, so the output for {c.image} cannot be written there; "
+                            "move or rename it, or choose another --out")
         if target.exists() and not overwrite:
             raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
         targets.append(target)
     return targets
+
+
+def _refuse_input_folders(cases: Sequence[Case], out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that is a file, the folder of an input, or inside an input folder (DICOM).
+
+    Masks beside their images would be read as images by the next ``useg predict`` of that folder,
+    and with ``--overwrite`` a mask of the same name replaces its image.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsegError(f"--out {out_dir} is a file, not a folder; choose a folder for the masks")
+    out = out_dir.resolve()
+    for c in cases:
+        for f in c.files:
+            src = f.resolve()
+            folder = src if src.is_dir() else src.parent  # a DICOM series is a folder of inputs
+            if out == folder or (src.is_dir() and src in out.parents):
+                raise UsegError(f"--out {out_dir} is the folder of the input {f}; predictions would mix "
+                                "with (or replace) the images, choose another --out")
 
 
 def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str = "float16") -> Path:
