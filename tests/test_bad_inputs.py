@@ -458,3 +458,123 @@ def test_a_name_pattern_that_matches_nothing_is_refused(flag, pattern, culprit, 
     assert main(["train", str(cells_dir), "--out", str(run), flag, pattern, *TINY]) == 2
     assert culprit in capsys.readouterr().err
     assert not run.exists()
+
+
+# --- prediction outputs (issue 14): never an input, claimed when written, names within limits ------
+
+
+def _predict(trained, *args):
+    return main(["predict", str(trained), *map(str, args), "--quiet"])
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_predict_never_writes_over_its_inputs(overwrite, trained, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    images = data / "images"
+    before = _snapshot(images)
+    flags = ["--overwrite"] if overwrite else []
+    assert _predict(trained, images, "--out", images, *flags) == 2  # the input folder itself
+    assert f"--out {images} is the folder of the input" in capsys.readouterr().err
+    one = images / "cell_000.png"
+    assert _predict(trained, one, "--out", images, *flags) == 2  # one input, written beside itself
+    assert "is the folder of the input" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(images)  # the same folder reached another way
+    assert _predict(trained, one, "--out", tmp_path / "link", *flags) == 2
+    assert "is the folder of the input" in capsys.readouterr().err
+    assert _snapshot(images) == before
+
+
+def test_an_output_that_links_to_an_input_is_refused(trained, cells_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    one = cells_dir / "images" / "cell_000.png"
+    (out / "cell_000.png").symlink_to(one)  # writing the output would replace the input's bytes
+    before = one.read_bytes()
+    assert _predict(trained, one, "--out", out, "--overwrite") == 2
+    assert f"{out / 'cell_000.png'} would replace the input {one} with its mask" in capsys.readouterr().err
+    assert one.read_bytes() == before
+
+
+def test_out_that_is_a_file_or_an_output_that_is_a_folder(trained, cells_dir, tmp_path, capsys, monkeypatch):
+    from useg import predict
+
+    called = []
+    monkeypatch.setattr(predict.Segmenter, "predict_image", lambda *a: called.append(1))
+    one = cells_dir / "images" / "cell_000.png"
+    (tmp_path / "file").write_text("keep")
+    assert _predict(trained, one, "--out", tmp_path / "file") == 2
+    assert f"--out {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "o" / "cell_000.png").mkdir(parents=True)
+    assert _predict(trained, one, "--out", tmp_path / "o", "--overwrite") == 2
+    assert f"{tmp_path / 'o' / 'cell_000.png'} is a folder" in capsys.readouterr().err
+    assert called == []  # refused before anything was computed
+
+
+def test_a_name_near_the_file_name_limit_is_predicted(trained, cells_dir, tmp_path, capsys):
+    long = "c" * 240 + ".png"
+    (tmp_path / "in").mkdir()
+    shutil.copy(cells_dir / "images" / "cell_000.png", tmp_path / "in" / long)
+    assert _predict(trained, tmp_path / "in" / long, "--out", tmp_path / "o") == 0
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [long]
+    top = "d" * 251 + ".png"  # a valid input name whose probability map name would be too long
+    shutil.copy(cells_dir / "images" / "cell_000.png", tmp_path / "in" / top)
+    assert _predict(trained, tmp_path / "in" / top, "--out", tmp_path / "p", "--probabilities", "uint8") == 2
+    assert "over the file-name limit of 255; rename the input shorter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--watershed"], "--watershed splits instance masks and needs --instances"),
+    (["--instances", "--probabilities", "uint8"], "--instances writes object ids and --probabilities"),
+])
+def test_predict_options_without_effect_are_refused(flags, culprit, trained, cells_dir, tmp_path, capsys):
+    assert _predict(trained, cells_dir / "images" / "cell_000.png", "--out", tmp_path / "o", *flags) == 2
+    assert culprit in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_predicts_into_one_folder_do_not_mix(trained, cells_dir, tmp_path):
+    """Both pass the up-front check, then race: one refuses, every output comes whole from one model."""
+    import threading
+
+    from useg.errors import UsegError
+    from useg.predict import Segmenter
+    from useg.writing import predict_files
+
+    start = threading.Barrier(2, timeout=60)
+
+    class Constant:  # a "model" that labels every pixel k, so each mask tells which run wrote it
+        def __init__(self, k):
+            self.plan, self.k, self.first = Segmenter.load(trained).plan, k, True
+
+        def predict_image(self, image):
+            if self.first:  # both have checked the empty folder before either writes
+                self.first = False
+                start.wait()
+            return np.full(image.spatial_shape, self.k, np.int64)
+
+    out, results = tmp_path / "o", {}
+
+    def run(k):
+        try:
+            results[k] = predict_files(Constant(k), sorted((cells_dir / "images").iterdir()), out)
+        except UsegError as e:
+            results[k] = e
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    refused = [k for k, r in results.items() if isinstance(r, UsegError)]
+    assert len(refused) == 1 and "already exists (written by another process" in str(results[refused[0]])
+    winner = 1 - refused[0]
+    assert len(results[winner]) == 6
+    values = {tuple(np.unique(np.array(PILImage.open(p))).tolist()) for p in out.iterdir()}
+    assert values == {(255,) if winner else (0,)}  # whole, and all from the run that won
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (cells_dir / "images").iterdir())

@@ -59,3 +59,43 @@ def test_image_checks_its_shape_and_spacing():
         Image(np.zeros((4, 5)))
     with pytest.raises(ValueError, match="one value per spatial axis"):
         Image(np.zeros((1, 4, 5)), spacing=(1.0, 1.0, 1.0))
+
+
+def test_exclusive_atomic_path_refuses_a_name_claimed_meanwhile(tmp_path):
+    target = tmp_path / "m.png"
+    with pytest.raises(FileExistsError) as info, atomic_path(target, exclusive=True) as tmp:
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")  # another process finished first
+    assert info.value.filename == str(target)
+    assert target.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["m.png"]
+    with atomic_path(tmp_path / "new.png", exclusive=True) as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "new.png").read_bytes() == b"x" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_exclusive_atomic_path_without_hard_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(*a):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # some network and FUSE file systems
+    with atomic_path(tmp_path / "a.tif", exclusive=True) as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "a.tif").read_bytes() == b"x"
+    with pytest.raises(FileExistsError), atomic_path(tmp_path / "a.tif", exclusive=True) as tmp:
+        tmp.write_bytes(b"y")
+    assert (tmp_path / "a.tif").read_bytes() == b"x" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("stem", ["c" * 240, "é" * 120, "x"])
+def test_temporary_names_stay_within_the_name_limit(stem, tmp_path):
+    target = tmp_path / f"{stem}.nii.gz"
+    with atomic_path(target) as tmp:
+        assert tmp.exists() and len(tmp.name.encode()) <= 255 and tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"x")
+    with atomic_path(target) as again:  # nested, as a writer inside a claimed output does
+        with atomic_path(again) as inner:
+            inner.write_bytes(b"y")
+    assert target.read_bytes() == b"y" and [p.name for p in tmp_path.iterdir()] == [target.name]
