@@ -578,3 +578,28 @@ def test_two_predicts_into_one_folder_do_not_mix(trained, cells_dir, tmp_path):
     values = {tuple(np.unique(np.array(PILImage.open(p))).tolist()) for p in out.iterdir()}
     assert values == {(255,) if winner else (0,)}  # whole, and all from the run that won
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (cells_dir / "images").iterdir())
+
+
+@pytest.mark.timeout(240)
+def test_two_predict_processes_into_one_folder(trained, cells_dir, tmp_path):
+    """Two real processes, one writing class masks and one instance masks (other bytes, same names)."""
+    import os
+    import subprocess
+    import sys
+
+    images = cells_dir / "images"
+    runs = {"classes": [], "instances": ["--instances"]}
+    for kind, flags in runs.items():  # what each would write alone
+        assert _predict(trained, images, "--out", tmp_path / kind, *flags) == 0
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "useg", "predict", str(trained), str(images),
+                                     "--out", str(out), "--quiet", *flags], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for kind, flags in runs.items()}
+    done = {kind: (p.wait(200), p.stderr.read()) for kind, p in procs.items()}
+    assert sorted(rc for rc, _ in done.values()) == [0, 2], done
+    winner = next(kind for kind, (rc, _) in done.items() if rc == 0)
+    loser_err = next(err for rc, err in done.values() if rc == 2)
+    assert "already exists" in loser_err and "Traceback" not in loser_err
+    assert _snapshot(out) == _snapshot(tmp_path / winner)  # every output whole, all from the one that won
