@@ -603,3 +603,15 @@ def test_two_predict_processes_into_one_folder(trained, cells_dir, tmp_path):
     loser_err = next(err for rc, err in done.values() if rc == 2)
     assert "already exists" in loser_err and "Traceback" not in loser_err
     assert _snapshot(out) == _snapshot(tmp_path / winner)  # every output whole, all from the one that won
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_predict_never_writes_over_the_roi_masks(overwrite, trained, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    roi = _rois(data)
+    before = _snapshot(roi)
+    assert _predict(trained, data / "images", "--out", roi, "--roi", roi, *overwrite) == 2
+    err = capsys.readouterr().err
+    assert f"--out {roi} is the --roi folder; predictions would replace the ROI masks" in err
+    assert _snapshot(roi) == before

@@ -70,6 +70,9 @@ def predict_files(
     if probabilities not in (None, *PROBABILITY_DTYPES):
         raise ValueError(f"probabilities must be float16 or uint8, not {probabilities!r}")
     cases = [c if isinstance(c, Case) else Case(stem_of(c), Path(c)) for c in inputs]
+    if roi is not None and Path(roi).resolve() == out_dir.resolve():  # masks named as the ROI masks
+        raise UsegError(f"--out {out_dir} is the --roi folder; predictions would replace the ROI masks, "
+                        "choose another --out")
     targets = output_paths(cases, out_dir, overwrite, probabilities is not None)
     label_map = segmenter.plan.data.label_map
     outside = _outside(cases, roi, probabilities is not None, bool(segmenter.plan.data.regions))
