@@ -20,7 +20,8 @@ from .files import atomic_path
 
 def not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The names of the floating-point tensors that hold a NaN or an infinity."""
-    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    return sorted(k for k, v in tensors.items()
+                  if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
 def _refuse_not_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -86,7 +86,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Every plan passes here (the planner, plan.json, the API): a run of no step would exit 0 without
         # a model, so the counts are refused where they enter, named by their command-line flags.
-        for name, flag in (("epochs", "--epochs"), ("iters_per_epoch", "--iters"), ("batch_size", "--batch-size")):
+        counts = (("epochs", "--epochs"), ("iters_per_epoch", "--iters"), ("batch_size", "--batch-size"))
+        for name, flag in counts:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise UsegError(f"{flag} (the plan's train.{name}) must be a whole number of at least 1, "

@@ -42,7 +42,8 @@ def read_records(path: Path) -> list[dict]:
         else:
             torn += 1
     if torn:
-        logger.warning("%s: dropped %d line(s) that are not whole records (a crash while writing)", path, torn)
+        logger.warning("%s: dropped %d line(s) that are not whole records (a crash while writing)",
+                       path, torn)
     return records
 
 
@@ -109,4 +110,6 @@ class ProgressBar:
         self._progress.__exit__(*exc)
 
 
-__all__ = ["ProgressBar", "append_record", "drop_records_after", "read_records", "write_curves", "write_summary"]
+__all__ = [
+    "ProgressBar", "append_record", "drop_records_after", "read_records", "write_curves", "write_summary",
+]
