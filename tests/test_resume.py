@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -139,7 +140,8 @@ def test_a_finished_overwrite_replaces_the_whole_run(old_run, cells_dir, tmp_pat
     assert main(["train", str(cells_dir), "--out", str(run), "--overwrite", *TINY, "--width", "8"]) == 0
     assert Plan.load(run / "plan.json").model.width == 8
     assert not (run / "model.onnx").exists()  # nothing of the old run lingers beside the new weights
-    assert {"plan.json", "split.json", "model.safetensors", "last.safetensors", "summary.json"} <= set(_files(run))
+    written = {"plan.json", "split.json", "model.safetensors", "last.safetensors", "summary.json"}
+    assert written <= set(_files(run))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -160,3 +162,37 @@ def test_sigkill_during_an_overwrite_keeps_the_old_run(old_run, cells_dir, tmp_p
         pytest.skip("the new run was not started before the kill")
     assert _files(run) == files
     assert _predicted(run, cells_dir, tmp_path / "pred1") == predicted
+
+
+# --- a torn metrics.jsonl record does not stop a resume (issue 14) ---------------------------------------
+
+@pytest.mark.parametrize("torn", ['{"epoch": 2, "step": 6, "train_lo', '{"epoch": 1, "st\x00\x00', "\ufffd"])
+def test_resume_survives_a_torn_last_record(torn, tmp_path, caplog):
+    import dataclasses
+
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+    from useg.runlog import read_records
+    from useg.spec import Overrides
+    from useg.train import fit
+
+    rng = np.random.default_rng(0)
+    labels = [np.zeros((32, 32), np.int64) for _ in range(2)]
+    for lab in labels:
+        lab[8:20, 6:18] = 1
+    images = [(lab * 2.0 + rng.normal(0, 0.3, lab.shape)).astype(np.float32)[None] for lab in labels]
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(
+        model={"width": 4, "depth": 2},
+        train={"epochs": 2, "iters_per_epoch": 2, "batch_size": 2, "precision": "fp32"}))
+    run = tmp_path / "run"
+    fit(plan, (images, labels), ([], []), run, quiet=True)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(torn)  # a crash in the middle of writing a record: no newline, half a line
+    longer = dataclasses.replace(plan, train=dataclasses.replace(plan.train, epochs=3))
+    with caplog.at_level("WARNING"):
+        result = fit(longer, (images, labels), ([], []), run, resume=True, quiet=True)
+    assert result.epochs == 3
+    assert "not whole records" in caplog.text
+    assert [r["epoch"] for r in read_records(run / "metrics.jsonl")] == [0, 1, 2]
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "curves.png").exists()
