@@ -4,6 +4,8 @@ A run folder holds ``plan.json`` (written first), ``model.safetensors`` (best va
 ``last.safetensors`` (everything needed to resume: model, optimizer, step, RNG, best metric),
 ``metrics.jsonl`` (one record per epoch) and ``curves.png``. Every file is written to a temporary
 name and renamed, so a crash at any moment leaves the previous version intact. Nothing is pickled.
+A loss that turns NaN or infinite stops the loop (:class:`UsegError`); weights that are not finite
+are never written.
 """
 
 from __future__ import annotations
