@@ -615,3 +615,24 @@ def test_predict_never_writes_over_the_roi_masks(overwrite, trained, cells_dir, 
     err = capsys.readouterr().err
     assert f"--out {roi} is the --roi folder; predictions would replace the ROI masks" in err
     assert _snapshot(roi) == before
+
+
+# --- issue 14, run folder: counts of no step and a diverging learning rate ---------------------------------
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--epochs", "0"], "--epochs (the plan's train.epochs) must be a whole number of at least 1, got 0"),
+    (["--epochs", "-2"], "--epochs (the plan's train.epochs) must be a whole number of at least 1, got -2"),
+    (["--iters", "0"], "--iters (the plan's train.iters_per_epoch) must be a whole number of at least 1"),
+    (["--batch-size", "0"],
+     "--batch-size (the plan's train.batch_size) must be a whole number of at least 1"),
+    (["--lr", "1e30"], "lower --lr and train again"),
+])
+def test_train_refuses_a_run_of_no_step_or_a_diverging_one(flags, culprit, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and len(err.strip().splitlines()) == 1
+    assert not run.exists() and not list(tmp_path.glob(".run.*"))
+    if flags[0] != "--lr":  # refused when the plan is made: `useg plan` says the same
+        assert main(["plan", str(cells_dir), *flags]) == 2
+        assert culprit in capsys.readouterr().err

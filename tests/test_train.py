@@ -194,3 +194,66 @@ def test_time_budget_stops_after_validating(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and "val_dice" in records[0]
     assert json.loads((run / "summary.json").read_text())["steps"] == 1
+
+
+# --- a diverged training stops with one sentence and never saves non-finite weights (issue 14) -----------
+
+TINY_CLI = ["--width", "4", "--depth", "2", "--patch", "32,32", "--epochs", "2", "--iters", "6",
+            "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("iters", ["2", "6"])  # the check at the epoch's end, and the one every 5 steps
+def test_a_diverging_loss_stops_training_with_the_fix(iters, cells_dir, tmp_path, capsys):
+    from useg.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", str(cells_dir), "--out", str(run), *TINY_CLI, "--iters", iters, "--lr", "1e30"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the training loss became nan" in err and "lower --lr" in err
+    assert f"by step {min(int(iters), 5)} (epoch 0)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not run.exists() and not list(tmp_path.glob(".run.*"))  # nothing diverged was saved
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    from useg.checkpoint import load_weights, save_model
+    from useg.model import UNet
+
+    images, _ = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
+                     overrides=Overrides(model={"width": 4, "depth": 2}))
+    model = UNet.from_config(plan.model)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(UsegError, match="not finite.*lower --lr"):
+        save_model(model, tmp_path / "model.safetensors")
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(UsegError, match="not finite"):
+        save_checkpoint(tmp_path / "last.safetensors", model, optimizer, {"epoch": 1})
+    assert not list(tmp_path.iterdir())  # neither file, nor a temporary one
+    # a run folder whose weights diverged (written by an older useg, or by hand) is refused at load
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UsegError, match="not finite.*lower --lr"):
+        load_weights(UNet.from_config(plan.model), tmp_path / "model.safetensors")
+    plan.save(tmp_path / "plan.json")
+    with pytest.raises(UsegError, match="not finite"):
+        Segmenter.load(tmp_path, precision="fp32")
+
+
+@pytest.mark.parametrize("field, flag, value", [("epochs", "--epochs", 0), ("epochs", "--epochs", -3),
+                                                ("iters_per_epoch", "--iters", 0),
+                                                ("batch_size", "--batch-size", 0)])
+def test_a_plan_of_no_step_is_refused(field, flag, value, tmp_path):
+    with pytest.raises(UsegError, match=f"{flag} .*must be a whole number of at least 1"):
+        make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)], overrides=Overrides(train={field: value}))
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [(32, 32)])
+    d = plan.to_dict()
+    d["train"][field] = value
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    from useg.plan import Plan
+
+    with pytest.raises(UsegError, match="is not a useg plan.*at least 1"):
+        Plan.load(tmp_path / "plan.json")

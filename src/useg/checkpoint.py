@@ -18,17 +18,41 @@ from .errors import UsegError
 from .files import atomic_path
 
 
+def not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return sorted(k for k, v in tensors.items()
+                  if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def _refuse_not_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Never write diverged weights: a NaN model predicts background everywhere without a word."""
+    bad = not_finite(tensors)
+    if bad:
+        raise UsegError(f"refusing to write {path}: {len(bad)} tensors ({', '.join(bad[:3])}) are not finite "
+                        "(NaN or inf), so the training diverged; lower --lr and train again")
+
+
 def save_model(model: torch.nn.Module, path: Path) -> None:
-    """Write the model's weights (state dict) to ``path`` atomically."""
+    """Write the model's weights (state dict) to ``path`` atomically.
+
+    Raises:
+        UsegError: a weight is NaN or infinite (nothing is written then).
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _refuse_not_finite(tensors, path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict) -> None:
-    """Model, optimizer and loop state in one safetensors file (scalars in its JSON metadata)."""
+    """Model, optimizer and loop state in one safetensors file (scalars in its JSON metadata).
+
+    Raises:
+        UsegError: a weight is NaN or infinite (nothing is written then).
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _refuse_not_finite(tensors, path)
     osd = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for pid, st in osd["state"].items():
@@ -51,6 +75,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             meta = json.loads(f.metadata()["useg"])
     except Exception as e:  # a damaged file must not become a traceback
         raise UsegError(f"cannot read checkpoint {path} ({e}); start again without --resume") from None
+    if not_finite({k: v for k, v in tensors.items() if k.startswith("model.")}):
+        raise UsegError(f"{path} holds weights that are not finite (NaN or inf): the training diverged; "
+                        "start again without --resume and with a lower --lr")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for k, v in tensors.items():
@@ -84,4 +111,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             ) if s
         )
         raise UsegError(f"{path} does not match its plan.json ({detail}); the run folder is inconsistent")
+    bad = not_finite(state)
+    if bad:
+        raise UsegError(f"{path} holds weights that are not finite (NaN or inf, e.g. {bad[0]}): the training "
+                        "that wrote it diverged; train again with a lower --lr")
     model.load_state_dict(state)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import secrets
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,6 +116,10 @@ def train_folder(
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
 
+    A new run is built in a hidden folder beside ``out`` (``.NAME.new-XXXX``) and takes ``out``'s place
+    once its first checkpoint is written, so a run it replaces stays whole and loadable until then,
+    and a start that fails or is interrupted before it leaves nothing behind. ``resume`` writes in place.
+
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
     """
@@ -131,12 +138,66 @@ def train_folder(
     spacing = d.spacing if d.resample else None
     train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing, d.ignore_value)
     val_data = load_arrays(val_cases, d.label_map, d.normalization, d.intensity, spacing, d.ignore_value)
-    if not resume and runtime.main_process():  # under torchrun only rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
-        split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
-        atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=1))
-    return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=resume,
-               device=device, quiet=quiet)
+    if resume:
+        return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=True,
+                   device=device, quiet=quiet)
+    staging = _staging_folder(out)
+    published = False
+
+    def publish() -> Path:
+        nonlocal published
+        if runtime.main_process():
+            _swap_in(staging, out)
+        published = True
+        return out
+
+    try:
+        if runtime.main_process():  # under torchrun only rank 0 writes
+            staging.mkdir()
+            split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
+            atomic_write_text(staging / SPLIT_FILE, json.dumps(split, indent=1))
+        return fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
+                   quiet=quiet, publish=publish)
+    except BaseException:  # an error or Ctrl-C before the first checkpoint: the old run stays as it was
+        if not published and runtime.main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new, hidden folder name beside ``out`` (same parent, so the swap is a rename)."""
+    full = Path(os.path.abspath(out))
+    if full.exists() and not full.is_dir():
+        raise UsegError(f"{out} is a file, not a run folder; choose another --out")
+    full.parent.mkdir(parents=True, exist_ok=True)
+    return full.with_name(f".{full.name}.new-{secrets.token_hex(4)}")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the run built in ``staging`` at ``out``: a run already there is renamed aside, then removed.
+
+    A folder at ``out`` that holds no run (no plan.json) keeps its other files; the run's are moved in.
+    """
+    full = Path(os.path.abspath(out))
+    if not full.exists() and not full.is_symlink():
+        os.replace(staging, full)
+    elif (full / "plan.json").exists():  # the old run goes whole, so none of its files (an export) linger
+        old = full.with_name(f".{full.name}.old-{secrets.token_hex(4)}")
+        os.replace(full, old)
+        try:
+            os.replace(staging, full)
+        except BaseException:
+            os.replace(old, full)  # put the old run back rather than leave neither at ``out``
+            raise
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        for entry in staging.iterdir():
+            os.replace(entry, full / entry.name)
+        staging.rmdir()
+    logger.info("run written to %s", out)
 
 
 def _run_patterns(spec: DataSpec | None, out: Path) -> DataSpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,16 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on bf16 CPUs and CUDA), "fp32", "bf16", "fp16"
     workers: int = -1  # DataLoader workers; -1 picks from the machine
     deterministic: bool = False  # fp32, deterministic kernels, step-based schedule: exact replays
+
+    def __post_init__(self) -> None:
+        # Every plan passes here (the planner, plan.json, the API): a run of no step would exit 0 without
+        # a model, so the counts are refused where they enter, named by their command-line flags.
+        counts = (("epochs", "--epochs"), ("iters_per_epoch", "--iters"), ("batch_size", "--batch-size"))
+        for name, flag in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise UsegError(f"{flag} (the plan's train.{name}) must be a whole number of at least 1, "
+                                f"got {value!r}; give a positive value")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,12 @@ way nnU-Net keeps its logger apart from its trainer. Only rank 0 calls the write
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 def append_record(run: Path, record: dict) -> None:
@@ -18,24 +21,50 @@ def append_record(run: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; lines that are not whole records are dropped with a warning.
+
+    The file is appended in place, so a crash mid-write leaves a torn last line; it must not stop a
+    resume or a plot. A missing file has no records.
+    """
+    if not path.exists():
+        return []
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    if torn:
+        logger.warning("%s: dropped %d line(s) that are not whole records (a crash while writing)",
+                       path, torn)
+    return records
+
+
 def drop_records_after(path: Path, epoch: int) -> None:
-    """Keep the metrics of epochs before ``epoch``: a crash may have logged one the checkpoint lacks."""
+    """Keep the metrics of epochs before ``epoch``: a crash may have logged one the checkpoint lacks.
+
+    Torn lines (see :func:`read_records`) go too, so the file is whole again before appending.
+    """
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line).get("epoch", 0) < epoch]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    kept = [r for r in read_records(path) if r.get("epoch", 0) < epoch]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def write_curves(run: Path) -> None:
     """Plot ``run/metrics.jsonl`` as ``run/curves.png`` (nothing without records)."""
     from .report import plot_curves
 
-    path = run / "metrics.jsonl"
-    if path.exists():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if records:
-            plot_curves(records, run / "curves.png")
+    records = read_records(run / "metrics.jsonl")
+    if records:
+        plot_curves(records, run / "curves.png")
 
 
 def write_summary(run: Path, summary: dict) -> None:
@@ -81,4 +110,6 @@ class ProgressBar:
         self._progress.__exit__(*exc)
 
 
-__all__ = ["ProgressBar", "append_record", "drop_records_after", "write_curves", "write_summary"]
+__all__ = [
+    "ProgressBar", "append_record", "drop_records_after", "read_records", "write_curves", "write_summary",
+]

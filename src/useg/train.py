@@ -4,14 +4,17 @@ A run folder holds ``plan.json`` (written first), ``model.safetensors`` (best va
 ``last.safetensors`` (everything needed to resume: model, optimizer, step, RNG, best metric),
 ``metrics.jsonl`` (one record per epoch) and ``curves.png``. Every file is written to a temporary
 name and renamed, so a crash at any moment leaves the previous version intact. Nothing is pickled.
+A loss that turns NaN or infinite stops the loop (:class:`UsegError`); weights that are not finite
+are never written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -229,6 +232,7 @@ def fit(
     resume: bool = False,
     device: str = "auto",
     quiet: bool = False,
+    publish: Callable[[], Path] | None = None,
 ) -> TrainResult:
     """Train the plan's U-Net on in-memory arrays and write the run folder.
 
@@ -245,9 +249,15 @@ def fit(
         resume: continue from run/last.safetensors.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
+        publish: called once, on every rank, right after the first checkpoint is written; returns the
+            folder the run lives in from then on (:func:`useg.pipeline.train_folder` builds a new run
+            beside the one it replaces and swaps it in here).
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        UsegError: the training loss became NaN or infinite (nothing diverged is saved).
     """
     run = Path(run)
     with runtime.global_state(device) as (dist, dev):
@@ -256,7 +266,8 @@ def fit(
         with runtime.deterministic_mode(plan.train.deterministic, dev):
             s = _setup(plan, train_data, run, dist, dev)
             state = _restore_or_start(s, resume)
-            _train(s, state, val_data, time_budget_min, quiet or not dist.main)  # only rank 0 logs and writes
+            # only rank 0 logs and writes
+            s = _train(s, state, val_data, time_budget_min, quiet or not dist.main, publish)
         return _finish(s, state, val_data)
 
 
@@ -319,8 +330,12 @@ def _restore_or_start(s: _Setup, resume: bool) -> LoopState:
 
 
 def _train(s: _Setup, state: LoopState, val_data: tuple[list, list], time_budget_min: float | None,
-           quiet: bool) -> None:
-    """The epochs from ``state.epoch`` to the plan's last, or until the time budget is spent."""
+           quiet: bool, publish: Callable[[], Path] | None = None) -> _Setup:
+    """The epochs from ``state.epoch`` to the plan's last, or until the time budget is spent.
+
+    Returns:
+        ``s``, its run folder the one ``publish`` returned when there is one.
+    """
     t = s.plan.train
     if s.dist.main:
         logger.info("training on %s%s, %s, %d workers, %d train / %d val images", s.dev,
@@ -335,8 +350,11 @@ def _train(s: _Setup, state: LoopState, val_data: tuple[list, list], time_budget
         while state.epoch < t.epochs:
             train_loss, stop = _run_epoch(s, state, clock)
             _end_epoch(s, state, clock, train_loss, val_data)
+            if publish is not None:  # the first checkpoint is whole: the run may replace the old one now
+                s, publish = dataclasses.replace(s, run=publish()), None
             if stop:
                 break
+    return s
 
 
 def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]:
@@ -363,14 +381,30 @@ def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]
         count += 1
         state.step += 1
         if count % 5 == 0:  # .item() syncs with the device: only now and then
-            clock.bar.update(completed=state.step, loss=float(running) / count)
+            loss = float(running) / count
+            _stop_if_diverged(s, state, loss)
+            clock.bar.update(completed=state.step, loss=loss)
         else:
             clock.bar.update(completed=state.step)
         if clock.budget_s and runtime.any_rank(clock.elapsed() + clock.val_seconds > clock.budget_s, s.dist):
             stop = True
             break
     sums = runtime.all_reduce_sum(torch.stack([running.double().cpu(), torch.tensor(float(count))]), s.dist)
-    return float(sums[0]) / max(float(sums[1]), 1.0), stop
+    loss = float(sums[0]) / max(float(sums[1]), 1.0)
+    _stop_if_diverged(s, state, loss)  # the same sums on every rank: all stop together
+    return loss, stop
+
+
+def _stop_if_diverged(s: _Setup, state: LoopState, loss: float) -> None:
+    """Stop at a NaN or infinite loss (checked where the loss is synced anyway, not every step).
+
+    Raises:
+        UsegError: the loss is not finite on some rank (every rank raises, so none waits for the others).
+    """
+    if runtime.any_rank(not math.isfinite(loss), s.dist):
+        raise UsegError(f"the training loss became {loss} by step {state.step} (epoch {state.epoch}): the "
+                        f"learning rate {s.plan.train.lr:g} is likely too high for this data; lower --lr "
+                        "and train again (nothing diverged was saved)")
 
 
 def _end_epoch(s: _Setup, state: LoopState, clock: _Clock, train_loss: float,
