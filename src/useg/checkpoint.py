@@ -7,6 +7,7 @@ replaces the whole resumable state at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         )
         raise UsegError(f"{path} does not match its plan.json ({detail}); the run folder is inconsistent")
     model.load_state_dict(state)
+
+
+def weights_digest(path: Path) -> str:
+    """The sha256 (hex) of a weights file: ties an export to the exact weights it was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
