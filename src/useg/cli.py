@@ -22,6 +22,28 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
 
 
+def _device(text: str) -> str:
+    """A --device value torch knows and this machine has ("auto" is decided later); the text itself."""
+    if text != "auto":
+        from .runtime import pick_device
+
+        try:
+            pick_device(text)
+        except UsegError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _held_out(a: argparse.Namespace) -> None:
+    """Refuse case names given to both --val and --exclude: an excluded case cannot validate."""
+    from .pipeline import parse_names
+
+    both = sorted(set(parse_names(a.val)) & set(parse_names(a.exclude)))
+    if both:
+        raise UsegError(f"{both[:5]} are given to --exclude and to --val; an excluded case is kept out of "
+                        "validation too: name each case in one of them")
+
+
 def _setup_logging(quiet: bool) -> None:
     from rich.logging import RichHandler
 
@@ -114,6 +136,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from . import runtime
     from .pipeline import train_folder
 
+    _held_out(a)
     result = train_folder(
         a.data, a.out, spec=_spec(a), overrides=_overrides(a), val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
@@ -213,7 +236,7 @@ def _roi_arg(sp: argparse.ArgumentParser, what: str) -> None:
 def _common(sp: argparse.ArgumentParser, device: bool = True) -> None:
     sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     if device:
-        sp.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
+        sp.add_argument("--device", default="auto", type=_device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
 
 
 def _add_check(sub) -> None:

@@ -162,10 +162,12 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
-        if len(ov.patch_size) != dims or min(ov.patch_size) < 1:
-            raise UsegError(f"--patch {','.join(map(str, ov.patch_size))} has {len(ov.patch_size)} axes "
-                            f"(sizes >= 1 each) but the images have {dims}; give {dims} sizes like "
-                            f"--patch {','.join(['64'] * dims)}")
+        given, example = ",".join(map(str, ov.patch_size)), ",".join(["64"] * dims)
+        if len(ov.patch_size) != dims:
+            raise UsegError(f"--patch {given} has {len(ov.patch_size)} axes but the images have {dims}; "
+                            f"give {dims} sizes like --patch {example}")
+        if min(ov.patch_size) < 1:
+            raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)

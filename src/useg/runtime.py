@@ -71,7 +71,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise UsegError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+        raise UsegError(f"device {name!r} is unknown; use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsegError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -81,7 +81,7 @@ def pick_device(name: str = "auto") -> torch.device:
                                   and torch.backends.mps.is_available()):
         raise UsegError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsegError(f"--device {name!r} is not supported by useg; use auto, cpu, cuda or mps")
+        raise UsegError(f"device {name!r} is not supported by useg; use auto, cpu, cuda or mps")
     return dev
 
 
