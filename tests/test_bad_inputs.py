@@ -469,8 +469,6 @@ def test_a_name_pattern_that_matches_nothing_is_refused(flag, pattern, culprit, 
     (["--depth", "10"], "--depth 10 pools 1024 pixels into one, but the largest image is 64x64; "
                         "use --depth 6 or less"),
     (["--dropout", "1.5"], "the dropout must lie in [0, 1) (--dropout), not 1.5"),
-    (["--dropout", "-0.1"], "the dropout must lie in [0, 1) (--dropout), not -0.1"),
-    (["--lr", "-1"], "the learning rate must be a positive finite number (--lr), not -1.0"),
     (["--patch", "32"], "--patch 32 has 1 axes but the images have 2; give 2 sizes like --patch 64,64"),
     (["--patch", "32,32,32"], "--patch 32,32,32 has 3 axes but the images have 2"),
     (["--patch", "0,32"], "--patch 0,32 holds a size below 1"),
@@ -485,6 +483,23 @@ def test_impossible_options_are_one_sentence(flags, culprit, cells_dir, tmp_path
     assert culprit in err and err.startswith("useg train: error:") and "Traceback" not in err
     assert "not in the data" not in err
     assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("flag, value, culprit", [
+    ("--lr", "-1", "argument --lr: expected a positive number, got '-1'"),
+    ("--lr", "nan", "argument --lr: expected a positive number, got 'nan'"),
+    ("--dropout", "-0.1", "argument --dropout: expected a number in [0, 1), got '-0.1'"),
+    ("--seed", "-1", "argument --seed: expected a whole number >= 0, got '-1'"),
+    ("--workers", "-5", "argument --workers: expected a whole number >= 0, or -1 for automatic"),
+    ("--memory-gb", "0", "argument --memory-gb: expected a positive number, got '0'"),
+    ("--time-budget", "inf", "argument --time-budget: expected a positive number, got 'inf'"),
+])
+def test_option_syntax_is_refused_by_the_parser(flag, value, culprit, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert culprit in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("device, culprit", [

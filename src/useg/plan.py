@@ -202,9 +202,26 @@ def _problem(plan: Plan) -> str | None:
         return f"the inference batch size must be a whole number >= 1, not {i.batch_size!r}"
     if not (isinstance(d.fg_fraction, (int, float)) and 0 <= d.fg_fraction <= 1):
         return f"fg_fraction must lie in [0, 1], not {d.fg_fraction!r}"
-    lr = plan.train.lr
-    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-        return f"the learning rate must be a positive finite number (--lr), not {lr!r}"
+    return _train_problem(plan.train)
+
+
+def _train_problem(t: TrainConfig) -> str | None:
+    """The first impossible training field but epochs, steps and batch (checked where a run starts)."""
+    if not (isinstance(t.lr, (int, float)) and 0 < t.lr < float("inf")):
+        return f"the learning rate must be a positive finite number (--lr), not {t.lr!r}"
+    choices = {"optimizer": ("adamw", "sgd"), "loss": ("dice_ce", "ce", "dice"),
+               "schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16")}
+    for name, allowed in choices.items():
+        if getattr(t, name) not in allowed:
+            return f"the {name} must be one of {', '.join(allowed)}, not {getattr(t, name)!r}"
+    for name, high in (("weight_decay", float("inf")), ("momentum", 1.0), ("warmup", 1.0), ("val_fraction", 1.0)):
+        value = getattr(t, name)
+        if not (isinstance(value, (int, float)) and 0 <= value < high):
+            return f"{name} must lie in [0, {high:g}), not {value!r}"
+    if not _whole(t.seed, 0):
+        return f"the seed must be a whole number >= 0 (--seed), not {t.seed!r}"
+    if not _whole(t.workers, -1):
+        return f"workers must be a whole number >= 0, or -1 for automatic (--workers), not {t.workers!r}"
     return None
 
 
