@@ -510,7 +510,8 @@ def test_option_syntax_is_refused_by_the_parser(flag, value, culprit, cells_dir,
 def test_a_device_that_is_not_there_exits_2(device, culprit, command, cells_dir, tmp_path, capsys):
     args = {"train": ["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY[:-5]],
             "plan": ["plan", str(cells_dir)],
-            "predict": ["predict", str(tmp_path / "run"), str(cells_dir / "images"), "--out", str(tmp_path / "o")]}
+            "predict": ["predict", str(tmp_path / "run"), str(cells_dir / "images"),
+                        "--out", str(tmp_path / "o")]}
     with pytest.raises(SystemExit) as exit_:  # argparse refuses it before anything runs
         main([*args[command], "--device", device])
     assert exit_.value.code == 2
@@ -526,7 +527,8 @@ def test_cuda_without_cuda_exits_2(cells_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY[:-3], "--device", "cuda"])
     assert exit_.value.code == 2
-    assert "device 'cuda' was asked for but CUDA is not available; use --device cpu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "device 'cuda' was asked for but CUDA is not available; use --device cpu" in err
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (40, 56)])
@@ -540,7 +542,8 @@ def test_an_oversize_patch_is_capped_to_the_images(shape, tmp_path, caplog):
             model={"depth": 4}, patch_size=(4096, 4096)))
     want = tuple(-(-s // 16) * 16 for s in shape)  # the smallest multiple of 2^4 covering each edge
     assert plan.data.patch_size == want == plan.infer.tile
-    assert f"patch 4096x4096 is larger than the images allow (the largest is {shape[0]}x{shape[1]})" in caplog.text
+    largest = f"{shape[0]}x{shape[1]}"
+    assert f"patch 4096x4096 is larger than the images allow (the largest is {largest})" in caplog.text
 
 
 def test_a_preset_depth_too_deep_for_tiny_images_is_lowered(caplog):

@@ -256,7 +256,8 @@ def _roi_arg(sp: argparse.ArgumentParser, what: str) -> None:
 def _common(sp: argparse.ArgumentParser, device: bool = True) -> None:
     sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     if device:
-        sp.add_argument("--device", default="auto", type=_device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
+        sp.add_argument("--device", default="auto", type=_device,
+                        help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
 
 
 def _add_check(sub) -> None:
@@ -352,7 +353,8 @@ def _add_export(sub) -> None:
     ex.add_argument("run", help="run folder made by 'useg train'")
     ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     ex.add_argument("--out", help="the model file (default: RUN/model.onnx or RUN/model.pt)")
-    ex.add_argument("--opset", type=_number(int, 7, True, "an ONNX opset >= 7"), help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--opset", type=_number(int, 7, True, "an ONNX opset >= 7"),
+                    help="ONNX opset (default: the exporter's)")
     _common(ex, device=False)
     ex.set_defaults(fn=cmd_export)
 

@@ -252,7 +252,8 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
         both = sorted({p.name for p in chans if chans.count(p) > 1 or p in masks[:1]})
         if both:
             problems.append(f"{d / both[0]} matches two of --channels/--label ({', '.join(channel_names)}; "
-                            f"{label_name}); a file is one channel or the label, never both: use longer prefixes")
+                            f"{label_name}); a file is one channel or the label, never both: "
+                            "use longer prefixes")
             continue
         if len(chans) == len(channel_names):
             cases.append(case_type(d.name, chans[0], masks[0] if len(masks) == 1 else None, tuple(chans[1:])))

@@ -156,7 +156,8 @@ def _model_problem(m: ModelConfig) -> str | None:
         return f"max_width must be a whole number >= 1 or null, not {m.max_width!r}"
     if m.dims not in (2, 3):
         return f"dims must be 2 or 3, not {m.dims!r}"
-    choices = {"padding": ("same", "valid"), "up": ("transpose", "interp"), "norm": (None, "batch", "instance")}
+    choices = {"padding": ("same", "valid"), "up": ("transpose", "interp"),
+               "norm": (None, "batch", "instance")}
     for name, allowed in choices.items():
         if getattr(m, name) not in allowed:
             return f"the {name} must be one of {', '.join(map(str, allowed))}, not {getattr(m, name)!r}"
@@ -214,7 +215,8 @@ def _train_problem(t: TrainConfig) -> str | None:
     for name, allowed in choices.items():
         if getattr(t, name) not in allowed:
             return f"the {name} must be one of {', '.join(allowed)}, not {getattr(t, name)!r}"
-    for name, high in (("weight_decay", float("inf")), ("momentum", 1.0), ("warmup", 1.0), ("val_fraction", 1.0)):
+    bounds = (("weight_decay", float("inf")), ("momentum", 1.0), ("warmup", 1.0), ("val_fraction", 1.0))
+    for name, high in bounds:
         value = getattr(t, name)
         if not (isinstance(value, (int, float)) and 0 <= value < high):
             return f"{name} must lie in [0, {high:g}), not {value!r}"
