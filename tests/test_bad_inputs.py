@@ -636,3 +636,235 @@ def test_train_refuses_a_run_of_no_step_or_a_diverging_one(flags, culprit, cells
     if flags[0] != "--lr":  # refused when the plan is made: `useg plan` says the same
         assert main(["plan", str(cells_dir), *flags]) == 2
         assert culprit in capsys.readouterr().err
+
+
+# ------------------------------------------------ options checked at the boundary (issue 14, guards)
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--width", "0"], "the width must be a whole number >= 1 (--width), not 0"),
+    (["--depth", "0"], "the depth must be a whole number >= 1 (--depth), not 0"),
+    (["--depth", "10"], "--depth 10 pools 1024 pixels into one, but the largest image is 64x64; "
+                        "use --depth 6 or less"),
+    (["--dropout", "1.5"], "the dropout must lie in [0, 1) (--dropout), not 1.5"),
+    (["--patch", "32"], "--patch 32 has 1 axes but the images have 2; give 2 sizes like --patch 64,64"),
+    (["--patch", "32,32,32"], "--patch 32,32,32 has 3 axes but the images have 2"),
+    (["--patch", "0,32"], "--patch 0,32 holds a size below 1"),
+    (["--exclude", "cell_000,cell_001,cell_002,cell_003,cell_004,cell_005"],
+     "--exclude names every one of the 6 cases; keep at least one case to train on"),
+    (["--val", "cell_001", "--exclude", "cell_001"], "['cell_001'] are given to --exclude and to --val"),
+])
+def test_impossible_options_are_one_sentence(flags, culprit, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), *TINY, *flags]) == 2  # later flags win
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith("useg train: error:") and "Traceback" not in err
+    assert "not in the data" not in err
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("flag, value, culprit", [
+    ("--lr", "-1", "argument --lr: expected a positive number, got '-1'"),
+    ("--lr", "nan", "argument --lr: expected a positive number, got 'nan'"),
+    ("--dropout", "-0.1", "argument --dropout: expected a number in [0, 1), got '-0.1'"),
+    ("--seed", "-1", "argument --seed: expected a whole number >= 0, got '-1'"),
+    ("--workers", "-5", "argument --workers: expected a whole number >= 0, or -1 for automatic"),
+    ("--memory-gb", "0", "argument --memory-gb: expected a positive number, got '0'"),
+    ("--time-budget", "inf", "argument --time-budget: expected a positive number, got 'inf'"),
+])
+def test_option_syntax_is_refused_by_the_parser(flag, value, culprit, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert culprit in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, culprit", [
+    ("bogus", "device 'bogus' is unknown; use auto, cpu, cuda, cuda:1 or mps"),
+    ("cuda:99", "cuda:99"),
+])
+@pytest.mark.parametrize("command", ["train", "plan", "predict"])
+def test_a_device_that_is_not_there_exits_2(device, culprit, command, cells_dir, tmp_path, capsys):
+    args = {"train": ["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY[:-5]],
+            "plan": ["plan", str(cells_dir)],
+            "predict": ["predict", str(tmp_path / "run"), str(cells_dir / "images"),
+                        "--out", str(tmp_path / "o")]}
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before anything runs
+        main([*args[command], "--device", device])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert culprit in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
+def test_cuda_without_cuda_exits_2(cells_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY[:-3], "--device", "cuda"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' was asked for but CUDA is not available; use --device cpu" in err
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (40, 56)])
+def test_an_oversize_patch_is_capped_to_the_images(shape, tmp_path, caplog):
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+    from useg.spec import Overrides
+
+    with caplog.at_level("WARNING", logger="useg.planner"):
+        plan = make_plan(LabelMap((0, 255)), 1, [shape, (32, 32)], overrides=Overrides(
+            model={"depth": 4}, patch_size=(4096, 4096)))
+    want = tuple(-(-s // 16) * 16 for s in shape)  # the smallest multiple of 2^4 covering each edge
+    assert plan.data.patch_size == want == plan.infer.tile
+    largest = f"{shape[0]}x{shape[1]}"
+    assert f"patch 4096x4096 is larger than the images allow (the largest is {largest})" in caplog.text
+
+
+def test_a_preset_depth_too_deep_for_tiny_images_is_lowered(caplog):
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+
+    with caplog.at_level("WARNING", logger="useg.planner"):
+        plan = make_plan(LabelMap((0, 255)), 1, [(8, 8)])  # the default preset's depth 4 needs 16 px
+    assert plan.model.depth == 3 and plan.data.patch_size == (8, 8)
+    assert "using depth 3" in caplog.text
+
+
+@pytest.mark.parametrize("section, key, value, culprit", [
+    ("model", "width", 0, "the width must be a whole number >= 1"),
+    ("model", "dropout", 2.0, "the dropout must lie in [0, 1)"),
+    ("model", "norm", "group", "the norm must be one of None, batch, instance, not 'group'"),
+    ("model", "dims", 4, "dims must be 2 or 3"),
+    ("data", "patch_size", [32], "has 1 axes but the images have 2"),
+    ("infer", "tile", [32, 0], "must hold whole numbers >= 1"),
+    ("infer", "overlap", 1.0, "the tile overlap must lie in [0, 1)"),
+    ("train", "lr", 0, "the learning rate must be a positive finite number"),
+])
+def test_a_semantically_invalid_plan_json_is_refused_at_load(section, key, value, culprit, trained,
+                                                            cells_dir, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    plan = json.loads((run / "plan.json").read_text())
+    plan[section][key] = value
+    (run / "plan.json").write_text(json.dumps(plan))
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'plan.json'} is not a useg plan" in err and culprit in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_refuses_a_stale_onnx_export(trained, cells_dir, tmp_path, capsys):
+    """`export`, then `train --overwrite`: the old model.onnx must not run with the new plan."""
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["export", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(cells_dir), "--out", str(run), "--overwrite", *TINY, "--width", "8"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(out), "--backend",
+                 "onnxruntime", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{run / 'model.onnx'} was exported from other weights than {run / 'model.safetensors'}; "
+            f"run 'useg export {run}' again") in err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["export", str(run), "--quiet"]) == 0
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(out), "--backend",
+                 "onnxruntime", "--quiet"]) == 0
+
+
+# ------------------------------------------------ a file is a channel or the label (issue 14, guards)
+
+
+def _case_folders(d):
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        lab = np.zeros((16, 16, 8), np.uint8)
+        lab[4:12, 4:12, 2:6] = 1
+        case = d / f"case{k}"
+        case.mkdir(parents=True)
+        for prefix, arr in (("t1", lab + rng.normal(0, 0.2, lab.shape)), ("seg", lab)):
+            nib.save(nib.Nifti1Image(arr.astype(np.float32 if prefix == "t1" else np.uint8), np.eye(4)),
+                     str(case / f"{prefix}_{k}.nii.gz"))
+    return d
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--channels", "seg", "--label", "seg"], "--label 'seg' is also one of --channels"),
+    (["--channels", "t1,SEG", "--label", "seg"], "--label 'seg' is also one of --channels"),
+    (["--channels", "t1,t1", "--label", "seg"], "--channels names 't1' twice"),
+    (["--channels", "s", "--label", "seg"], "seg_0.nii.gz matches two of --channels/--label"),
+])
+def test_a_file_is_a_channel_or_the_label_never_both(flags, culprit, tmp_path, capsys):
+    data = _case_folders(tmp_path / "data")
+    _check_and_train_refuse(data, culprit, tmp_path, capsys, *flags)
+    assert main(["check", str(data), "--channels", "t1", "--label", "seg"]) == 0
+
+
+# --------------------------------------------- a mask placed elsewhere than its image (issue 14, guards)
+
+
+def _moved_mask(d, change):
+    import nibabel as nib
+
+    _nifti_volumes(d, image_zooms=(1.0, 1.0, 2.0))
+    for k in range(3):  # the masks get their images' zooms, so only the change below differs
+        path = d / "masks" / f"v{k}.nii.gz"
+        affine = np.diag([1.0, 1.0, 2.0, 1.0])
+        if k == 1:
+            change(affine)
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(str(path)).dataobj), affine), str(path))
+
+
+def _flipped_axis(d):
+    def flip(a):
+        a[0, 0], a[0, 3] = -1.0, 15.0
+
+    _moved_mask(d, flip)
+    return "v1.nii.gz is oriented LAS but its image RAS (a flipped or permuted axis)"
+
+
+def _swapped_axes(d):
+    def swap(a):
+        a[:2, :2] = [[0.0, 1.0], [1.0, 0.0]]
+
+    _moved_mask(d, swap)
+    return "v1.nii.gz is oriented ARS but its image RAS"
+
+
+def _moved_origin(d):
+    def move(a):
+        a[1, 3] = 5.0
+
+    _moved_mask(d, move)
+    return "v1.nii.gz has its origin at 0x5x0 mm but its image at 0x0x0 mm (the mask is shifted)"
+
+
+PLACED = {f.__name__[1:]: f for f in (_flipped_axis, _swapped_axes, _moved_origin)}
+
+
+@pytest.mark.parametrize("name", sorted(PLACED))
+def test_a_mask_placed_elsewhere_than_its_image_is_refused(name, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _check_and_train_refuse(data, PLACED[name](data), tmp_path, capsys)
+
+
+def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+
+    def nudge(a):
+        a[:3, 3] = 1e-4  # float32 rounding of a header written by another tool
+
+    _moved_mask(data, nudge)
+    assert main(["check", str(data)]) == 0

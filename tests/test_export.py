@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,48 @@ def test_sliding_window_matches_a_whole_image_forward():
     # the assertion has teeth: the same result misplaced by 2 px agrees far less
     shifted = np.roll(tiled, 2, axis=(1, 2))
     assert (shifted.argmax(0) == whole.argmax(0)).mean() < 0.9
+
+
+# ------------------------------------------------------------------ stale exports (issue 14)
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_an_export_of_other_weights_is_refused(tmp_path, format):
+    """`train --overwrite` after `export`: the old model.onnx must not run silently."""
+    run = make_run(tmp_path / "run")
+    path = export.export_run(run, format=format, dynamo=False)
+    assert len(json.loads(sidecar_path(path).read_text())["weights_sha256"]) == 64
+    exported_backend(path)  # the weights it was made from: accepted
+    make_run(run, seed=1)  # retrained in place: same plan, other weights
+    msg = f"{path} was exported from other weights than {run / 'model.safetensors'}; run 'useg export {run}'"
+    with pytest.raises(UsegError, match=re.escape(msg)):
+        exported_backend(path)
+    if format == "onnx":
+        with pytest.raises(UsegError, match=re.escape(msg)):
+            OnnxBackend.load(run)
+    export.export_run(run, format=format, dynamo=False)  # exporting again is the fix
+    exported_backend(path)
+
+
+def test_an_export_moved_away_from_its_run_is_not_compared(tmp_path):
+    run = make_run(tmp_path / "run")
+    path = export.export_run(run, out=tmp_path / "deploy" / "net.onnx", dynamo=False)
+    make_run(run, seed=1)
+    exported_backend(path)  # no model.safetensors beside it: nothing to compare with
+
+
+def test_an_old_sidecar_without_a_hash(tmp_path, caplog):
+    """Accepted with a warning while its plan is the run's; refused once the plans differ."""
+    run = make_run(tmp_path / "run")
+    path = export.export_run(run, dynamo=False)
+    side = json.loads(sidecar_path(path).read_text())
+    del side["weights_sha256"]
+    sidecar_path(path).write_text(json.dumps(side))
+    with caplog.at_level("WARNING", logger="useg.backends"):
+        OnnxBackend.load(run)
+    assert "has no record of the weights it was exported from" in caplog.text
+    plan = json.loads((run / "plan.json").read_text())
+    plan["model"]["width"] = 8  # the issue's case: sidecar width 4, plan width 8
+    (run / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UsegError, match="was exported from other weights than"):
+        OnnxBackend.load(run)

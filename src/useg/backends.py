@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import runtime
-from .checkpoint import load_weights
+from .checkpoint import load_weights, weights_digest
 from .errors import UsegError
 from .model import UNet
 from .plan import Plan
@@ -32,6 +32,7 @@ from .tta import output_activation
 logger = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> model file suffix
+WEIGHTS_FILE = "model.safetensors"  # a run's weights, beside plan.json (and beside its exports)
 CPU = torch.device("cpu")
 
 
@@ -193,11 +194,42 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None,
     if side.get("model_file") != path.name or side.get("format") not in FORMATS:
         raise UsegError(f"{side_file} describes {side.get('model_file')!r}, not {path.name}; "
                         "export the run again")
+    _check_weights(path, side)
     if side["format"] == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return plan, torch.jit.load(str(path), map_location="cpu").eval()
     return plan, onnx_session(path, providers, threads)
+
+
+def _check_weights(path: Path, side: dict) -> None:
+    """Refuse an export whose run folder now holds other weights than those it was exported from.
+
+    An export beside no ``model.safetensors`` (a deployment of the two files alone) has nothing to
+    be compared with. A sidecar written before the hash was recorded is accepted with a warning when
+    its plan equals the folder's plan.json (refusing it would break every older export that is still
+    right), and refused when the plans differ: that export is certainly stale.
+    """
+    weights = path.parent / WEIGHTS_FILE
+    if not weights.is_file():
+        return
+    stale = UsegError(f"{path} was exported from other weights than {weights}; "
+                      f"run 'useg export {path.parent}' again")
+    recorded = side.get("weights_sha256")
+    if recorded is not None:
+        if recorded != weights_digest(weights):
+            raise stale
+        return
+    plan_file = path.parent / "plan.json"
+    try:
+        same_plan = json.loads(plan_file.read_text(encoding="utf-8")) == side["plan"]
+    except (OSError, ValueError):
+        same_plan = True  # no readable plan.json to compare with: the weights alone cannot tell
+    if not same_plan:
+        raise stale
+    logger.warning("%s has no record of the weights it was exported from (an older useg); if %s was "
+                   "trained again since, run 'useg export %s' again", sidecar_path(path), weights,
+                   path.parent)
 
 
 def exported_backend(path: str | Path, providers: Sequence[str] | None = None,

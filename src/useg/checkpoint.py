@@ -7,6 +7,7 @@ replaces the whole resumable state at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -116,3 +117,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UsegError(f"{path} holds weights that are not finite (NaN or inf, e.g. {bad[0]}): the training "
                         "that wrote it diverged; train again with a lower --lr")
     model.load_state_dict(state)
+
+
+def weights_digest(path: Path) -> str:
+    """The sha256 (hex) of a weights file: ties an export to the exact weights it was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

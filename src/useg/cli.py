@@ -22,6 +22,38 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
 
 
+def _number(kind, low: float, low_ok: bool, what: str):
+    """An argparse type: a finite ``kind`` (int or float) above ``low`` (or equal, with ``low_ok``)."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _number(float, 0.0, False, "a positive number")
+_SEED = _number(int, 0, True, "a whole number >= 0")
+
+
+def _device(text: str) -> str:
+    """A --device value torch knows and this machine has ("auto" is decided later); the text itself."""
+    if text != "auto":
+        from .runtime import pick_device
+
+        try:
+            pick_device(text)
+        except UsegError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _setup_logging(quiet: bool) -> None:
     from rich.logging import RichHandler
 
@@ -224,7 +256,8 @@ def _roi_arg(sp: argparse.ArgumentParser, what: str) -> None:
 def _common(sp: argparse.ArgumentParser, device: bool = True) -> None:
     sp.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     if device:
-        sp.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
+        sp.add_argument("--device", default="auto", type=_device,
+                        help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
 
 
 def _add_check(sub) -> None:
@@ -249,20 +282,21 @@ def _plan_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--padding", choices=["same", "valid"])
     t.add_argument("--up", choices=["transpose", "interp"])
     t.add_argument("--norm", choices=["none", "batch", "instance"])
-    t.add_argument("--dropout", type=float)
+    t.add_argument("--dropout", type=_number(float, 0.0, True, "a number in [0, 1)"))
     t.add_argument("--epochs", type=int)
     t.add_argument("--iters", type=int, help="optimizer steps per epoch")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
+    t.add_argument("--lr", type=_POSITIVE)
     t.add_argument("--optimizer", choices=["adamw", "sgd"])
     t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=_SEED)
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--workers", type=int, help="DataLoader workers (default: from the machine)")
+    t.add_argument("--workers", type=_number(int, -1, True, "a whole number >= 0, or -1 for automatic"),
+                   help="DataLoader workers (default: from the machine)")
     t.add_argument("--deterministic", action="store_true",
                    help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
     t.add_argument("--tta", action="store_true", help="flip test-time augmentation at inference")
-    t.add_argument("--memory-gb", type=float,
+    t.add_argument("--memory-gb", type=_POSITIVE,
                    help="training memory budget for planning (default: from the machine)")
     t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
                    "WT=1,2,3,4;TC=1,3,4;ET=4")
@@ -283,7 +317,7 @@ def _add_train(sub) -> None:
     t.add_argument("--out", required=True, help="the run folder to write")
     t.add_argument("--val", help="validation cases by stem: 3,7 or 25-29 (default: a seeded 20%%)")
     t.add_argument("--exclude", help="cases kept out entirely (a test set): 25-29")
-    t.add_argument("--time-budget", type=float, help="minutes of training, validation included")
+    t.add_argument("--time-budget", type=_POSITIVE, help="minutes of training, validation included")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _common(t)
@@ -319,7 +353,8 @@ def _add_export(sub) -> None:
     ex.add_argument("run", help="run folder made by 'useg train'")
     ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     ex.add_argument("--out", help="the model file (default: RUN/model.onnx or RUN/model.pt)")
-    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--opset", type=_number(int, 7, True, "an ONNX opset >= 7"),
+                    help="ONNX opset (default: the exporter's)")
     _common(ex, device=False)
     ex.set_defaults(fn=cmd_export)
 
@@ -349,7 +384,7 @@ def _add_demo(sub) -> None:
     """`useg demo`."""
     d = sub.add_parser("demo", help="train, predict and evaluate on built-in synthetic cells")
     d.add_argument("--out", default="demo-out", help="folder for data, run, masks and report")
-    d.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    d.add_argument("--minutes", type=_POSITIVE, default=2.0, help="training time budget")
     _common(d)
     d.set_defaults(fn=cmd_demo)
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import layouts, volumes
 from .errors import UsegError
 from .files import stem_of, suffix_of
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, file_spacing, read_mask
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, file_affine, file_spacing, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .pairing import RULE_TEXT, STEM, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
 from .roi import pair_rois, read_roi
@@ -326,6 +326,9 @@ class CheckReport:
         names = set(names)
         if not names:
             return self
+        if self.cases and all(c.name in names for c in self.cases):
+            raise UsegError(f"--exclude names every one of the {len(self.cases)} cases; "
+                            "keep at least one case to train on")
         return dataclasses.replace(self, cases=[c for c in self.cases if c.name not in names],
                                    records=tuple(r for r in self.records if r.name not in names))
 
@@ -453,6 +456,10 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
                         f"{format_axes(image.spacing)}; resample the mask onto its image's grid "
                         "(nearest neighbour)")
         return
+    moved = _placed_elsewhere(case.mask, image) if mask_spacing and image is not None else None
+    if moved:
+        problems.append(moved)
+        return
     if image is not None and mode == "grey" and scan.sample_channels in (None, image.channels):
         fg = raw > raw.min(initial=0)
         if scan.ignore_value is not None:
@@ -467,6 +474,20 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
     scan.modes.setdefault(mode, []).append(str(case.mask))
     if pal is not None:
         scan.palettes[str(case.mask)] = pal
+
+
+def _placed_elsewhere(mask: Path, image: Image) -> str | None:
+    """A sentence when the mask's header puts its voxels elsewhere than its image's (flipped axis, moved
+    origin), though shape and spacing agree: training pairs voxels by index, so the labels would
+    belong to other places than the viewer shows."""
+    affine = file_affine(mask)
+    if affine is None or image.affine is None:
+        return None
+    how = volumes.geometry_difference(affine, image.affine, image.spacing)
+    if how is None:
+        return None
+    return (f"{mask} {how}; resample the mask onto its image's grid, or give it its image's affine "
+            "if only its header is wrong")
 
 
 def _disagreements(records: Sequence[CaseRecord], cases: Sequence[Case]) -> list[str]:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import FORMATS, exported_backend, import_onnxruntime, onnx_session, sidecar_path
+from .backends import FORMATS, WEIGHTS_FILE, exported_backend, import_onnxruntime, onnx_session, sidecar_path
+from .checkpoint import weights_digest
 from .errors import UsegError
 from .files import atomic_path, atomic_write_text
 from .model import output_size
@@ -67,6 +68,7 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         raise UsegError(f"{out} does not end in {suffix}; name the {format} export like model{suffix}")
     if format == "onnx":
         import_onnxruntime(out)  # fail before the (slow) export, not after it
+    digest = weights_digest(run / WEIGHTS_FILE) if (run / WEIGHTS_FILE).is_file() else None
     seg = Segmenter.load(run, device="cpu", precision="fp32")
     plan, model = seg.plan, seg.backend.model.float().eval()
     m = plan.model
@@ -92,6 +94,7 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
             raise UsegError(f"the {format} export of {run} gives probabilities {diff:.2e} away from "
                             f"PyTorch's (limit {TOLERANCE:g}); try another --opset or --format")
     side = _sidecar(plan, format, out, exporter, diff)
+    side["weights_sha256"] = digest  # a later 'train --overwrite' makes this export stale: refused at load
     try:
         atomic_write_text(sidecar_path(out), json.dumps(side, indent=2) + "\n")
     except BaseException:

@@ -62,6 +62,8 @@ class Format:
         read_spacing: ``(path) -> spacing or None`` from the header alone, in the axis order of
             ``read_image``'s array, for formats whose headers hold a physical spacing (medical
             volumes); None when the file cannot be read.
+        read_affine: ``(path) -> 4x4 RAS voxel-to-world matrix or None`` from the header alone, for
+            the same formats: a mask's orientation and origin are compared with its image's.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Format:
     write_mask: Callable[[Path, np.ndarray, Image, LabelMap | None], Path] | None = None
     write_image: Callable[[Path, np.ndarray, Image], Path] | None = None
     read_spacing: Callable[[Path], tuple[float, ...] | None] | None = None
+    read_affine: Callable[[Path], np.ndarray | None] | None = None
 
 
 def _read_pil(path: Path) -> PILImage.Image:
@@ -185,10 +188,10 @@ _GIF = Format("gif", partial(_read_pil_image, name="gif"), _read_pil_mask)  # fi
 _WEBP = Format("webp", partial(_read_pil_image, name="webp"), partial(_refuse_lossy_mask, codec="WebP"))
 _TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image)
 _NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask,
-                read_spacing=volumes.nifti_spacing)
+                read_spacing=volumes.nifti_spacing, read_affine=volumes.nifti_affine_of)
 DICOM_SERIES = Format("dicom", volumes.read_dicom_series)  # a folder of one series' slices, found by content
 _ITK = {name: Format(name, itk.read_itk_image, itk.read_itk_mask, itk.write_itk_mask, itk.write_itk_image,
-                     itk.itk_spacing)
+                     itk.itk_spacing, itk.itk_header_affine)
         for name in ("nrrd", "metaimage")}
 
 FORMATS: dict[str, Format] = {
@@ -351,6 +354,13 @@ def file_spacing(path: str | Path) -> tuple[float, ...] | None:
     """
     fmt = FORMATS.get(suffix_of(path))
     return fmt.read_spacing(Path(path)) if fmt is not None and fmt.read_spacing is not None else None
+
+
+def file_affine(path: str | Path) -> np.ndarray | None:
+    """The 4x4 RAS voxel-to-world matrix a file's header states (NIfTI, NRRD, MetaImage), without its
+    pixels; None for raster formats and unreadable files, as :func:`file_spacing`."""
+    fmt = FORMATS.get(suffix_of(path))
+    return fmt.read_affine(Path(path)) if fmt is not None and fmt.read_affine is not None else None
 
 
 _PIL_FORMATS = frozenset({"png", "jpeg", "bmp", "gif", "webp"})

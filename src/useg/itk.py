@@ -121,6 +121,20 @@ def itk_spacing(path: Path) -> tuple[float, ...] | None:
         return None
 
 
+def itk_header_affine(path: Path) -> np.ndarray | None:
+    """The RAS 4x4 matrix (:func:`itk_affine`) of an NRRD / MetaImage header; None when unreadable."""
+    try:
+        sitk = _sitk(path, "reading")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.GetDimension() not in (2, 3):
+            return None
+        return itk_affine(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+    except Exception:  # noqa: BLE001 - SimpleITK raises RuntimeError for every damaged file
+        return None
+
+
 def read_itk_image(path: Path) -> Image:
     """An NRRD / MetaImage file as an Image (C, X, Y, Z) or (C, X, Y), dtype as stored, affine kept.
 

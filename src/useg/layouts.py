@@ -227,6 +227,14 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
         example = ", ".join(stem_of(p) for p in _volume_files(subdirs[0])[:4]) if subdirs else ""
         return [], [f"{root} holds one folder per case; name the channel files with --channels "
                     f"(file-name prefixes, e.g. from {example}) and the mask with --label"], info
+    lower = [n.lower() for n in channel_names]  # prefixes match case-insensitively (_pick)
+    twice = sorted({n for n in lower if lower.count(n) > 1})
+    shared = label_name is not None and label_name.lower() in lower
+    if shared or twice:
+        what = f"--label {label_name!r} is also one of --channels" if shared else \
+            f"--channels names {twice[0]!r} twice"
+        return [], [f"{what} ({root}); a file is one channel or the label, never both: "
+                    "name each file once"], info
     cases, problems = [], []
     for d in subdirs:
         files = _volume_files(d)
@@ -241,6 +249,12 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
         if label_name and len(masks) != 1:
             problems.append(f"{d} has {len(masks)} files starting with {label_name!r}; "
                             "keep exactly one label file per case")
+        both = sorted({p.name for p in chans if chans.count(p) > 1 or p in masks[:1]})
+        if both:
+            problems.append(f"{d / both[0]} matches two of --channels/--label ({', '.join(channel_names)}; "
+                            f"{label_name}); a file is one channel or the label, never both: "
+                            "use longer prefixes")
+            continue
         if len(chans) == len(channel_names):
             cases.append(case_type(d.name, chans[0], masks[0] if len(masks) == 1 else None, tuple(chans[1:])))
     return cases, problems, info

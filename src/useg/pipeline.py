@@ -237,6 +237,10 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
                         "pass --overwrite to replace it or --resume to continue it")
     by_name = {c.name: c for c in report.cases}
     held = set(parse_names(exclude))
+    both = sorted(held & set(parse_names(val)))
+    if both:  # said first: "not in the data" would name the wrong cause
+        raise UsegError(f"{both[:5]} are given to --exclude and to --val; an excluded case is kept out of "
+                        "validation too: name each case in one of them")
     unknown = sorted((held | set(parse_names(val))) - set(by_name))
     if unknown:
         raise UsegError(f"case names {unknown} are not in {data}; "

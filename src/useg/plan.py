@@ -113,6 +113,11 @@ class Plan:
     preset: str = "default"  # the named recipe this plan started from
     version: int = PLAN_VERSION  # plan.json format version
 
+    def __post_init__(self) -> None:
+        problem = _problem(self)  # every plan is valid: made by the planner or read from plan.json
+        if problem:
+            raise UsegError(problem)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (tuples become lists, the label map its own dict)."""
         return _to_jsonable(self)
@@ -145,6 +150,92 @@ class Plan:
             return cls.from_dict(d)
         except (TypeError, KeyError, ValueError) as e:
             raise UsegError(f"{path} is not a useg plan ({e}); re-run 'useg train' to recreate it") from None
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _model_problem(m: ModelConfig) -> str | None:
+    """The first impossible value of the network's fields (the CLI flag in brackets), or None."""
+    for name, low, flag in (("width", 1, "--width"), ("depth", 1, "--depth"), ("in_channels", 1, ""),
+                            ("num_classes", 1, "")):
+        value = getattr(m, name)
+        if not _whole(value, low):
+            return f"the {name} must be a whole number >= {low}{f' ({flag})' if flag else ''}, not {value!r}"
+    if m.max_width is not None and not _whole(m.max_width, 1):
+        return f"max_width must be a whole number >= 1 or null, not {m.max_width!r}"
+    if m.dims not in (2, 3):
+        return f"dims must be 2 or 3, not {m.dims!r}"
+    choices = {"padding": ("same", "valid"), "up": ("transpose", "interp"),
+               "norm": (None, "batch", "instance")}
+    for name, allowed in choices.items():
+        if getattr(m, name) not in allowed:
+            return f"the {name} must be one of {', '.join(map(str, allowed))}, not {getattr(m, name)!r}"
+    if not (isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1):
+        return f"the dropout must lie in [0, 1) (--dropout), not {m.dropout!r}"
+    return None
+
+
+def check_model(m: ModelConfig) -> None:
+    """Raise a UsegError naming the first impossible network field (``--width 0``, ``--dropout 1.5``)."""
+    problem = _model_problem(m)
+    if problem:
+        raise UsegError(problem)
+
+
+def _sizes_problem(what: str, size: Any, dims: int) -> str | None:
+    if not isinstance(size, tuple) or len(size) != dims:
+        n = len(size) if isinstance(size, tuple) else "no"
+        return f"the {what} {size!r} has {n} axes but the images have {dims}; give {dims} sizes like " \
+               f"{','.join(['64'] * dims)}"
+    if not all(_whole(s, 1) for s in size):
+        return f"the {what} {size!r} must hold whole numbers >= 1"
+    return None
+
+
+def _problem(plan: Plan) -> str | None:
+    """The first value of ``plan`` that no training or prediction could use, as a sentence; None if none.
+
+    Checked at construction, so the planner's output and a plan.json read back pass the same rules.
+    The epochs, steps per epoch and batch size are checked where the run starts (useg.pipeline).
+    """
+    m, d, i = plan.model, plan.data, plan.infer
+    found = (_model_problem(m) or _sizes_problem("patch size (--patch)", d.patch_size, m.dims)
+             or _sizes_problem("tile", i.tile, m.dims))
+    if found:
+        return found
+    if len(d.spacing) != m.dims or not all(isinstance(s, (int, float)) and 0 < s < float("inf")
+                                           for s in d.spacing):
+        return f"the spacing {d.spacing!r} must hold {m.dims} positive finite numbers"
+    if not (isinstance(i.overlap, (int, float)) and 0 <= i.overlap < 1):
+        return f"the tile overlap must lie in [0, 1), not {i.overlap!r}"
+    if not _whole(i.batch_size, 1):
+        return f"the inference batch size must be a whole number >= 1, not {i.batch_size!r}"
+    if not (isinstance(d.fg_fraction, (int, float)) and 0 <= d.fg_fraction <= 1):
+        return f"fg_fraction must lie in [0, 1], not {d.fg_fraction!r}"
+    return _train_problem(plan.train)
+
+
+def _train_problem(t: TrainConfig) -> str | None:
+    """The first impossible training field but epochs, steps and batch (checked where a run starts)."""
+    if not (isinstance(t.lr, (int, float)) and 0 < t.lr < float("inf")):
+        return f"the learning rate must be a positive finite number (--lr), not {t.lr!r}"
+    choices = {"optimizer": ("adamw", "sgd"), "loss": ("dice_ce", "ce", "dice"),
+               "schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16")}
+    for name, allowed in choices.items():
+        if getattr(t, name) not in allowed:
+            return f"the {name} must be one of {', '.join(allowed)}, not {getattr(t, name)!r}"
+    bounds = (("weight_decay", float("inf")), ("momentum", 1.0), ("warmup", 1.0), ("val_fraction", 1.0))
+    for name, high in bounds:
+        value = getattr(t, name)
+        if not (isinstance(value, (int, float)) and 0 <= value < high):
+            return f"{name} must lie in [0, {high:g}), not {value!r}"
+    if not _whole(t.seed, 0):
+        return f"the seed must be a whole number >= 0 (--seed), not {t.seed!r}"
+    if not _whole(t.workers, -1):
+        return f"workers must be a whole number >= 0, or -1 for automatic (--workers), not {t.workers!r}"
+    return None
 
 
 def _to_jsonable(obj: Any) -> Any:

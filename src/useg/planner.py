@@ -30,8 +30,8 @@ from .augment import AugmentConfig
 from .dataset import CaseRecord, CheckReport, format_axes
 from .errors import UsegError
 from .labels import LabelMap, region_classes
-from .model import valid_input_size
-from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig
+from .model import input_size_for_output, valid_input_size
+from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model
 from .spec import Overrides
 
 logger = logging.getLogger(__name__)
@@ -155,14 +155,21 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     num_classes = len(regions) or label_map.num_classes
     fixed = {"in_channels": num_channels, "num_classes": num_classes, "dims": dims}  # from the data
     mcfg = dataclasses.replace(base.model, **{**fixed, **ov.model})
+    check_model(mcfg)
+    spacing = target_spacing(spacings) if spacings else tuple(1.0 for _ in range(dims))
+    largest = _largest_shape(image_shapes, spacings, spacing, bool(ov.data.get("resample")))
+    mcfg = _possible_depth(mcfg, largest, "depth" in ov.model)
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
+        given, example = ",".join(map(str, ov.patch_size)), ",".join(["64"] * dims)
         if len(ov.patch_size) != dims:
-            raise ValueError(f"patch size {ov.patch_size} has {len(ov.patch_size)} axes "
-                             f"but the images have {dims}")
+            raise UsegError(f"--patch {given} has {len(ov.patch_size)} axes but the images have {dims}; "
+                            f"give {dims} sizes like --patch {example}")
+        if min(ov.patch_size) < 1:
+            raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
-    spacing = target_spacing(spacings) if spacings else tuple(1.0 for _ in range(dims))
+    patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)
     tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch})
     icfg = dataclasses.replace(base.infer, tile=patch, **ov.infer)
@@ -170,6 +177,47 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     plan = Plan(model=mcfg, data=data, train=tcfg, infer=icfg, preset=ov.preset)
     logger.info("plan: %s", explain(plan))
     return plan
+
+
+def _largest_shape(image_shapes: Sequence[tuple[int, ...]], spacings: Sequence[tuple[float, ...]] | None,
+                   target: tuple[float, ...], resample: bool) -> tuple[int, ...]:
+    """The largest image edge on each axis, in the voxels training sees (after resampling, if any)."""
+    shapes = [tuple(s) for s in image_shapes]
+    if resample and spacings:
+        shapes = [tuple(max(1, round(n * sp / t)) for n, sp, t in zip(shape, spc, target))
+                  for shape, spc in zip(shapes, spacings)]
+    return tuple(int(max(axis)) for axis in zip(*shapes))
+
+
+def _possible_depth(m: ModelConfig, largest: tuple[int, ...], chosen: bool) -> ModelConfig:
+    """``m``, or a refusal when its poolings shrink even the largest image edge below one pixel.
+
+    A preset's depth (not the user's) is lowered instead, with a log line, so tiny images still train.
+    """
+    if 2 ** m.depth <= max(largest):
+        return m
+    most = int(math.floor(math.log2(max(largest))))
+    if chosen or most < 1:
+        hint = f"use --depth {most} or less" if most >= 1 else "the images are too small for a U-Net"
+        raise UsegError(f"--depth {m.depth} pools {2 ** m.depth} pixels into one, but the largest image is "
+                        f"{format_axes(largest)}; {hint}")
+    logger.warning("depth %d needs images of at least %d pixels, the largest is %s: using depth %d",
+                   m.depth, 2 ** m.depth, format_axes(largest), most)
+    return dataclasses.replace(m, depth=most)
+
+
+def _capped_patch(patch: tuple[int, ...], largest: tuple[int, ...], m: ModelConfig) -> tuple[int, ...]:
+    """The patch, each edge at most the smallest valid input that covers the largest image's edge.
+
+    A larger patch would be mostly padding: minutes of training on nothing (``--patch 4096,4096``
+    on 48x48 images).
+    """
+    limit = input_size_for_output(largest, m.depth, m.padding)
+    capped = tuple(min(p, c) for p, c in zip(patch, limit))
+    if capped != patch:
+        logger.warning("patch %s is larger than the images allow (the largest is %s): using %s",
+                       format_axes(patch), format_axes(largest), format_axes(capped))
+    return capped
 
 
 def explain(plan: Plan) -> str:

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import UsegError
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,7 +60,7 @@ def pick_device(name: str = "auto") -> torch.device:
     """The device to use: cuda, then mps, then cpu for ``"auto"``; otherwise the named one.
 
     Raises:
-        ValueError: if a named device is not available.
+        UsegError: a name torch does not know (``--device bogus``), or a device that is not available.
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -66,9 +68,20 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsegError(f"device {name!r} is unknown; use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+        raise UsegError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsegError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s); use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise UsegError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsegError(f"device {name!r} is not supported by useg; use auto, cpu, cuda or mps")
     return dev
 
 

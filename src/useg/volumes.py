@@ -121,6 +121,53 @@ def nifti_spacing(path: str | Path) -> tuple[float, ...] | None:
     return tuple(float(z) for z in img.header.get_zooms()[:n])
 
 
+def nifti_affine_of(path: str | Path) -> np.ndarray | None:
+    """The 4x4 voxel-to-world matrix of a NIfTI header (the data is not read); None when unreadable."""
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - reading the file later names the problem
+        return None
+
+
+DIRECTION_TOL = 1e-3  # largest accepted difference of the axes' unit direction vectors
+ORIGIN_TOL = 1e-2  # largest accepted origin shift, in voxels of the smallest spacing
+
+
+def geometry_difference(mask: np.ndarray, image: np.ndarray, spacing: tuple[float, ...]) -> str | None:
+    """How a mask's affine places its voxels elsewhere than its image's, or None when they agree.
+
+    Spacing is compared before (the zooms); this compares what is left: the axes' directions (a
+    flipped, permuted or rotated axis) within :data:`DIRECTION_TOL`, and the origin within
+    :data:`ORIGIN_TOL` of a voxel.
+
+    Args:
+        mask: the mask's 4x4 voxel-to-world matrix (RAS).
+        image: its image's.
+        spacing: the image's spacing (the unit of the origin tolerance).
+
+    Returns:
+        The part of a sentence after the mask's name, e.g. "is oriented LAS but its image RAS".
+    """
+    import nibabel as nib
+
+    def directions(a: np.ndarray) -> np.ndarray:
+        cols = np.asarray(a, np.float64)[:3, :3]
+        return cols / np.maximum(np.linalg.norm(cols, axis=0), 1e-12)
+
+    if not np.allclose(directions(mask), directions(image), rtol=0, atol=DIRECTION_TOL):
+        codes = ["".join(c or "?" for c in nib.orientations.aff2axcodes(a)) for a in (mask, image)]
+        how = "a flipped or permuted axis" if codes[0] != codes[1] else "rotated axes"
+        return f"is oriented {codes[0]} but its image {codes[1]} ({how})"
+    tol = ORIGIN_TOL * min(abs(float(s)) for s in spacing) if spacing else ORIGIN_TOL
+    origins = np.asarray(mask, np.float64)[:3, 3], np.asarray(image, np.float64)[:3, 3]
+    if np.abs(origins[0] - origins[1]).max() > tol:
+        fmt = ["x".join(f"{v:g}" for v in np.round(o, 3)) for o in origins]
+        return f"has its origin at {fmt[0]} mm but its image at {fmt[1]} mm (the mask is shifted)"
+    return None
+
+
 def read_nifti_labels(path: str | Path) -> np.ndarray:
     """A label volume's integer values (*S); floats are accepted when they are integral.
 
