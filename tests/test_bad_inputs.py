@@ -760,13 +760,21 @@ def test_a_semantically_invalid_plan_json_is_refused_at_load(section, key, value
 
 
 def test_predict_refuses_a_stale_onnx_export(trained, cells_dir, tmp_path, capsys):
-    """`export`, then `train --overwrite`: the old model.onnx must not run with the new plan."""
+    """An export beside weights it was not made from must not run (`train --overwrite` now replaces
+    the whole folder, so the stale export is copied back as a user restoring files would)."""
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     assert main(["export", str(run), "--quiet"]) == 0
     capsys.readouterr()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("model.onnx", "model.onnx.json"):
+        shutil.copy2(run / name, kept / name)
     assert main(["train", str(cells_dir), "--out", str(run), "--overwrite", *TINY, "--width", "8"]) == 0
+    assert not (run / "model.onnx").exists()  # the overwrite took the old export with the old run
+    for name in ("model.onnx", "model.onnx.json"):
+        shutil.copy2(kept / name, run / name)
     capsys.readouterr()
     out = tmp_path / "o"
     assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(out), "--backend",
