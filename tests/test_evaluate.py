@@ -209,3 +209,22 @@ def test_evaluate_folders_with_labels_or_run_skips_inference(tmp_path):
     summary, _ = evaluate_folders(pred, data, labels=[0, 255])
     assert summary["classes"][1]["recall"] == 0.0  # 255 is predicted where the truth has none
     assert summary["classes"][1]["precision"] == 0.0
+
+
+def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(tmp_path):
+    import json
+
+    import numpy as np
+
+    from useg.evaluate import write_metrics
+
+    rows = [{"case": "a", "class": 1, "name": "fg", "dice": float("nan"), "iou": np.float64("inf"),
+             "precision": 1.0, "recall": 1.0, "tp": 0, "fp": 0, "fn": 0, "pixel_error": 0.0}]
+    _, json_path = write_metrics(rows, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    doc = json.loads(json_path.read_text(), parse_constant=refuse)  # NaN / Infinity would raise here
+    assert doc["cases"][0]["dice"] is None and doc["cases"][0]["iou"] is None
+    assert doc["summary"]["classes"][0]["precision"] == 1.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from .distances import BRATS_REGIONS, REGION_METRICS, evaluate_regions
 from .errors import UsegError
-from .files import atomic_write_text, stem_of, suffix_of
+from .files import atomic_write_text, stem_of, strict_json, suffix_of
 from .instances import evaluate_instances
 from .io import MASK_SUFFIXES, file_spacing, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
@@ -184,7 +183,8 @@ def write_metrics(rows: Sequence[dict], out_dir: str | Path, extra: dict | None 
     writer.writeheader()
     writer.writerows(clean)
     csv_text = buf.getvalue()
-    json_text = json.dumps({"cases": clean, "summary": summary, **_plain_tree(extra or {})}, indent=2) + "\n"
+    # metrics.json is strict JSON: an undefined metric (no positives for an AUC, say) is null
+    json_text = strict_json({"cases": clean, "summary": summary, **_plain_tree(extra or {})}) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = atomic_write_text(out_dir / "metrics.csv", csv_text)
     json_path = atomic_write_text(out_dir / "metrics.json", json_text)

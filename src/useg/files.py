@@ -8,6 +8,8 @@ metrics, reports) can use it without importing each other.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -150,6 +152,28 @@ def atomic_path(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON text any parser reads: NaN and infinities become ``null`` (``json.dumps`` would write
+    ``NaN``, which is not JSON), numpy scalars become Python numbers.
+
+    >>> strict_json({"dice": float("nan"), "n": np.int64(3)}, indent=None)
+    '{"dice": null, "n": 3}'
+    """
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import atomic_write_text, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def write_curves(run: Path) -> None:
 def write_summary(run: Path, summary: dict) -> None:
     """Write ``run/summary.json`` atomically (paths as strings)."""
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}
-    atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run / "summary.json", strict_json(summary) + "\n")  # best_dice null without validation
 
 
 class ProgressBar:
