@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runtime
+from . import runlog, runtime
 from .dataset import Case, CheckReport, check_dataset
 from .errors import UsegError
 from .files import atomic_write_text
@@ -141,27 +141,24 @@ def train_folder(
     if resume:
         return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=True,
                    device=device, quiet=quiet)
+    # A new run is built beside ``out`` and swapped in only when training is complete: until then a
+    # run already at ``out`` stays whole and unchanged, and an error or Ctrl-C leaves nothing behind.
     staging = _staging_folder(out)
-    published = False
-
-    def publish() -> Path:
-        nonlocal published
-        if runtime.main_process():
-            _swap_in(staging, out)
-        published = True
-        return out
-
     try:
         if runtime.main_process():  # under torchrun only rank 0 writes
             staging.mkdir()
             split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             atomic_write_text(staging / SPLIT_FILE, json.dumps(split, indent=1))
-        return fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
-                   quiet=quiet, publish=publish)
-    except BaseException:  # an error or Ctrl-C before the first checkpoint: the old run stays as it was
-        if not published and runtime.main_process():
+        result = fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
+                     quiet=quiet)
+        if runtime.main_process():
+            _swap_in(staging, out)
+            runlog.write_summary(out, {**runlog.read_summary(out), "run": out})  # it named the staging folder
+    except BaseException:
+        if runtime.main_process():
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    return dataclasses.replace(result, run=out)
 
 
 def _staging_folder(out: Path) -> Path:

@@ -67,6 +67,12 @@ def write_curves(run: Path) -> None:
         plot_curves(records, run / "curves.png")
 
 
+def read_summary(run: Path) -> dict:
+    """``run/summary.json`` as written by :func:`write_summary` (empty when there is none)."""
+    path = run / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def write_summary(run: Path, summary: dict) -> None:
     """Write ``run/summary.json`` atomically (paths as strings)."""
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}

@@ -10,11 +10,10 @@ are never written.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -232,7 +231,6 @@ def fit(
     resume: bool = False,
     device: str = "auto",
     quiet: bool = False,
-    publish: Callable[[], Path] | None = None,
 ) -> TrainResult:
     """Train the plan's U-Net on in-memory arrays and write the run folder.
 
@@ -249,9 +247,6 @@ def fit(
         resume: continue from run/last.safetensors.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
-        publish: called once, on every rank, right after the first checkpoint is written; returns the
-            folder the run lives in from then on (:func:`useg.pipeline.train_folder` builds a new run
-            beside the one it replaces and swaps it in here).
 
     Returns:
         A :class:`TrainResult`.
@@ -267,7 +262,7 @@ def fit(
             s = _setup(plan, train_data, run, dist, dev)
             state = _restore_or_start(s, resume)
             # only rank 0 logs and writes
-            s = _train(s, state, val_data, time_budget_min, quiet or not dist.main, publish)
+            s = _train(s, state, val_data, time_budget_min, quiet or not dist.main)
         return _finish(s, state, val_data)
 
 
@@ -330,12 +325,8 @@ def _restore_or_start(s: _Setup, resume: bool) -> LoopState:
 
 
 def _train(s: _Setup, state: LoopState, val_data: tuple[list, list], time_budget_min: float | None,
-           quiet: bool, publish: Callable[[], Path] | None = None) -> _Setup:
-    """The epochs from ``state.epoch`` to the plan's last, or until the time budget is spent.
-
-    Returns:
-        ``s``, its run folder the one ``publish`` returned when there is one.
-    """
+           quiet: bool) -> _Setup:
+    """The epochs from ``state.epoch`` to the plan's last, or until the time budget is spent."""
     t = s.plan.train
     if s.dist.main:
         logger.info("training on %s%s, %s, %d workers, %d train / %d val images", s.dev,
@@ -350,8 +341,6 @@ def _train(s: _Setup, state: LoopState, val_data: tuple[list, list], time_budget
         while state.epoch < t.epochs:
             train_loss, stop = _run_epoch(s, state, clock)
             _end_epoch(s, state, clock, train_loss, val_data)
-            if publish is not None:  # the first checkpoint is whole: the run may replace the old one now
-                s, publish = dataclasses.replace(s, run=publish()), None
             if stop:
                 break
     return s
