@@ -68,8 +68,8 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         raise UsegError(f"{out} does not end in {suffix}; name the {format} export like model{suffix}")
     if format == "onnx":
         import_onnxruntime(out)  # fail before the (slow) export, not after it
-    digest = weights_digest(run / WEIGHTS_FILE) if (run / WEIGHTS_FILE).is_file() else None
-    seg = Segmenter.load(run, device="cpu", precision="fp32")
+    seg = Segmenter.load(run, device="cpu", precision="fp32")  # refuses a run without its weights
+    digest = weights_digest(run / WEIGHTS_FILE)
     plan, model = seg.plan, seg.backend.model.float().eval()
     m = plan.model
     gen = torch.Generator().manual_seed(0)

@@ -92,8 +92,9 @@ def validate(model, images, labels, plan: Plan, device, precision, dist: runtime
     counts = np.zeros((k, 3), dtype=np.int64)
     ce, n = 0.0, 0
     model.eval()
+    backend = TorchBackend(model, plan, device, precision)
     for image, label in zip(images, labels):
-        probs = predict_proba(TorchBackend(model, plan, device, precision), image, plan)
+        probs = predict_proba(backend, image, plan)
         keep = label != IGNORE  # pixels outside an ROI (or nnU-Net's ignore label) count nowhere
         label, probs = label[keep], probs[:, keep]
         if regions:  # binary cross-entropy per region, classes from the nested-region rule
@@ -380,17 +381,23 @@ def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]
             break
     sums = runtime.all_reduce_sum(torch.stack([running.double().cpu(), torch.tensor(float(count))]), s.dist)
     loss = float(sums[0]) / max(float(sums[1]), 1.0)
-    _stop_if_diverged(s, state, loss)  # the same sums on every rank: all stop together
+    _stop_if_diverged(s, state, loss, agreed=True)  # the same sums on every rank: no collective needed
     return loss, stop
 
 
-def _stop_if_diverged(s: _Setup, state: LoopState, loss: float) -> None:
+def _stop_if_diverged(s: _Setup, state: LoopState, loss: float, agreed: bool = False) -> None:
     """Stop at a NaN or infinite loss (checked where the loss is synced anyway, not every step).
+
+    ``agreed``: every rank holds the same ``loss`` (summed over ranks), so no collective is needed
+    for all of them to stop together.
 
     Raises:
         UsegError: the loss is not finite on some rank (every rank raises, so none waits for the others).
     """
-    if runtime.any_rank(not math.isfinite(loss), s.dist):
+    diverged = not math.isfinite(loss)
+    if not agreed:
+        diverged = runtime.any_rank(diverged, s.dist)
+    if diverged:
         raise UsegError(f"the training loss became {loss} by step {state.step} (epoch {state.epoch}): the "
                         f"learning rate {s.plan.train.lr:g} is likely too high for this data; lower --lr "
                         "and train again (nothing diverged was saved)")

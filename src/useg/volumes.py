@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsegError
-from .files import NIFTI_SUFFIXES, Image, atomic_path
+from .files import NIFTI_SUFFIXES, Image, atomic_path, suffix_of
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ LABEL_TOLERANCE = 1e-3  # scaled integer labels (slope 2**-32 * n) land within f
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).lower().endswith(tuple(NIFTI_SUFFIXES))
+    return suffix_of(path) in NIFTI_SUFFIXES
 
 
 def is_dicom_dir(path: str | Path) -> bool:
