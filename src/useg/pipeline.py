@@ -117,8 +117,8 @@ def train_folder(
         quiet: no progress bar.
 
     A new run is built in a hidden folder beside ``out`` (``.NAME.new-XXXX``) and takes ``out``'s place
-    once its first checkpoint is written, so a run it replaces stays whole and loadable until then,
-    and a start that fails or is interrupted before it leaves nothing behind. ``resume`` writes in place.
+    when training is complete, so a run it replaces stays whole and loadable until then, and a run
+    that fails or is interrupted leaves nothing behind. ``resume`` writes in place.
 
     Raises:
         UsegError: the data has problems (every one is listed), or ``out`` holds another run.
