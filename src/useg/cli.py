@@ -125,11 +125,14 @@ def _overrides(a: argparse.Namespace) -> Overrides:
 def cmd_plan(a: argparse.Namespace) -> int:
     from .dataset import check_dataset
     from .planner import explain, fingerprint, plan_dataset
+    from .sizing import explain_sizing, size_for_budget
 
     report = check_dataset(a.data, _spec(a))
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    plan, reasons = plan_dataset(report, _overrides(a), device=a.device)
+    overrides = _overrides(a)
+    plan, reasons = plan_dataset(report, overrides, device=a.device)
+    plan = size_for_budget(plan, overrides, a.time_budget, a.device)
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -137,7 +140,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     for key, value in fingerprint(report).items():
         print(f"  {key}: {value}")
     print("choices:")
-    for line in reasons + explain(plan).splitlines():
+    for line in reasons + explain_sizing(plan.sizing) + explain(plan).splitlines():
         print(f"  {line}")
     return 0
 
@@ -307,6 +310,8 @@ def _add_plan(sub) -> None:
     t = sub.add_parser("plan", help="print the plan for a data folder")
     _plan_options(t)
     t.add_argument("--json", action="store_true", help="print plan.json instead of the explanation")
+    t.add_argument("--time-budget", type=_POSITIVE, help="minutes of training: size the network to this "
+                   "machine's compute as 'useg train --time-budget' does (times a few steps)")
     _common(t)
     t.set_defaults(fn=cmd_plan)
 

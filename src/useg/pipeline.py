@@ -133,7 +133,8 @@ def train_folder(
     if resume:
         plan, train_cases, val_cases = _resumed(out, data, report)
     else:
-        plan, train_cases, val_cases = _started(out, data, report, overrides, val, exclude, overwrite, device)
+        plan, train_cases, val_cases = _started(out, data, report, overrides, val, exclude, overwrite, device,
+                                                  time_budget_min=time_budget_min)
     d = plan.data
     spacing = d.spacing if d.resample else None
     train_data = load_arrays(train_cases, d.label_map, d.normalization, d.intensity, spacing, d.ignore_value)
@@ -225,9 +226,11 @@ def _resumed(out: Path, data: str | Path, report: CheckReport) -> tuple[Plan, li
 
 def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overrides,
              val: str | Sequence[str] | None, exclude: str | Sequence[str] | None, overwrite: bool,
-             device: str) -> tuple[Plan, list[Case], list[Case]]:
-    """A new run's plan and split: held-out cases excluded from both, the fingerprint included."""
+             device: str, time_budget_min: float | None = None) -> tuple[Plan, list[Case], list[Case]]:
+    """A new run's plan and split: held-out cases excluded from both, the fingerprint included; with a
+    time budget the plan is sized to this machine's compute (:mod:`useg.sizing`)."""
     from .planner import plan_dataset
+    from .sizing import size_for_budget
 
     if (out / "plan.json").exists() and not overwrite:
         raise UsegError(f"{out} already holds a run; "
@@ -250,6 +253,7 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
     plan, reasons = plan_dataset(report.without(held), overrides, device=device)
     for reason in reasons:
         logger.info("plan: %s", reason)
+    plan = size_for_budget(plan, overrides, time_budget_min, device)
     return plan, train_cases, val_cases
 
 

@@ -112,6 +112,9 @@ class Plan:
     infer: InferConfig = field(default_factory=InferConfig)
     preset: str = "default"  # the named recipe this plan started from
     version: int = PLAN_VERSION  # plan.json format version
+    # how the network was sized to this machine's compute for a time budget (useg.sizing): the
+    # rule, the measured seconds per step of each candidate and the reason; None when not sized
+    sizing: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problem = _problem(self)  # every plan is valid: made by the planner or read from plan.json
@@ -214,6 +217,8 @@ def _problem(plan: Plan) -> str | None:
         return f"the inference batch size must be a whole number >= 1, not {i.batch_size!r}"
     if not (isinstance(d.fg_fraction, (int, float)) and 0 <= d.fg_fraction <= 1):
         return f"fg_fraction must lie in [0, 1], not {d.fg_fraction!r}"
+    if plan.sizing is not None and not isinstance(plan.sizing, dict):
+        return f"sizing must be an object or null, not {plan.sizing!r}"
     return _train_problem(plan.train)
 
 
