@@ -22,7 +22,7 @@ import numpy as np
 
 from . import layouts, volumes
 from .errors import UsegError
-from .files import stem_of, suffix_of
+from .files import is_special, refuse_special, stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, file_affine, file_spacing, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .pairing import RULE_TEXT, STEM, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
@@ -59,8 +59,8 @@ def natural_key(text: str) -> list:
 def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Path], list[Path]]:
     """(files with a known suffix in natural order, other visible files) of a folder."""
     files, other = [], []
-    for p in folder.iterdir():
-        if p.is_file() and not p.name.startswith("."):
+    for p in folder.iterdir():  # a FIFO named like an image is listed, so that reading it refuses it
+        if (p.is_file() or is_special(p)) and not p.name.startswith("."):
             (files if suffix_of(p) in suffixes else other).append(p)
     return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
@@ -272,6 +272,7 @@ def prediction_inputs(paths: Sequence[str | Path], channel_names: Sequence[str] 
         if not p.exists():
             raise UsegError(f"{p} does not exist; check the path")
         if not p.is_dir() or volumes.is_dicom_dir(p):
+            refuse_special(p, "a regular image file")  # at discovery: reading a FIFO would wait forever
             found.append(Case(stem_of(p), p))
         elif (files := layouts.case_folder_files(p, channel_names)) is not None:
             found.append(Case(p.name, files[0], None, tuple(files[1:])))
@@ -450,7 +451,11 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
         problems.append(f"{case.mask} is {format_axes(raw.shape)} but its image is "
                         f"{format_axes(image.spatial_shape)}; masks must match their images pixel for pixel")
         return
-    mask_spacing = file_spacing(case.mask)  # NIfTI, NRRD, MetaImage headers
+    try:
+        mask_spacing = file_spacing(case.mask)  # NIfTI, NRRD, MetaImage headers
+    except UsegError as e:  # a NaN or zero voxel size: the header's fault, not the grid's
+        problems.append(str(e))
+        return
     if image is not None and mask_spacing and not np.allclose(mask_spacing, image.spacing, rtol=1e-3):
         problems.append(f"{case.mask} has spacing {format_axes(mask_spacing)} but its image has "
                         f"{format_axes(image.spacing)}; resample the mask onto its image's grid "

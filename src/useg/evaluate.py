@@ -372,7 +372,9 @@ def _prediction(pred_path: Path, truth_path: Path, truth: np.ndarray, label_map:
     """The predicted classes (*S) and, for probability maps, the score counts of classes 1..K-1
     (over the pixels ``inside`` an ROI when given)."""
     if not probabilities:
-        pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
+        raw = read_mask(pred_path)[0]
+        _refuse_object_ids(pred_path, raw, label_map)
+        pred = label_map.decode(raw, path=pred_path)
         _check_shape(pred_path, pred.shape, truth_path, truth.shape)
         return pred, []
     probs, scale = _read_probabilities(pred_path, truth_path, truth.shape, label_map)
@@ -380,6 +382,24 @@ def _prediction(pred_path: Path, truth_path: Path, truth: np.ndarray, label_map:
     counts = [score_counts(probs[c][keep], (truth == c)[keep], scale)
               for c in range(1, label_map.num_classes)]
     return np.argmax(probs, axis=0), counts
+
+
+def _refuse_object_ids(path: Path, raw: np.ndarray, label_map: LabelMap) -> None:
+    """Object ids (0, 1, ..., N of 'useg predict --instances') where class values belong are named as such.
+
+    Decoding them would say "values outside the label map; pass --labels", which cannot help: the
+    file holds objects, not classes.
+    """
+    values = np.unique(raw)
+    if label_map.mode == "rgb" or len(values) <= label_map.num_classes or values[0] != 0:
+        return
+    if set(values.tolist()) <= set(label_map.values) or values[-1] != len(values) - 1:
+        return  # class values, or not the consecutive ids of a relabelled instance image
+    raise UsegError(f"{path} holds {len(values) - 1} consecutive ids 1..{values[-1]} where the true masks "
+                    f"have {label_map.num_classes} classes (mask values {list(label_map.values)}): it "
+                    "looks like the object ids of 'useg predict --instances', and evaluate scores class "
+                    "masks; predict into another folder without --instances and evaluate that "
+                    "(with --instances to score its objects too)")
 
 
 def _read_probabilities(path: Path, truth_path: Path, shape: tuple[int, ...],

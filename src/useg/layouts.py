@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsegError
-from .files import Image, stem_of, suffix_of
+from .files import Image, refuse_special, stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, channel_count, read_image
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
@@ -140,6 +140,7 @@ def read_dataset_json(root: Path) -> dict:
         UsegError: unreadable JSON, naming the file.
     """
     path = root / "dataset.json"
+    refuse_special(path, "a regular dataset.json")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -125,7 +125,10 @@ def train_folder(
     """
     overrides = overrides or Overrides()
     out = Path(out)
+    if runtime.main_process():  # what killed trainings left beside ``out`` (a resume takes up its own)
+        runlog.clear_stale(out, resume=resume)
     if resume:
+        runlog.refuse_unresumable(out, data)
         spec = _run_patterns(spec, out)
     report = check_dataset(data, spec)
     if not report.ok:
@@ -147,6 +150,7 @@ def train_folder(
     try:
         if runtime.main_process():  # under torchrun only rank 0 writes
             staging.mkdir()
+            runlog.claim_staging(staging)  # so that a later train can tell it from a killed one's
             split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             atomic_write_text(staging / SPLIT_FILE, json.dumps(split, indent=1))
         result = fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
@@ -176,6 +180,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     A folder at ``out`` that holds no run (no plan.json) keeps its other files; the run's are moved in.
     """
     full = Path(os.path.abspath(out))
+    (staging / runlog.OWNER_FILE).unlink(missing_ok=True)
     if not full.exists() and not full.is_symlink():
         os.replace(staging, full)
     elif (full / "plan.json").exists():  # the old run goes whole, so none of its files (an export) linger
@@ -229,9 +234,8 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
     """A new run's plan and split: held-out cases excluded from both, the fingerprint included."""
     from .planner import plan_dataset
 
-    if (out / "plan.json").exists() and not overwrite:
-        raise UsegError(f"{out} already holds a run; "
-                        "pass --overwrite to replace it or --resume to continue it")
+    if not overwrite:
+        runlog.refuse_occupied(out, data)
     by_name = {c.name: c for c in report.cases}
     held = set(parse_names(exclude))
     both = sorted(held & set(parse_names(val)))
