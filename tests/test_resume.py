@@ -35,8 +35,8 @@ def test_sigkill_then_resume_finishes(cells_dir, tmp_path):
         pytest.skip("training finished before it could be killed")
     assert list(tmp_path.glob(".run.new-*/last.safetensors")), "no checkpoint was written before the kill"
     # --resume takes up the killed run's folder (its options come from its plan.json)
-    resume = [sys.executable, "-m", "useg", "train", str(cells_dir), "--out", str(run), "--resume", "--device",
-              "cpu", "--quiet"]
+    resume = [sys.executable, "-m", "useg", "train", str(cells_dir), "--out", str(run), "--resume",
+              "--device", "cpu", "--quiet"]
     done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

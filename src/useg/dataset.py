@@ -72,19 +72,26 @@ def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path]
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         cases, problems, info = layouts.nnunet_cases(root, Case)
         return cases, problems, [], info
-    if spec.channel_names or spec.label_name or layouts.is_case_folders(root):
+    folders = layouts.plain_folders(root)
+    if folders.problem:  # two image folders, or the data one level down (train/images)
+        return [], [folders.problem], [], {}
+    if spec.channel_names or spec.label_name or (folders.images is None and layouts.is_case_folders(root)):
         cases, problems, info = layouts.folder_cases(root, spec.channel_names, spec.label_name, Case)
         return cases, problems, [], info
-    img_dir = root / "images" if (root / "images").is_dir() else root
+    img_dir = folders.images or root
+    if folders.images is not None and (img_dir.name, getattr(folders.masks, "name", "masks")) != (
+            "images", "masks"):
+        logger.info("reading images from %s and masks from %s", img_dir, folders.masks)
     images, ignored = _listing(img_dir, IMAGE_SUFFIXES)
     if not images:
         no_images = (f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                      f"put the images in {root / 'images'}")
         return [], [no_images], ignored, {}
     by_stem, extra, problems = _image_stems(images)
-    masks, pairing = _pair_masks(root, img_dir, by_stem, ignored, problems, spec)
+    masks, pairing = _pair_masks(folders.masks, img_dir, by_stem, ignored, problems, spec)
     cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
-    return cases, problems, ignored, {"layout": "plain", **pairing}
+    where = {"image_dir": str(img_dir), "mask_dir": str(folders.masks) if folders.masks else None}
+    return cases, problems, ignored, {"layout": "plain", **where, **pairing}
 
 
 def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tuple[Path, ...]], list[str]]:
@@ -105,12 +112,11 @@ def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tup
     return by_stem, extra, problems
 
 
-def _pair_masks(root: Path, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
+def _pair_masks(mask_dir: Path | None, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
                 problems: list[str], spec: DataSpec) -> tuple[dict[str, Path], dict]:
-    """(case name -> mask file from ``root/masks``, pairing information); non-masks go to
+    """(case name -> mask file from ``mask_dir``, pairing information); non-masks go to
     ``ignored``, pairing problems to ``problems``."""
-    mask_dir = root / "masks"
-    if img_dir == root or not mask_dir.is_dir():
+    if mask_dir is None:
         return {}, {}
     mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
     ignored.extend(other)
@@ -384,7 +390,7 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     mask_values = spec.mask_values
     if mask_values is None and info.get("labels"):
         mask_values = sorted(info["labels"])
-    if cases and info.get("layout") == "plain" and not (root / "masks").is_dir():
+    if cases and info.get("layout") == "plain" and not info.get("mask_dir"):
         problems.append(f"{root} has no masks/ folder; put the images in {root / 'images'} "
                         f"and one mask per image in {root / 'masks'}")
     scan, rng = _Scan(ignore_value=info.get("ignore")), np.random.default_rng(0)
@@ -396,7 +402,7 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     if value_sets:
         label_map, label_problems = label_map_of_masks(
             value_sets, {n: m for m, names in modes.items() for n in names}, palettes, mask_values,
-            root / "masks")
+            Path(info.get("mask_dir") or root / "masks"))
         problems.extend(label_problems)
     counts = {r.num_channels for r in scan.records}
     num_channels = next(iter(counts)) if len(counts) == 1 else None
@@ -547,14 +553,16 @@ def _folder_lines(cases: Sequence[Case], info: dict) -> dict[str, str]:
     by number (07_scan.tif with 07_truth.gif)"."""
     if info.get("layout", "plain") != "plain" or not cases:
         return {}
-    lines = {"images/": f"{sum(len(c.files) for c in cases)} files"}
+    names = [Path(info[k]).name if info.get(k) else default
+             for k, default in (("image_dir", "images"), ("mask_dir", "masks"))]
+    lines = {f"{names[0]}/": f"{sum(len(c.files) for c in cases)} files"}
     if "pairing" in info:
         paired = sum(c.mask is not None for c in cases)
         n = info["files"]["masks"]
         line = f"{n} files, {'' if paired == n else f'{paired} '}paired by {info['pairing']}"
         if info.get("example") and info["pairing"] != "same stem":
             line += " ({} with {})".format(*info["example"])
-        lines["masks/"] = line
+        lines[f"{names[1]}/"] = line
     return lines
 
 

@@ -29,6 +29,7 @@ from .files import atomic_write_text, stem_of, strict_json, suffix_of
 from .instances import evaluate_instances
 from .io import MASK_SUFFIXES, file_spacing, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
+from .layouts import plain_folders
 from .metrics import METRICS, evaluate_case
 from .pairing import pair_stems
 from .roi import background_outside, pair_rois, read_roi
@@ -89,8 +90,9 @@ def evaluate_folders(
             a prediction without its ROI mask, an ROI of another size or empty.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
-    if (truth_dir / "masks").is_dir():
-        truth_dir = truth_dir / "masks"
+    inner = plain_folders(truth_dir).masks  # a data folder: its masks/ (or mask/, labels/, gt/ ...)
+    if inner is not None and inner != truth_dir:
+        truth_dir = inner
     if probabilities and regions:
         raise UsegError("--probabilities with --regions: useg scores class probabilities, not region "
                         "probabilities (one sigmoid per region); evaluate the region masks "
