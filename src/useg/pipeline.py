@@ -125,11 +125,7 @@ def train_folder(
     """
     overrides = overrides or Overrides()
     out = Path(out)
-    if runtime.main_process():  # what killed trainings left beside ``out`` (a resume takes up its own)
-        runlog.clear_stale(out, resume=resume)
-    if resume:
-        runlog.refuse_unresumable(out, data)
-        spec = _run_patterns(spec, out)
+    spec = _prepared(out, data, spec, resume)
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
@@ -200,6 +196,17 @@ def _swap_in(staging: Path, out: Path) -> None:
             os.replace(entry, full / entry.name)
         staging.rmdir()
     logger.info("run written to %s", out)
+
+
+def _prepared(out: Path, data: str | Path, spec: DataSpec | None, resume: bool) -> DataSpec | None:
+    """Clear what killed trainings left beside ``out`` (a resume takes up its own); on resume, check
+    there is a checkpoint and take the run's name patterns."""
+    if runtime.main_process():
+        runlog.clear_stale(out, resume=resume)
+    if not resume:
+        return spec
+    runlog.refuse_unresumable(out, data)
+    return _run_patterns(spec, out)
 
 
 def _run_patterns(spec: DataSpec | None, out: Path) -> DataSpec:
