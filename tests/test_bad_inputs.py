@@ -876,3 +876,276 @@ def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
 
     _moved_mask(data, nudge)
     assert main(["check", str(data)]) == 0
+
+
+# --- h14-advice: advice that names the real cause, run folder states, guards (issue 14) -----------------
+
+def _started_run(trained, tmp_path):
+    """A run folder of a training interrupted before its first checkpoint: plan.json and split.json only."""
+    run = tmp_path / "started"
+    run.mkdir()
+    for name in ("plan.json", "split.json"):
+        shutil.copy(trained / name, run / name)
+    return run
+
+
+def test_a_run_folder_without_a_checkpoint_is_no_run(trained, cells_dir, tmp_path, capsys):
+    run = _started_run(trained, tmp_path)
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no trained model: training was interrupted before its first checkpoint" in err
+    assert "--overwrite" in err and "--resume" not in err
+    assert main(["train", str(cells_dir), "--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint to resume" in err and f"useg train {cells_dir} --out {run} --overwrite" in err
+    assert main(["train", str(cells_dir), "--out", str(run), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds no trained model" in err and "pass --overwrite" in err and "--resume" not in err
+    assert main(["train", str(cells_dir), "--out", str(trained), *TINY]) == 2
+    assert "already holds a run, trained to its end; pass --overwrite" in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+    assert "holds no run to resume (no plan.json); train without --resume" in capsys.readouterr().err
+
+
+def test_run_state_tells_the_four_states(trained, tmp_path):
+    from useg.runlog import run_state
+
+    assert run_state(tmp_path / "missing").kind == "empty"
+    assert run_state(_started_run(trained, tmp_path)).kind == "started"
+    state = run_state(trained)
+    assert (state.kind, state.epochs_done, state.epochs_planned, state.has_model) == ("complete", 1, 1, True)
+    longer = tmp_path / "longer"
+    shutil.copytree(trained, longer)
+    plan = (longer / "plan.json").read_text().replace('"epochs": 1,', '"epochs": 3,')
+    (longer / "plan.json").write_text(plan)
+    assert run_state(longer).kind == "resumable" and run_state(longer).epochs_planned == 3
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_a_killed_trainings_staging_folder_is_removed_or_taken_up(trained, cells_dir, tmp_path, capsys,
+                                                                    caplog, monkeypatch):
+    import logging
+    import os
+
+    from useg.runlog import OWNER_FILE, _host, clear_stale, stale_staging
+
+    out = tmp_path / "run"
+    killed = tmp_path / ".run.new-0badc0de"
+    shutil.copytree(trained, killed)
+    (killed / OWNER_FILE).write_text(f"{_dead_pid()} {_host()}\n")
+    alive = tmp_path / ".run.new-a11ve000"  # a training still at work: never touched
+    alive.mkdir()
+    (alive / OWNER_FILE).write_text(f"{os.getpid()} {_host()}\n")
+    assert stale_staging(out) == [killed]
+    assert main(["predict", str(out), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{killed.name} beside it holds a training into it that was killed" in err and "--resume" in err
+    monkeypatch.setattr(logging.getLogger("useg"), "propagate", True)  # the CLI set its own handler
+    with caplog.at_level("INFO", logger="useg"):
+        clear_stale(out, resume=True)  # --resume takes it up
+    assert out.is_dir() and not killed.exists() and not (out / OWNER_FILE).exists() and alive.exists()
+    assert "taking up .run.new-0badc0de" in caplog.text
+    again = tmp_path / ".run.new-0badbeef"
+    shutil.copytree(trained, again)
+    (again / OWNER_FILE).write_text(f"{_dead_pid()} {_host()}\n")
+    with caplog.at_level("INFO", logger="useg"):
+        clear_stale(out)  # a new training into it: removed, with a log line
+    assert not again.exists() and "removed .run.new-0badbeef" in caplog.text and alive.exists()
+
+
+def _folders(d, images, masks):
+    (d / "images").rename(d / images)
+    (d / "masks").rename(d / masks)
+
+
+def _top_level(d):
+    for p in (d / "images").iterdir():
+        p.rename(d / p.name)
+    (d / "images").rmdir()
+    shutil.rmtree(d / "instances")
+
+
+LAYOUT_NAMES = {
+    "singular": lambda d: _folders(d, "image", "mask"),
+    "capitalised": lambda d: _folders(d, "Images", "Masks"),
+    "imgs labels": lambda d: _folders(d, "imgs", "labels"),
+    "images gt": lambda d: _folders(d, "images", "gt"),
+    "top level": _top_level,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_NAMES))
+def test_common_folder_names_are_the_images_masks_layout(name, cells_dir, tmp_path, capsys):
+    from useg.dataset import check_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    LAYOUT_NAMES[name](data)
+    report = check_dataset(data)
+    assert report.ok, report.problems
+    assert len(report.cases) == 6 and all(c.mask is not None for c in report.cases)
+    assert report.label_map.values == (0, 255)
+
+
+def test_folder_names_that_leave_it_open_are_named(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data / "train")
+    assert main(["check", str(data)]) == 2
+    assert f"holds no images itself, but train/ holds images and masks; give {data / 'train'}" in \
+        capsys.readouterr().err
+    shutil.rmtree(data)
+    shutil.copytree(cells_dir, data)
+    _folders(data, "image", "labels")
+    shutil.copytree(data / "image", data / "imgs")
+    assert main(["check", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 image folders (image/, imgs/); keep one of them and name it images/" in err
+    assert "--channels" not in err
+
+
+def test_a_3d_volume_given_to_a_2d_run_is_named(trained, tmp_path, capsys):
+    import nibabel as nib
+
+    vol = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), str(vol))
+    assert main(["predict", str(trained), str(vol), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "vol.nii.gz is a 3D volume (16x16x8) but this run is 2D (trained on 2D images)" in err
+    assert "channels first" not in err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("which", ["masks", "images"])
+def test_a_header_with_a_bad_voxel_size_is_named(bad, which, cells_dir, tmp_path, capsys):
+    import nibabel as nib
+
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _nifti_volumes(data)
+    path = data / which / "v1.nii.gz"
+    img = nib.load(str(path))
+    img.header["pixdim"][2] = bad
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), str(path))
+    shown = "nan" if np.isnan(bad) else "inf"
+    assert main(["check", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"v1.nii.gz states a voxel size of 1x{shown}x1 in its header" in err and "fix the header" in err
+    assert "resample the mask" not in err
+
+
+def test_evaluating_object_ids_says_so(cells_dir, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    for i in range(6):
+        ids = np.zeros((64, 64), np.uint8)
+        for k in range(1, 5):
+            ids[10 * k: 10 * k + 5, 10:20] = k  # four objects, numbered as 'useg predict --instances' does
+        _png(pred / f"cell_{i:03d}.png", ids)
+    for flags in ([], ["--instances"]):
+        assert main(["evaluate", str(pred), str(cells_dir), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "4 consecutive ids 1..4" in err and "object ids of 'useg predict --instances'" in err
+        assert "--labels" not in err
+
+
+def _fifo(path):
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_refused_never_read(trained, cells_dir, tmp_path, capsys):
+    said = "is a named pipe (FIFO), not a regular file"
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _fifo(data / "images" / "cell_002.png")
+    assert main(["check", str(data)]) == 2
+    assert f"cell_002.png {said}" in capsys.readouterr().err
+    fifo = _fifo(tmp_path / "in" / "pipe.png")
+    assert main(["predict", str(trained), str(fifo), "--out", str(tmp_path / "o")]) == 2
+    assert f"pipe.png {said}" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _fifo(run / "plan.json")
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert f"plan.json {said}" in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(run), "--resume", "--quiet"]) == 2
+    assert f"plan.json {said}" in capsys.readouterr().err
+    pred = tmp_path / "pred"
+    shutil.copytree(cells_dir / "masks", pred)
+    _fifo(pred / "cell_003.png")
+    assert main(["evaluate", str(pred), str(cells_dir)]) == 2
+    assert f"cell_003.png {said}" in capsys.readouterr().err
+    roi = tmp_path / "roi"
+    shutil.copytree(cells_dir / "masks", roi)
+    _fifo(roi / "cell_001.png")
+    assert main(["check", str(cells_dir), "--roi", str(roi)]) == 2
+    assert f"cell_001.png {said}" in capsys.readouterr().err
+
+
+def test_resume_refuses_options_it_cannot_apply(trained, cells_dir, capsys):
+    for flags, named in ((["--width", "8"], "--width"), (["--patch", "32,32", "--lr", "0.1"],
+                                                         "--patch, --lr"),
+                         (["--preset", "paper"], "--preset"), (["--val", "cell_001"], "--val"),
+                         (["--deterministic"], "--deterministic")):
+        assert main(["train", str(cells_dir), "--out", str(trained), "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{named} cannot change a run on --resume" in err and "plan.json" in err
+    assert main(["train", str(cells_dir), "--out", str(trained), "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_every_train_option_is_known_to_resume():
+    """A new `useg train` option must say whether --resume applies it (else it would be dropped silently)."""
+    import argparse
+
+    from useg.cli import NEW_RUN_ONLY, RESUME_APPLIES, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {a.dest for a in sub.choices["train"]._actions if a.dest != "help"}
+    assert dests == set(NEW_RUN_ONLY) | set(RESUME_APPLIES)
+    assert all(sub.choices["train"].get_default(k) in (None, False) for k in NEW_RUN_ONLY)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_predict_never_writes_into_the_training_masks(overwrite, trained, cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    before = {p.name: p.read_bytes() for p in (data / "masks").iterdir()}
+    for given in (data / "images", data, data / "images" / "cell_001.png"):
+        assert main(["predict", str(trained), str(given), "--out", str(data / "masks"), *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert "is the mask folder of the input" in err and "training masks" in err
+    assert {p.name: p.read_bytes() for p in (data / "masks").iterdir()} == before
+    nnunet = tmp_path / "nnunet"
+    shutil.copytree(cells_dir / "images", nnunet / "imagesTr")
+    shutil.copytree(cells_dir / "masks", nnunet / "labelsTr")
+    assert main(["predict", str(trained), str(nnunet / "imagesTr"), "--out", str(nnunet / "labelsTr"),
+                 *overwrite]) == 2
+    assert "is the mask folder of the input" in capsys.readouterr().err
+
+
+def test_a_photograph_saved_with_a_palette_is_no_58_class_mask(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    rng = np.random.default_rng(0)
+    palette = [int(v) for v in rng.integers(0, 256, 768)]
+    for p in (data / "masks").iterdir():
+        im = PILImage.fromarray((np.arange(64 * 64) % 58).reshape(64, 64).astype(np.uint8), mode="P")
+        im.putpalette(palette)
+        im.save(p)
+    assert main(["check", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "the masks share 58 distinct palette indices" in err and "more than 32 classes" in err

@@ -61,12 +61,16 @@ def test_even_greys_with_a_stray_value():
     assert len(problems) == 1 and problems[0].startswith("x has mask values {90}")
 
 
-def test_palette_indices_are_plausible_up_to_256():
+def test_palette_indices_are_plausible_up_to_32_of_256():
     pal = tuple(range(256)) * 3
     sets = {"a": {0, 1, 2}, "b": {0, 2, 200}}
     lm, problems = infer_label_map(sets, "palette", palette=pal)
     assert lm.values == (0, 1, 2, 200) and lm.mode == "palette" and lm.palette == pal and not problems
-    assert plausible(set(range(256)), "palette") and not plausible(set(range(256)), "grey")
+    assert plausible(set(range(21)) | {255}, "palette")  # PASCAL VOC: 21 classes and the 255 border
+    # the grey rule for palettes too: a quantised photograph is no 58-class mask
+    assert not plausible(set(range(58)), "palette") and not plausible(set(range(256)), "grey")
+    lm, problems = infer_label_map({"a": set(range(58)), "b": set(range(58))}, "palette", palette=pal)
+    assert len(problems) == 1 and problems[0].startswith("the masks share 58 distinct palette indices")
 
 
 def test_rgb_colours():

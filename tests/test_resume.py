@@ -24,16 +24,20 @@ def test_sigkill_then_resume_finishes(cells_dir, tmp_path):
     cmd = [sys.executable, "-m", "useg", "train", str(cells_dir), "--out", str(run), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "last.safetensors"
+    # a new run is built in .run.new-XXXX beside --out and put in place when complete
     deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
+    while not list(tmp_path.glob(".run.new-*/last.safetensors")) and time.time() < deadline \
+            and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if proc.returncode == 0:
         pytest.skip("training finished before it could be killed")
-    assert last.exists(), "no checkpoint was written before the kill"
-    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=200)
+    assert list(tmp_path.glob(".run.new-*/last.safetensors")), "no checkpoint was written before the kill"
+    # --resume takes up the killed run's folder (its options come from its plan.json)
+    resume = [sys.executable, "-m", "useg", "train", str(cells_dir), "--out", str(run), "--resume",
+              "--device", "cpu", "--quiet"]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 8 and summary["steps"] == 32

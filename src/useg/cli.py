@@ -118,7 +118,7 @@ def _overrides(a: argparse.Namespace) -> Overrides:
     if getattr(a, "deterministic", False):
         train["deterministic"] = True
     infer = {"tta": True} if getattr(a, "tta", False) else {}
-    return Overrides(preset=a.preset, model=model, train=train, infer=infer, patch_size=a.patch,
+    return Overrides(preset=a.preset or "default", model=model, train=train, infer=infer, patch_size=a.patch,
                      memory_gb=a.memory_gb, regions=_regions(a.regions))
 
 
@@ -145,10 +145,35 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+# `useg train` options that shape a new run only: --resume continues the run's own plan.json and split
+NEW_RUN_ONLY = ("preset", "labels", "patch", "width", "depth", "padding", "up", "norm", "dropout", "epochs",
+                "iters", "batch_size", "lr", "optimizer", "loss", "seed", "precision", "workers",
+                "deterministic", "tta", "memory_gb", "regions", "val", "exclude")
+# the options --resume applies: where the data is and how to read it again, this call's device and budget
+RESUME_APPLIES = ("data", "out", "resume", "overwrite", "time_budget", "device", "quiet", "channels", "label",
+                  "mask_pattern", "image_pattern", "roi")
+
+
+def _refuse_resume_overrides(a: argparse.Namespace) -> None:
+    """Options --resume cannot apply are refused, never silently dropped (the parser leaves the
+    ungiven ones None, or False for switches)."""
+    if not a.resume:
+        return
+    if a.overwrite:
+        raise UsegError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    given = [f"--{k.replace('_', '-')}" for k in NEW_RUN_ONLY if getattr(a, k) not in (None, False)]
+    if given:
+        them = "them" if len(given) > 1 else "it"
+        raise UsegError(f"{', '.join(given)} cannot change a run on --resume, which continues "
+                        f"{Path(a.out) / 'plan.json'} and its split as they are; drop {them}, or start a new "
+                        "run with --overwrite (or another --out)")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from . import runtime
     from .pipeline import train_folder
 
+    _refuse_resume_overrides(a)
     result = train_folder(
         a.data, a.out, spec=_spec(a), overrides=_overrides(a), val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
@@ -276,8 +301,8 @@ def _add_check(sub) -> None:
 def _plan_options(t: argparse.ArgumentParser) -> None:
     """The options of `useg plan` and `useg train`: the preset and every plan field they override."""
     t.add_argument("data", help="folder with images/ and masks/")
-    t.add_argument("--preset", default="default", choices=["default", "paper"],
-                   help="named recipe: default, or paper (Ronneberger et al. 2015)")
+    t.add_argument("--preset", choices=["default", "paper"],  # None when not given (see --resume)
+                   help="named recipe: default (the default), or paper (Ronneberger et al. 2015)")
     t.add_argument("--labels", type=_ints, help="the masks' values, e.g. 0,255 (default: inferred)")
     t.add_argument("--patch", type=_ints, help="training patch, e.g. 256,256")
     t.add_argument("--width", type=int, help="channels at the first level")

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import layouts, volumes
 from .errors import UsegError
-from .files import stem_of, suffix_of
+from .files import is_special, refuse_special, stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, Image, file_affine, file_spacing, read_mask
 from .labels import LabelMap, label_map_of_masks
 from .pairing import RULE_TEXT, STEM, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
@@ -59,8 +59,8 @@ def natural_key(text: str) -> list:
 def _listing(folder: Path, suffixes: frozenset[str] | set[str]) -> tuple[list[Path], list[Path]]:
     """(files with a known suffix in natural order, other visible files) of a folder."""
     files, other = [], []
-    for p in folder.iterdir():
-        if p.is_file() and not p.name.startswith("."):
+    for p in folder.iterdir():  # a FIFO named like an image is listed, so that reading it refuses it
+        if (p.is_file() or is_special(p)) and not p.name.startswith("."):
             (files if suffix_of(p) in suffixes else other).append(p)
     return sorted(files, key=lambda p: natural_key(p.name)), sorted(other)
 
@@ -72,19 +72,26 @@ def _pair(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list[Path]
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         cases, problems, info = layouts.nnunet_cases(root, Case)
         return cases, problems, [], info
-    if spec.channel_names or spec.label_name or layouts.is_case_folders(root):
+    folders = layouts.plain_folders(root)
+    if folders.problem:  # two image folders, or the data one level down (train/images)
+        return [], [folders.problem], [], {}
+    if spec.channel_names or spec.label_name or (folders.images is None and layouts.is_case_folders(root)):
         cases, problems, info = layouts.folder_cases(root, spec.channel_names, spec.label_name, Case)
         return cases, problems, [], info
-    img_dir = root / "images" if (root / "images").is_dir() else root
+    img_dir = folders.images or root
+    if folders.images is not None and (img_dir.name, getattr(folders.masks, "name", "masks")) != (
+            "images", "masks"):
+        logger.info("reading images from %s and masks from %s", img_dir, folders.masks)
     images, ignored = _listing(img_dir, IMAGE_SUFFIXES)
     if not images:
         no_images = (f"{img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                      f"put the images in {root / 'images'}")
         return [], [no_images], ignored, {}
     by_stem, extra, problems = _image_stems(images)
-    masks, pairing = _pair_masks(root, img_dir, by_stem, ignored, problems, spec)
+    masks, pairing = _pair_masks(folders.masks, img_dir, by_stem, ignored, problems, spec)
     cases = [Case(stem, p, masks.get(stem), extra.get(stem, ())) for stem, p in by_stem.items()]
-    return cases, problems, ignored, {"layout": "plain", **pairing}
+    where = {"image_dir": str(img_dir), "mask_dir": str(folders.masks) if folders.masks else None}
+    return cases, problems, ignored, {"layout": "plain", **where, **pairing}
 
 
 def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tuple[Path, ...]], list[str]]:
@@ -105,12 +112,11 @@ def _image_stems(images: Sequence[Path]) -> tuple[dict[str, Path], dict[str, tup
     return by_stem, extra, problems
 
 
-def _pair_masks(root: Path, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
+def _pair_masks(mask_dir: Path | None, img_dir: Path, by_stem: dict[str, Path], ignored: list[Path],
                 problems: list[str], spec: DataSpec) -> tuple[dict[str, Path], dict]:
-    """(case name -> mask file from ``root/masks``, pairing information); non-masks go to
+    """(case name -> mask file from ``mask_dir``, pairing information); non-masks go to
     ``ignored``, pairing problems to ``problems``."""
-    mask_dir = root / "masks"
-    if img_dir == root or not mask_dir.is_dir():
+    if mask_dir is None:
         return {}, {}
     mask_files, other = _listing(mask_dir, MASK_SUFFIXES)
     ignored.extend(other)
@@ -272,6 +278,7 @@ def prediction_inputs(paths: Sequence[str | Path], channel_names: Sequence[str] 
         if not p.exists():
             raise UsegError(f"{p} does not exist; check the path")
         if not p.is_dir() or volumes.is_dicom_dir(p):
+            refuse_special(p, "a regular image file")  # at discovery: reading a FIFO would wait forever
             found.append(Case(stem_of(p), p))
         elif (files := layouts.case_folder_files(p, channel_names)) is not None:
             found.append(Case(p.name, files[0], None, tuple(files[1:])))
@@ -383,7 +390,7 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     mask_values = spec.mask_values
     if mask_values is None and info.get("labels"):
         mask_values = sorted(info["labels"])
-    if cases and info.get("layout") == "plain" and not (root / "masks").is_dir():
+    if cases and info.get("layout") == "plain" and not info.get("mask_dir"):
         problems.append(f"{root} has no masks/ folder; put the images in {root / 'images'} "
                         f"and one mask per image in {root / 'masks'}")
     scan, rng = _Scan(ignore_value=info.get("ignore")), np.random.default_rng(0)
@@ -395,7 +402,7 @@ def check_dataset(root: str | Path, spec: DataSpec | None = None) -> CheckReport
     if value_sets:
         label_map, label_problems = label_map_of_masks(
             value_sets, {n: m for m, names in modes.items() for n in names}, palettes, mask_values,
-            root / "masks")
+            Path(info.get("mask_dir") or root / "masks"))
         problems.extend(label_problems)
     counts = {r.num_channels for r in scan.records}
     num_channels = next(iter(counts)) if len(counts) == 1 else None
@@ -450,7 +457,11 @@ def _scan_mask(case: Case, image: Image | None, scan: _Scan, problems: list[str]
         problems.append(f"{case.mask} is {format_axes(raw.shape)} but its image is "
                         f"{format_axes(image.spatial_shape)}; masks must match their images pixel for pixel")
         return
-    mask_spacing = file_spacing(case.mask)  # NIfTI, NRRD, MetaImage headers
+    try:
+        mask_spacing = file_spacing(case.mask)  # NIfTI, NRRD, MetaImage headers
+    except UsegError as e:  # a NaN or zero voxel size: the header's fault, not the grid's
+        problems.append(str(e))
+        return
     if image is not None and mask_spacing and not np.allclose(mask_spacing, image.spacing, rtol=1e-3):
         problems.append(f"{case.mask} has spacing {format_axes(mask_spacing)} but its image has "
                         f"{format_axes(image.spacing)}; resample the mask onto its image's grid "
@@ -542,14 +553,16 @@ def _folder_lines(cases: Sequence[Case], info: dict) -> dict[str, str]:
     by number (07_scan.tif with 07_truth.gif)"."""
     if info.get("layout", "plain") != "plain" or not cases:
         return {}
-    lines = {"images/": f"{sum(len(c.files) for c in cases)} files"}
+    names = [Path(info[k]).name if info.get(k) else default
+             for k, default in (("image_dir", "images"), ("mask_dir", "masks"))]
+    lines = {f"{names[0]}/": f"{sum(len(c.files) for c in cases)} files"}
     if "pairing" in info:
         paired = sum(c.mask is not None for c in cases)
         n = info["files"]["masks"]
         line = f"{n} files, {'' if paired == n else f'{paired} '}paired by {info['pairing']}"
         if info.get("example") and info["pairing"] != "same stem":
             line += " ({} with {})".format(*info["example"])
-        lines["masks/"] = line
+        lines[f"{names[1]}/"] = line
     return lines
 
 

@@ -29,6 +29,7 @@ from .files import atomic_write_text, stem_of, strict_json, suffix_of
 from .instances import evaluate_instances
 from .io import MASK_SUFFIXES, file_spacing, read_image, read_mask
 from .labels import LabelMap, label_map_of_masks
+from .layouts import plain_folders
 from .metrics import METRICS, evaluate_case
 from .pairing import pair_stems
 from .roi import background_outside, pair_rois, read_roi
@@ -89,8 +90,9 @@ def evaluate_folders(
             a prediction without its ROI mask, an ROI of another size or empty.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
-    if (truth_dir / "masks").is_dir():
-        truth_dir = truth_dir / "masks"
+    inner = plain_folders(truth_dir).masks  # a data folder: its masks/ (or mask/, labels/, gt/ ...)
+    if inner is not None and inner != truth_dir:
+        truth_dir = inner
     if probabilities and regions:
         raise UsegError("--probabilities with --regions: useg scores class probabilities, not region "
                         "probabilities (one sigmoid per region); evaluate the region masks "
@@ -372,7 +374,9 @@ def _prediction(pred_path: Path, truth_path: Path, truth: np.ndarray, label_map:
     """The predicted classes (*S) and, for probability maps, the score counts of classes 1..K-1
     (over the pixels ``inside`` an ROI when given)."""
     if not probabilities:
-        pred = label_map.decode(read_mask(pred_path)[0], path=pred_path)
+        raw = read_mask(pred_path)[0]
+        _refuse_object_ids(pred_path, raw, label_map)
+        pred = label_map.decode(raw, path=pred_path)
         _check_shape(pred_path, pred.shape, truth_path, truth.shape)
         return pred, []
     probs, scale = _read_probabilities(pred_path, truth_path, truth.shape, label_map)
@@ -380,6 +384,24 @@ def _prediction(pred_path: Path, truth_path: Path, truth: np.ndarray, label_map:
     counts = [score_counts(probs[c][keep], (truth == c)[keep], scale)
               for c in range(1, label_map.num_classes)]
     return np.argmax(probs, axis=0), counts
+
+
+def _refuse_object_ids(path: Path, raw: np.ndarray, label_map: LabelMap) -> None:
+    """Object ids (0, 1, ..., N of 'useg predict --instances') where class values belong are named as such.
+
+    Decoding them would say "values outside the label map; pass --labels", which cannot help: the
+    file holds objects, not classes.
+    """
+    values = np.unique(raw)
+    if label_map.mode == "rgb" or len(values) <= label_map.num_classes or values[0] != 0:
+        return
+    if set(values.tolist()) <= set(label_map.values) or values[-1] != len(values) - 1:
+        return  # class values, or not the consecutive ids of a relabelled instance image
+    raise UsegError(f"{path} holds {len(values) - 1} consecutive ids 1..{values[-1]} where the true masks "
+                    f"have {label_map.num_classes} classes (mask values {list(label_map.values)}): it "
+                    "looks like the object ids of 'useg predict --instances', and evaluate scores class "
+                    "masks; predict into another folder without --instances and evaluate that "
+                    "(with --instances to score its objects too)")
 
 
 def _read_probabilities(path: Path, truth_path: Path, shape: tuple[int, ...],

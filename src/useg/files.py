@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,36 @@ from .errors import UsegError
 
 NIFTI_SUFFIXES = frozenset({".nii", ".nii.gz"})
 MAX_PIXELS = 1 << 30  # 1 Gpx: above a whole-slide tile, still stops a decompression bomb
+
+
+def refuse_special(path: str | Path, what: str = "a regular file") -> None:
+    """Refuse a path that is neither a regular file nor a folder: a named pipe (FIFO), a socket, a device.
+
+    Opening a FIFO to read it waits for a writer, forever; so the kind is told from ``os.stat``
+    (which never opens the file) before anything reads it. A missing path passes: its reader says so.
+
+    Raises:
+        UsegError: naming the path, what it is and what to give instead.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise UsegError(f"{path} is {kind}, not a regular file, and reading it could wait forever; "
+                    f"give {what} instead")
+
+
+def is_special(path: str | Path) -> bool:
+    """Whether ``path`` exists and is neither a regular file nor a folder (see :func:`refuse_special`)."""
+    try:
+        refuse_special(path)
+    except UsegError:
+        return True
+    return False
 
 
 def suffix_of(path: str | Path) -> str:

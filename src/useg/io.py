@@ -18,6 +18,7 @@ states none (``meta["spacing_unit"] == ""``); it is 1.0 where the file says noth
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,17 @@ from PIL import Image as PILImage
 
 from . import itk, tiff, volumes
 from .errors import UsegError
-from .files import MAX_PIXELS, NIFTI_SUFFIXES, Image, atomic_path, lossy_mask, suffix_of, unreadable
+from .files import (
+    MAX_PIXELS,
+    NIFTI_SUFFIXES,
+    Image,
+    atomic_path,
+    is_special,
+    lossy_mask,
+    refuse_special,
+    suffix_of,
+    unreadable,
+)
 from .labels import LabelMap, pack_rgb
 
 logger = logging.getLogger(__name__)
@@ -226,12 +237,16 @@ def read_image(path: str | Path) -> Image:
         UsegError: missing, unreadable, truncated, too large or unsupported files, naming the file.
     """
     path = Path(path)
+    refuse_special(path, "a regular image file")  # a FIFO would block the reader forever
     suffix = suffix_of(path)
     fmt = FORMATS.get(suffix)
     if fmt is not _NIFTI and volumes.is_dicom_dir(path):  # a series folder, whatever its name but a NIfTI one
         fmt = DICOM_SERIES
     if fmt is not None:
-        return fmt.read_image(path)
+        image = fmt.read_image(path)
+        if isinstance(image, Image):  # a NaN or zero voxel size is the header's fault: said here, once
+            _refuse_bad_spacing(path, image.spacing)
+        return image
     if not path.exists():
         raise UsegError(f"{path} does not exist; check the path")
     raise UsegError(f"{path} has an unsupported format {suffix or '(no suffix)'}; convert it to one of "
@@ -253,6 +268,7 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str, tuple[int, ...] | None
             several channels that are not a colour, and unreadable files.
     """
     path = Path(path)
+    refuse_special(path, "a regular mask file")
     suffix = suffix_of(path)
     fmt = FORMATS.get(suffix)
     if fmt is None or fmt.read_mask is None:
@@ -353,13 +369,34 @@ def file_spacing(path: str | Path) -> tuple[float, ...] | None:
     images by it, and surface distances are measured in it.
     """
     fmt = FORMATS.get(suffix_of(path))
-    return fmt.read_spacing(Path(path)) if fmt is not None and fmt.read_spacing is not None else None
+    refuse_special(path)
+    spacing = fmt.read_spacing(Path(path)) if fmt is not None and fmt.read_spacing is not None else None
+    _refuse_bad_spacing(Path(path), spacing)
+    return spacing
+
+
+def _refuse_bad_spacing(path: Path, spacing: tuple[float, ...] | None) -> None:
+    """A header whose voxel size is NaN, infinite, zero or negative is the header's fault: say so.
+
+    Compared with its image, such a mask would be told to "resample"; resampled, NaN spreads.
+
+    Raises:
+        UsegError: naming the file, the spacing and the fix (the header, not the pixels).
+    """
+    if spacing is None or all(math.isfinite(s) and s > 0 for s in spacing):
+        return
+    shown = "x".join(f"{s:g}" for s in spacing)
+    raise UsegError(f"{path} states a voxel size of {shown} in its header, but every axis needs a positive "
+                    "finite size; fix the header to the true voxel size in mm (NIfTI: pixdim, e.g. nibabel's "
+                    "header.set_zooms), its pixels need no change")
 
 
 def file_affine(path: str | Path) -> np.ndarray | None:
     """The 4x4 RAS voxel-to-world matrix a file's header states (NIfTI, NRRD, MetaImage), without its
     pixels; None for raster formats and unreadable files, as :func:`file_spacing`."""
     fmt = FORMATS.get(suffix_of(path))
+    if is_special(path):
+        return None
     return fmt.read_affine(Path(path)) if fmt is not None and fmt.read_affine is not None else None
 
 
@@ -376,6 +413,8 @@ def channel_count(path: str | Path) -> int | None:
     """
     path = Path(path)
     fmt = FORMATS.get(suffix_of(path))
+    if is_special(path):
+        return None  # never opened: reading it later names it
     try:
         if fmt is not None and fmt.name == "tiff":
             return tiff.tiff_channels(path)

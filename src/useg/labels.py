@@ -146,6 +146,11 @@ def _fmt(values: Sequence[int], mode: str, limit: int = 8) -> str:
     return "{" + ", ".join(shown) + "}"
 
 
+# per encoding: what its stored values are called, and what too many of them look like
+_TOO_MANY = {"grey": ("values", "grey images"), "rgb": ("colours", "colour photographs"),
+             "palette": ("palette indices", "photographs saved with a palette")}
+
+
 def _evenly_spaced(values: list[int]) -> bool:
     """Values on a grid 0, s, 2s, ..., top (within rounding, so 0/127/255 counts) using at least
     half of the grid's levels, so one stray value cannot pass as a 30-level grey scale."""
@@ -166,12 +171,17 @@ def plausible(values: set[int], mode: str) -> bool:
     """Whether a set of stored values is a known kind of label encoding.
 
     Known kinds: a single value; a binary set {0, v}; ids below 32 (gaps allowed); evenly spaced
-    greys (0, s, 2s, ...); palette indices (at most 256); at most 32 rgb colours.
+    greys (0, s, 2s, ...); at most 32 palette indices (any of 0..255, as VOC's 255 border); at most
+    32 rgb colours. One rule for every encoding: more than 32 classes is a picture, not a mask (a
+    photograph quantised to a palette holds dozens of indices).
+
+    >>> plausible({0, 1, 255}, "palette"), plausible(set(range(58)), "palette")
+    (True, False)
     """
     if not values:
         return False
     if mode == "palette":
-        return min(values) >= 0 and max(values) <= 255
+        return min(values) >= 0 and max(values) <= 255 and len(values) <= MAX_CLASSES
     if mode == "rgb":
         return len(values) <= MAX_CLASSES
     v = sorted(values)
@@ -260,8 +270,9 @@ def infer_label_map(
     if not plausible(keep, mode):
         if len(keep) > MAX_CLASSES:
             busiest = sorted(value_sets, key=lambda k: -len(value_sets[k]))[:3]
-            problems.append(f"the masks share {len(keep)} distinct values {_fmt(keep, mode)}, more than "
-                            f"{MAX_CLASSES} classes (e.g. {', '.join(busiest)}); they look like grey images "
+            what, like = _TOO_MANY[mode]
+            problems.append(f"the masks share {len(keep)} distinct {what} {_fmt(keep, mode)}, more than "
+                            f"{MAX_CLASSES} classes (e.g. {', '.join(busiest)}); they look like {like} "
                             "or resized masks: re-save them with nearest-neighbour resizing or pass --labels")
         else:
             logger.info("mask values %s form no known encoding; using them as %d classes",

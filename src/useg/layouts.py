@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UsegError
-from .files import Image, stem_of, suffix_of
+from .files import Image, refuse_special, stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, channel_count, read_image
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
@@ -140,6 +141,7 @@ def read_dataset_json(root: Path) -> dict:
         UsegError: unreadable JSON, naming the file.
     """
     path = root / "dataset.json"
+    refuse_special(path, "a regular dataset.json")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -196,9 +198,83 @@ def nnunet_cases(root: Path, case_type):
     return cases, problems, info
 
 
+# names a data folder's image and mask folders go by (any case); images/ and masks/ win where both are
+IMAGE_FOLDERS = ("images", "image", "imgs", "img")
+MASK_FOLDERS = ("masks", "mask", "labels", "label", "annotations", "segmentations", "gt", "groundtruth",
+                "ground_truth")
+SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "testing")  # one data folder each
+NNUNET_PAIRS = {"imagestr": "labelsTr", "imagests": "labelsTs"}  # nnU-Net's image folder -> its label folder
+
+
+@dataclass(frozen=True)
+class PlainFolders:
+    """Where a plain layout keeps its images and masks, under whatever common names they have."""
+
+    images: Path | None  # the image folder; the data folder itself for images at its top level
+    masks: Path | None  # the mask folder, None without one
+    problem: str | None = None  # names that leave it open (two image folders), or data one level down
+
+
+def _named(root: Path, names: Sequence[str], kind: str) -> tuple[Path | None, str | None]:
+    """The one subfolder of ``root`` named one of ``names`` (any case); the first name wins outright."""
+    if (root / names[0]).is_dir():
+        return root / names[0], None
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in names)
+    if len(found) > 1:
+        return None, (f"{root} holds {len(found)} {kind} folders ({', '.join(p.name + '/' for p in found)}); "
+                      f"keep one of them and name it {names[0]}/")
+    return (found[0] if found else None), None
+
+
+def plain_folders(root: Path) -> PlainFolders:
+    """The image and mask folders of a data folder: ``images/`` + ``masks/``, their singular and
+    capitalised forms and common synonyms (``imgs/``, ``labels/``, ``gt/`` ...), or images at the top
+    level beside a mask folder. A folder holding only split folders (``train/images`` ...) gets a
+    problem naming the one to give.
+    """
+    if not root.is_dir():
+        return PlainFolders(None, None)
+    images, problem = _named(root, IMAGE_FOLDERS, "image")
+    masks, mask_problem = _named(root, MASK_FOLDERS, "mask")
+    if problem or mask_problem:
+        return PlainFolders(None, None, problem or mask_problem)
+    if images is None and masks is not None and _volume_files(root):
+        images = root  # images at the top level, their masks in a folder beside them
+    if images is None and masks is None:
+        return PlainFolders(None, None, _split_problem(root))
+    return PlainFolders(images, masks)
+
+
+def _split_problem(root: Path) -> str | None:
+    """"DATA holds no images, but train/ holds images/ and masks/: give DATA/train" (or None)."""
+    if _volume_files(root):
+        return None
+    splits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS)
+    inner = [p for p in splits if (f := plain_folders(p)).images is not None and f.masks is not None]
+    if not inner:
+        return None
+    given = " or ".join(str(p) for p in inner)
+    return (f"{root} holds no images itself, but {', '.join(p.name + '/' for p in inner)} "
+            f"{'holds' if len(inner) == 1 else 'each hold'} images and masks; give {given} as the data "
+            "folder")
+
+
+def paired_mask_folders(image: Path) -> list[Path]:
+    """The mask folders an image file's data folder pairs with it (``images/x.png`` -> ``masks/``)."""
+    folder = image.parent
+    found = []
+    if folder.name.lower() in NNUNET_PAIRS:
+        found.append(folder.parent / NNUNET_PAIRS[folder.name.lower()])
+    for root in (folder.parent, folder):
+        f = plain_folders(root) if root.is_dir() else PlainFolders(None, None)
+        if f.images is not None and f.masks is not None and f.images.resolve() == folder.resolve():
+            found.append(f.masks)
+    return found
+
+
 def is_case_folders(root: Path) -> bool:
     """A folder of per-case folders, each with image volumes and no images/ of its own."""
-    if not root.is_dir() or (root / "images").is_dir():
+    if not root.is_dir() or plain_folders(root).images is not None:
         return False
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return bool(subdirs) and all(_volume_files(d) for d in subdirs[:4])

@@ -125,8 +125,7 @@ def train_folder(
     """
     overrides = overrides or Overrides()
     out = Path(out)
-    if resume:
-        spec = _run_patterns(spec, out)
+    spec = _prepared(out, data, spec, resume)
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
@@ -148,6 +147,7 @@ def train_folder(
     try:
         if runtime.main_process():  # under torchrun only rank 0 writes
             staging.mkdir()
+            runlog.claim_staging(staging)  # so that a later train can tell it from a killed one's
             split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             atomic_write_text(staging / SPLIT_FILE, json.dumps(split, indent=1))
         result = fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
@@ -177,6 +177,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     A folder at ``out`` that holds no run (no plan.json) keeps its other files; the run's are moved in.
     """
     full = Path(os.path.abspath(out))
+    (staging / runlog.OWNER_FILE).unlink(missing_ok=True)
     if not full.exists() and not full.is_symlink():
         os.replace(staging, full)
     elif (full / "plan.json").exists():  # the old run goes whole, so none of its files (an export) linger
@@ -196,6 +197,17 @@ def _swap_in(staging: Path, out: Path) -> None:
             os.replace(entry, full / entry.name)
         staging.rmdir()
     logger.info("run written to %s", out)
+
+
+def _prepared(out: Path, data: str | Path, spec: DataSpec | None, resume: bool) -> DataSpec | None:
+    """Clear what killed trainings left beside ``out`` (a resume takes up its own); on resume, check
+    there is a checkpoint and take the run's name patterns."""
+    if runtime.main_process():
+        runlog.clear_stale(out, resume=resume)
+    if not resume:
+        return spec
+    runlog.refuse_unresumable(out, data)
+    return _run_patterns(spec, out)
 
 
 def _run_patterns(spec: DataSpec | None, out: Path) -> DataSpec:
@@ -232,9 +244,8 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
     from .planner import plan_dataset
     from .sizing import size_for_budget
 
-    if (out / "plan.json").exists() and not overwrite:
-        raise UsegError(f"{out} already holds a run; "
-                        "pass --overwrite to replace it or --resume to continue it")
+    if not overwrite:
+        runlog.refuse_occupied(out, data)
     by_name = {c.name: c for c in report.cases}
     held = set(parse_names(exclude))
     both = sorted(held & set(parse_names(val)))

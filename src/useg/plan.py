@@ -19,7 +19,7 @@ from typing import Any
 
 from .augment import AugmentConfig
 from .errors import UsegError
-from .files import atomic_path
+from .files import atomic_path, refuse_special
 from .labels import LabelMap
 
 PLAN_VERSION = 1
@@ -141,6 +141,7 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         """Read a plan.json written by :meth:`save`."""
         path = Path(path)
+        refuse_special(path, "the plan.json 'useg train' wrote")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runtime, writing
+from . import runlog, runtime, writing
 from .backends import BACKENDS, Backend, TorchBackend
 from .checkpoint import load_weights
 from .dataset import Case
@@ -118,10 +118,11 @@ def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarra
     if array.ndim == m.dims and m.in_channels == 1:
         array = array[None]
     if array.ndim != m.dims + 1:
-        raise UsegError(
-            f"{name} has shape {array.shape}, but the model expects (C, {'D, ' if m.dims == 3 else ''}H, W) "
-            f"with C={m.in_channels}; give channels first"
-        )
+        axes = f"(C, {'D, ' if m.dims == 3 else ''}H, W) with C={m.in_channels}"
+        if array.ndim in (3, 4) and array.ndim - 1 != m.dims and array.shape[0] == m.in_channels:
+            # channels first already: the dimensions differ, not the axis order
+            raise UsegError(_dims_sentence(name, array.ndim - 1, array.shape[1:], m.dims))
+        raise UsegError(f"{name} has shape {array.shape}, but the model expects {axes}; give channels first")
     if array.shape[0] != m.in_channels:
         raise UsegError(
             f"{name} has {array.shape[0]} channels but the model was trained on {m.in_channels}; "
@@ -130,6 +131,16 @@ def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarra
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise UsegError(f"{name} contains NaN or infinite values; fix or mask them before predicting")
     return normalize(array, d.normalization, d.intensity)  # float32 copy, the input is untouched
+
+
+def _dims_sentence(name: str, dims: int, shape: Sequence[int], run_dims: int) -> str:
+    """"X is a 3D volume (16x16x16) but this run is 2D ...": the real cause, not the axis order."""
+    what = {2: "a 2D image", 3: "a 3D volume"}
+    trained = {2: "2D images", 3: "3D volumes"}
+    fix = ("predict it with a run trained on 3D volumes, or save its slices as 2D images" if dims == 3
+           else "predict it with a run trained on 2D images")
+    return (f"{name} is {what[dims]} ({'x'.join(map(str, shape))}) but this run is {run_dims}D (trained on "
+            f"{trained[run_dims]}); {fix}")
 
 
 def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], device: torch.device,
@@ -210,8 +221,7 @@ class Segmenter:
         ``run/inference.json`` says the fast path disagreed with fp32 (:func:`check_low_precision`).
         """
         run = Path(run)
-        if not run.is_dir():
-            raise UsegError(f"{run} is not a run folder; pass the --out folder of 'useg train'")
+        runlog.refuse_unloadable(run)  # no folder, no run, or one stopped before its first checkpoint
         if backend not in BACKENDS:
             raise ValueError(f"backend must be {' or '.join(BACKENDS)}, not {backend!r}")
         if precision == "auto":
@@ -250,6 +260,9 @@ class Segmenter:
         """The network input (C, *S') of an image at the plan's spacing, and whether it was resampled."""
         d = self.plan.data
         array = image.array
+        if image.dims != self.plan.model.dims:  # before resampling: a 3D volume is no 2D image
+            raise UsegError(_dims_sentence(str(image.path or "the image"), image.dims, image.spatial_shape,
+                                           self.plan.model.dims))
         resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
         if resample:
             from .resample import resample_image

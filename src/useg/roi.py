@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsegError
-from .files import stem_of, suffix_of
+from .files import is_special, stem_of, suffix_of
 from .io import MASK_SUFFIXES, read_mask
 from .pairing import pair_stems
 
@@ -38,7 +38,8 @@ def roi_files(roi_dir: str | Path) -> dict[str, Path]:
     if not roi_dir.is_dir():
         raise UsegError(f"{roi_dir} is not a folder; give --roi the folder of region-of-interest masks")
     files = sorted(p for p in roi_dir.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and suffix_of(p) in MASK_SUFFIXES)
+                   if (p.is_file() or is_special(p))  # a FIFO is listed so that reading it refuses it
+                   and not p.name.startswith(".") and suffix_of(p) in MASK_SUFFIXES)
     return {stem_of(p): p for p in files}
 
 

@@ -21,7 +21,7 @@ from .errors import UsegError
 from .files import NAME_MAX, NIFTI_SUFFIXES, Image, atomic_path, stem_of, suffix_of
 from .instances import label_instances
 from .io import write_mask
-from .layouts import read_case_image
+from .layouts import paired_mask_folders, read_case_image
 from .plan import Plan
 from .roi import background_outside, pair_rois, probabilities_outside, read_roi
 from .tiff import write_tiff
@@ -196,6 +196,9 @@ def _refuse_input_folders(cases: Sequence[Case], out_dir: Path) -> None:
             if out == folder or (src.is_dir() and src in out.parents):
                 raise UsegError(f"--out {out_dir} is the folder of the input {f}; predictions would mix "
                                 "with (or replace) the images, choose another --out")
+        if any(m.resolve() == out for m in paired_mask_folders(c.image)):  # DATA/images -> DATA/masks
+            raise UsegError(f"--out {out_dir} is the mask folder of the input {c.image}; predictions would "
+                            "replace (or mix with) the training masks, choose another --out")
 
 
 def write_probabilities(path: Path, probs: np.ndarray, like: Image, dtype: str = "float16") -> Path:
