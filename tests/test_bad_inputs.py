@@ -876,3 +876,47 @@ def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
 
     _moved_mask(data, nudge)
     assert main(["check", str(data)]) == 0
+
+
+# --- issue 14, memory that is never checked (h14-memory) -------------------------------------------------
+
+def _edit_plan(run, **model):
+    import json
+
+    plan = json.loads((run / "plan.json").read_text())
+    plan["model"].update(model)
+    (run / "plan.json").write_text(json.dumps(plan))
+
+
+def test_a_plan_edited_to_a_huge_network_is_refused_before_it_is_built(trained, cells_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    import resource
+
+    from useg.model import UNet
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _edit_plan(run, width=3000)
+    built = []
+    monkeypatch.setattr(UNet, "reset_parameters", lambda self: built.append(next(self.parameters()).device))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'model.safetensors'} does not match its plan.json" in err and "shape mismatch" in err
+    assert all(d.type == "meta" for d in built)  # the 5 GB network was only ever described
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no 5 GB peak
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # --resume compares last.safetensors with the plan before building the network too
+    assert main(["train", str(cells_dir), "--out", str(run), "--resume", "--quiet"]) == 2
+    assert f"{run / 'last.safetensors'} does not match its plan.json" in capsys.readouterr().err
+    assert all(d.type == "meta" for d in built)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 4, (2**40).to_bytes(8, "little"), (10).to_bytes(8, "little")
+                                    + b"not json!!"])
+def test_a_weights_file_with_a_damaged_header_is_one_sentence(damage, trained, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(damage)
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert f"cannot read {run / 'model.safetensors'}" in capsys.readouterr().err

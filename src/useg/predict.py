@@ -18,12 +18,12 @@ import torch
 
 from . import runtime, writing
 from .backends import BACKENDS, Backend, TorchBackend
-from .checkpoint import load_weights
+from .checkpoint import load_model
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
 from .labels import regions_to_labels
-from .model import UNet, output_size, valid_input_size
+from .model import output_size, valid_input_size
 from .plan import Plan
 from .preprocess import normalize
 from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
@@ -154,8 +154,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
     fast = runtime.pick_precision(device, "auto")
     if fast.dtype is None or not images or not (run / "model.safetensors").exists():
         return {}
-    model = UNet.from_config(plan.model)
-    load_weights(model, run / "model.safetensors")
+    model = load_model(plan.model, run / "model.safetensors")
     # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
     crops = [im[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))] for im in images[:max_images]]
     labels = {}
