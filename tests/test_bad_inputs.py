@@ -912,11 +912,78 @@ def test_a_plan_edited_to_a_huge_network_is_refused_before_it_is_built(trained, 
     assert all(d.type == "meta" for d in built)
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x00" * 4, (2**40).to_bytes(8, "little"), (10).to_bytes(8, "little")
-                                    + b"not json!!"])
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 4, (2**40).to_bytes(8, "little"),
+                                    (10).to_bytes(8, "little") + b"not json!!"])
 def test_a_weights_file_with_a_damaged_header_is_one_sentence(damage, trained, cells_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "model.safetensors").write_bytes(damage)
     assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
     assert f"cannot read {run / 'model.safetensors'}" in capsys.readouterr().err
+
+
+def _absurd_voxels(d):
+    """Three NIfTI cases of 1 mm voxels but one whose header (image and mask alike) says 300 mm."""
+    import nibabel as nib
+
+    _nifti_volumes(d)
+    for folder in ("images", "masks"):
+        p = d / folder / "v1.nii.gz"
+        f = nib.load(str(p))
+        nib.save(nib.Nifti1Image(np.asarray(f.dataobj), np.diag([300.0, 300.0, 300.0, 1.0])), str(p))
+
+
+def test_a_case_whose_voxels_are_absurd_is_refused_before_resampling(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _absurd_voxels(data)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--width", "4", "--epochs", "1", "--iters", "1",
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "case 'v1' would be resampled from 16x16x8 voxels of 300x300x300 mm to 4800x4800x2400" in err
+    assert "TiB, more than the" in err and "--exclude v1" in err and err.count("\n") == 1
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_predicting_an_image_whose_voxels_are_absurd_is_refused_before_resampling(dims, tmp_path):
+    from useg.errors import UsegError
+    from useg.files import Image
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+    from useg.predict import Segmenter
+    from useg.spec import Overrides
+
+    shape = (16,) * dims
+    plan = make_plan(LabelMap((0, 1)), 1, [shape], spacings=[(1.0,) * dims],
+                     overrides=Overrides(model={"width": 4, "depth": 2}, data={"resample": True}))
+    calls = []
+
+    class Backend:
+        name, device = "fake", __import__("torch").device("cpu")
+
+        def __call__(self, batch):
+            calls.append(batch.shape)
+            raise AssertionError("the network must not run")
+
+    seg = Segmenter(plan, Backend())
+    voxel = 300.0 if dims == 3 else 1e5  # a 2D image needs a larger blunder to exceed the memory
+    image = Image(np.zeros((1, *shape), np.float32), (voxel,) * dims, path=tmp_path / "big.nii.gz")
+    for predict in (seg.predict_image, seg.predict_image_proba):
+        with pytest.raises(UsegError, match=rf"big.nii.gz would be resampled from 16x16.* voxels of "
+                                            rf"{voxel:g}x.* mm .*more than the .* available; check the"):
+            predict(image)
+    assert not calls
+
+
+def test_the_resampling_estimate_takes_the_limit_as_an_argument():
+    from useg.errors import UsegError
+    from useg.memory import check_resample, resample_bytes
+
+    # image (2 channels) and 3 probability maps in float32, the spline buffer and the labels
+    assert resample_bytes((10, 10), channels=2, classes=3) == 100 * (8 + 12 + 16)
+    assert check_resample("x", (10, 10), (2.0, 2.0), (1.0, 1.0), 2, 3, limit=400 * 36) == 400 * 36
+    with pytest.raises(UsegError, match=r"x would be resampled from 10x10 voxels of 2x2 mm to 20x20 voxels "
+                                        r"of 1x1 mm \(2 times finer\), about 0.01 MiB, more than the"):
+        check_resample("x", (10, 10), (2.0, 2.0), (1.0, 1.0), 2, 3, limit=400 * 36 - 1)

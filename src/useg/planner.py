@@ -30,6 +30,7 @@ from .augment import AugmentConfig
 from .dataset import CaseRecord, CheckReport, format_axes
 from .errors import UsegError
 from .labels import LabelMap, region_classes
+from .memory import check_cases
 from .model import input_size_for_output, valid_input_size
 from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model
 from .spec import Overrides
@@ -359,6 +360,8 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
     plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
                      spacings=spacings, overrides=chosen)
+    if plan.data.resample:  # a case whose header says absurd voxels would not fit once resampled
+        check_cases(report.records, plan.data.spacing)
     return plan, reasons
 
 

@@ -23,6 +23,7 @@ from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
 from .labels import regions_to_labels
+from .memory import check_resample
 from .model import output_size, valid_input_size
 from .plan import Plan
 from .preprocess import normalize
@@ -253,6 +254,9 @@ class Segmenter:
         if resample:
             from .resample import resample_image
 
+            # the image and its probabilities at the plan's spacing must fit before they are asked for
+            check_resample(str(image.path or "the image"), image.spatial_shape, image.spacing, d.spacing,
+                           array.shape[0], self.plan.model.num_classes)
             array = resample_image(array.astype(np.float32), image.spacing, d.spacing)
         return self.prepare(array, name=str(image.path or "the image")), resample
 
