@@ -987,3 +987,69 @@ def test_the_resampling_estimate_takes_the_limit_as_an_argument():
     with pytest.raises(UsegError, match=r"x would be resampled from 10x10 voxels of 2x2 mm to 20x20 voxels "
                                         r"of 1x1 mm \(2 times finer\), about 0.01 MiB, more than the"):
         check_resample("x", (10, 10), (2.0, 2.0), (1.0, 1.0), 2, 3, limit=400 * 36 - 1)
+
+
+def _nnunet_png(root):
+    """A valid 2D nnU-Net raw dataset of 3 PNG cases; returns its dataset.json as a dict."""
+    import json
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        lab = np.zeros((32, 32), np.uint8)
+        lab[8:20, 10:24] = 1
+        image = (lab * 100 + rng.integers(0, 50, lab.shape)).astype(np.uint8)
+        _png(root / "imagesTr" / f"case{i}_0000.png", image)
+        _png(root / "labelsTr" / f"case{i}.png", lab)
+    d = {"channel_names": {"0": "EM"}, "labels": {"background": 0, "cell": 1}, "numTraining": 3,
+         "file_ending": ".png"}
+    (root / "dataset.json").write_text(json.dumps(d))
+    return d
+
+
+def _without(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _with(**fields):
+    return lambda d: {**d, **fields}
+
+
+DATASET_JSON = {  # how the file is spoiled -> what the message names
+    "not JSON": (lambda d: "{'labels': ", "cannot read"),
+    "a list": (lambda d: [d], "must hold a JSON object"),
+    "no channel_names": (_without("channel_names"), "channel_names is missing"),
+    "channel_names a list": (_with(channel_names=["EM"]), "channel_names must map channel numbers"),
+    "channel_names from 1": (_with(channel_names={"1": "EM"}), "channel_names must be numbered 0"),
+    "no labels": (_without("labels"), "labels is missing"),
+    "labels a list": (_with(labels=["background", "cell"]), "labels must map names to mask values"),
+    "label a string": (lambda d: {**d, "labels": {"background": 0, "cell": "1"}},
+                       "labels: the value of 'cell' must be a whole number"),
+    "label a fraction": (lambda d: {**d, "labels": {"background": 0, "cell": 1.5}}, "value of 'cell'"),
+    "no file_ending": (_without("file_ending"), "file_ending is missing"),
+    "unknown file_ending": (lambda d: {**d, "file_ending": ".xyz"}, "file_ending '.xyz' is no image format"),
+    "numTraining text": (_with(numTraining="three"), "numTraining must be the number of training"),
+    "numTraining wrong": (lambda d: {**d, "numTraining": 5}, "says numTraining 5 but"),
+    "regions without order": (lambda d: {**d, "labels": {"background": 0, "cell": [1]}},
+                              "regions_class_order is missing"),
+    "regions_class_order short": (lambda d: {**d, "labels": {"background": 0, "cell": [1]},
+                                             "regions_class_order": []}, "regions_class_order must list 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_JSON))
+def test_a_malformed_dataset_json_is_one_sentence(name, tmp_path, capsys):
+    import json
+
+    root = tmp_path / "Dataset001_Cells"
+    spoil, culprit = DATASET_JSON[name]
+    spoiled = spoil(_nnunet_png(root))
+    (root / "dataset.json").write_text(spoiled if isinstance(spoiled, str) else json.dumps(spoiled))
+    assert main(["check", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'dataset.json'}" in err and culprit in err, err
+    assert "Traceback" not in err
+
+
+def test_a_valid_dataset_json_passes(tmp_path, capsys):
+    _nnunet_png(tmp_path / "Dataset001_Cells")
+    assert main(["check", str(tmp_path / "Dataset001_Cells")]) == 0
