@@ -1053,3 +1053,22 @@ def test_a_malformed_dataset_json_is_one_sentence(name, tmp_path, capsys):
 def test_a_valid_dataset_json_passes(tmp_path, capsys):
     _nnunet_png(tmp_path / "Dataset001_Cells")
     assert main(["check", str(tmp_path / "Dataset001_Cells")]) == 0
+
+
+@pytest.mark.parametrize("fmt,suffix", [("tif", ".tif"), ("nii.gz", ".nii.gz")])
+def test_predict_mask_format_chooses_the_output(fmt, suffix, trained, cells_dir, tmp_path, capsys):
+    from useg.io import read_mask
+
+    out = tmp_path / "o"
+    assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(out), "--mask-format", fmt,
+                 "--quiet"]) == 0
+    written = sorted(out.iterdir())
+    assert len(written) == 6 and all(p.name.endswith(suffix) for p in written)
+    assert set(np.unique(read_mask(written[0])[0])) <= {0, 255}
+
+
+def test_predict_mask_format_with_probabilities_is_refused(trained, cells_dir, tmp_path, capsys):
+    assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(tmp_path / "o"),
+                 "--mask-format", "png", "--probabilities", "uint8"]) == 2
+    assert "--mask-format chooses the masks' format and --probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

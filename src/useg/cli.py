@@ -178,6 +178,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
                                     probabilities=a.probabilities, watershed=a.watershed, roi=a.roi,
+                                    mask_format=a.mask_format,
                                     progress=lambda done, _total: progress.update(task, completed=done))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
@@ -340,6 +341,9 @@ def _add_predict(sub) -> None:
                     help="with --instances: split touching objects by a seeded watershed on the distance map")
     pr.add_argument("--probabilities", choices=["float16", "uint8"],
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
+    pr.add_argument("--mask-format", choices=["png", "tif", "nii.gz"],
+                    help="write every mask in this format (default: the input's; TIFF where it cannot hold "
+                    "the mask values)")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
     _roi_arg(pr, "pixels outside it are written as background")

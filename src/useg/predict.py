@@ -297,6 +297,7 @@ class Segmenter:
         probabilities: str | None = None,
         watershed: bool = False,
         roi: str | Path | None = None,
+        mask_format: str | None = None,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -314,6 +315,10 @@ class Segmenter:
         called after each input, the same signature as the tile progress of :meth:`predict`.
         With ``roi`` (a folder of one region-of-interest mask per input, non-zero = inside) every
         pixel outside is written as background: class 0, or foreground probabilities 0.
+        ``mask_format`` ("png", "tif" or "nii.gz", :data:`useg.maskformat.MASK_FORMATS`) writes
+        every mask in that format; a format that cannot hold the run's mask values or the input's
+        dimensions is refused before anything is predicted (without it, masks the input's format
+        cannot hold go to TIFF).
 
         Returns:
             The written paths, in input order.
@@ -326,4 +331,4 @@ class Segmenter:
                         "prediction%s", passes, passes, where)
         return writing.predict_files(self, inputs, out_dir, overwrite=overwrite, progress=progress,
                                      instances=instances, probabilities=probabilities, watershed=watershed,
-                                     roi=roi)
+                                     roi=roi, mask_format=mask_format)
