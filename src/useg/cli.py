@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsegError
-from .spec import DataSpec, Overrides
+from .spec import BOUNDS, DataSpec, Overrides
 
 logger = logging.getLogger("useg")
 
@@ -39,7 +39,13 @@ def _number(kind, low: float, low_ok: bool, what: str):
 
 
 _POSITIVE = _number(float, 0.0, False, "a positive number")
-_SEED = _number(int, 0, True, "a whole number >= 0")
+
+
+def _field(name: str):
+    """The argparse type of a plan field's flag: its kind and the lower bound of its one rule
+    (:data:`useg.spec.BOUNDS`); the plan refuses the rest of it, naming the flag."""
+    bound = BOUNDS[name]
+    return _number(int if bound.whole else float, bound.low, bound.low_ok, bound.what)
 
 
 def _device(text: str) -> str:
@@ -283,16 +289,16 @@ def _plan_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--padding", choices=["same", "valid"])
     t.add_argument("--up", choices=["transpose", "interp"])
     t.add_argument("--norm", choices=["none", "batch", "instance"])
-    t.add_argument("--dropout", type=_number(float, 0.0, True, "a number in [0, 1)"))
+    t.add_argument("--dropout", type=_field("dropout"))
     t.add_argument("--epochs", type=int)
     t.add_argument("--iters", type=int, help="optimizer steps per epoch")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=_POSITIVE)
+    t.add_argument("--lr", type=_field("lr"))
     t.add_argument("--optimizer", choices=["adamw", "sgd"])
     t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
-    t.add_argument("--seed", type=_SEED)
+    t.add_argument("--seed", type=_field("seed"))
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--workers", type=_number(int, -1, True, "a whole number >= 0, or -1 for automatic"),
+    t.add_argument("--workers", type=_field("workers"),
                    help="DataLoader workers (default: from the machine)")
     t.add_argument("--deterministic", action="store_true",
                    help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
