@@ -1072,3 +1072,30 @@ def test_predict_mask_format_with_probabilities_is_refused(trained, cells_dir, t
                  "--mask-format", "png", "--probabilities", "uint8"]) == 2
     assert "--mask-format chooses the masks' format and --probabilities" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_a_case_checks_its_resampled_size_too(cells_dir, tmp_path, monkeypatch):
+    """A plan.json trained elsewhere (or a resumed run) resamples in load_case: the same refusal."""
+    from useg.dataset import Case, discover
+    from useg.errors import UsegError
+    from useg.labels import LabelMap
+    from useg.memory import check_cases
+    from useg.preprocess import load_case
+
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _absurd_voxels(data)
+    case = next(c for c in discover(data) if c.name == "v1")
+    assert isinstance(case, Case)
+    with pytest.raises(UsegError, match=r"v1.nii.gz would be resampled from 16x16x8 voxels of 300x300x300"):
+        load_case(case, LabelMap((0, 1)), spacing=(1.0, 1.0, 1.0))
+
+    class Record:  # a case that fits but whose header is suspicious is named in a warning
+        name, shape, spacing, num_channels = "v9", (4, 4, 4), (20.0, 1.0, 1.0), 1
+
+    import useg.memory
+
+    said = []
+    monkeypatch.setattr(useg.memory.logger, "warning", lambda msg, *args: said.append(msg % args))
+    check_cases([Record()], (1.0, 1.0, 1.0), limit=2**30)
+    assert said and "case 'v9' has voxels of 20x1x1 mm, 20 times the target spacing" in said[0]

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # bytes per voxel besides the image's channels and the probabilities: the spline's float64 buffer of
 # one channel (scipy.ndimage.zoom) and the int64 labels
 FIXED_BYTES_PER_VOXEL = 16
+SUSPICIOUS_RATIO = 10.0  # a case's voxels this many times finer or coarser than the target: a header to check
 
 
 def available_bytes() -> int:
@@ -125,6 +126,10 @@ def check_cases(records: Sequence[Any], spacing_out: Sequence[float], limit: int
     """
     limit = available_bytes() if limit is None else limit
     for r in records:
+        ratio = max(max(a / b, b / a) for a, b in zip(r.spacing, spacing_out, strict=True))
+        if ratio > SUSPICIOUS_RATIO:  # fits, but a unit mix-up (mm vs m, um) is likelier than such a scan
+            logger.warning("case %r has voxels of %s mm, %.3g times the target spacing %s mm on an axis; "
+                           "check its header", r.name, _axes(r.spacing), ratio, _axes(spacing_out))
         check_resample(f"case {r.name!r}", r.shape, r.spacing, spacing_out, r.num_channels, 0, limit,
                        fix=f"check the voxel size in its header (the other cases' median is "
                            f"{_axes(spacing_out)} mm) or leave it out with --exclude {r.name}")
