@@ -197,7 +197,8 @@ def _channels_problem(d: dict) -> str | None:
         return f'{key} must map channel numbers to names, e.g. {{"0": "CT"}}, not {names!r}'
     keys = [str(k) for k in names]
     if sorted(keys, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(keys))]:
-        return f"{key} must be numbered 0 .. {len(keys) - 1} (one per _000X file), not {keys}"
+        numbers = "0" if len(keys) == 1 else f"0 .. {len(keys) - 1}"
+        return f"{key} must be numbered {numbers} (one per _000X file), not {keys}"
     return None
 
 
