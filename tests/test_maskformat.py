@@ -61,6 +61,16 @@ def test_every_mask_format_that_holds_the_masks_round_trips(dims, fmt, tmp_path)
     np.testing.assert_array_equal(values, np.where(truth, 255, 0))
 
 
+def test_a_volume_into_tiff_is_warned_of_its_lost_orientation(tmp_path, monkeypatch):
+    import useg.maskformat
+
+    said = []
+    monkeypatch.setattr(useg.maskformat.logger, "warning", lambda msg, *args: said.append(msg % args))
+    src, _ = _input(tmp_path, 3)
+    (out,) = _segmenter(dims=3).predict_files([src], tmp_path / "out", mask_format="tif")
+    assert out.suffix == ".tif" and "not the orientation and origin" in said[0] and "nii.gz" in said[0]
+
+
 @pytest.mark.parametrize("values,expect", [((0, 70000), (0, 70000)), ((-5, 3), (-5, 3))])
 def test_values_png_cannot_hold_go_to_tiff_by_default(values, expect, tmp_path):
     src, truth = _input(tmp_path)

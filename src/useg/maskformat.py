@@ -26,6 +26,7 @@ from .plan import Plan
 logger = logging.getLogger(__name__)
 
 MASK_FORMATS = {"png": ".png", "tif": ".tif", "nii.gz": ".nii.gz"}  # --mask-format -> output suffix
+AFFINE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")  # outputs that hold a volume's orientation and origin
 FALLBACK = ".tif"  # holds every dimension, mode and value a plan can produce
 
 
@@ -73,6 +74,9 @@ def mask_suffix(default: str, plan: Plan, mask_format: str | None, instances: bo
             fix = f"choose --mask-format {' or '.join(others)}" if others else "train with other mask values"
             raise UsegError(f"--mask-format {mask_format} cannot hold the masks of {source} ({problem}); "
                             f"{fix}")
+        if default in AFFINE_SUFFIXES and mask_format == "tif":  # holds the spacing, not the orientation
+            logger.warning("%s: a TIFF mask keeps the voxel spacing but not the orientation and origin of "
+                           "its input; use --mask-format nii.gz to keep them", source)
         return MASK_FORMATS[mask_format]
     problem = holds(default).problem(dims, low, high, mode)
     if problem is None:
