@@ -1149,3 +1149,224 @@ def test_a_photograph_saved_with_a_palette_is_no_58_class_mask(cells_dir, tmp_pa
     assert main(["check", str(data)]) == 2
     err = capsys.readouterr().err
     assert "the masks share 58 distinct palette indices" in err and "more than 32 classes" in err
+# --- issue 14, memory that is never checked (h14-memory) -------------------------------------------------
+
+def _edit_plan(run, **model):
+    import json
+
+    plan = json.loads((run / "plan.json").read_text())
+    plan["model"].update(model)
+    (run / "plan.json").write_text(json.dumps(plan))
+
+
+def test_a_plan_edited_to_a_huge_network_is_refused_before_it_is_built(trained, cells_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    import resource
+
+    from useg.model import UNet
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _edit_plan(run, width=3000)
+    built = []
+    monkeypatch.setattr(UNet, "reset_parameters", lambda self: built.append(next(self.parameters()).device))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'model.safetensors'} does not match its plan.json" in err and "shape mismatch" in err
+    assert all(d.type == "meta" for d in built)  # the 5 GB network was only ever described
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no 5 GB peak
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # --resume compares last.safetensors with the plan before building the network too
+    assert main(["train", str(cells_dir), "--out", str(run), "--resume", "--quiet"]) == 2
+    assert f"{run / 'last.safetensors'} does not match its plan.json" in capsys.readouterr().err
+    assert all(d.type == "meta" for d in built)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 4, (2**40).to_bytes(8, "little"),
+                                    (10).to_bytes(8, "little") + b"not json!!"])
+def test_a_weights_file_with_a_damaged_header_is_one_sentence(damage, trained, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(damage)
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert f"cannot read {run / 'model.safetensors'}" in capsys.readouterr().err
+
+
+def _absurd_voxels(d):
+    """Three NIfTI cases of 1 mm voxels but one whose header (image and mask alike) says 300 mm."""
+    import nibabel as nib
+
+    _nifti_volumes(d)
+    for folder in ("images", "masks"):
+        p = d / folder / "v1.nii.gz"
+        f = nib.load(str(p))
+        nib.save(nib.Nifti1Image(np.asarray(f.dataobj), np.diag([300.0, 300.0, 300.0, 1.0])), str(p))
+
+
+def test_a_case_whose_voxels_are_absurd_is_refused_before_resampling(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _absurd_voxels(data)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--width", "4", "--epochs", "1", "--iters", "1",
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "case 'v1' would be resampled from 16x16x8 voxels of 300x300x300 mm to 4800x4800x2400" in err
+    assert "TiB, more than the" in err and "--exclude v1" in err and err.count("\n") == 1
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_predicting_an_image_whose_voxels_are_absurd_is_refused_before_resampling(dims, tmp_path):
+    from useg.errors import UsegError
+    from useg.files import Image
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+    from useg.predict import Segmenter
+    from useg.spec import Overrides
+
+    shape = (16,) * dims
+    plan = make_plan(LabelMap((0, 1)), 1, [shape], spacings=[(1.0,) * dims],
+                     overrides=Overrides(model={"width": 4, "depth": 2}, data={"resample": True}))
+    calls = []
+
+    class Backend:
+        name, device = "fake", __import__("torch").device("cpu")
+
+        def __call__(self, batch):
+            calls.append(batch.shape)
+            raise AssertionError("the network must not run")
+
+    seg = Segmenter(plan, Backend())
+    voxel = 300.0 if dims == 3 else 1e5  # a 2D image needs a larger blunder to exceed the memory
+    image = Image(np.zeros((1, *shape), np.float32), (voxel,) * dims, path=tmp_path / "big.nii.gz")
+    for predict in (seg.predict_image, seg.predict_image_proba):
+        with pytest.raises(UsegError, match=rf"big.nii.gz would be resampled from 16x16.* voxels of "
+                                            rf"{voxel:g}x.* mm .*more than the .* available; check the"):
+            predict(image)
+    assert not calls
+
+
+def test_the_resampling_estimate_takes_the_limit_as_an_argument():
+    from useg.errors import UsegError
+    from useg.memory import check_resample, resample_bytes
+
+    # image (2 channels) and 3 probability maps in float32, the spline buffer and the labels
+    assert resample_bytes((10, 10), channels=2, classes=3) == 100 * (8 + 12 + 16)
+    assert check_resample("x", (10, 10), (2.0, 2.0), (1.0, 1.0), 2, 3, limit=400 * 36) == 400 * 36
+    with pytest.raises(UsegError, match=r"x would be resampled from 10x10 voxels of 2x2 mm to 20x20 voxels "
+                                        r"of 1x1 mm \(2 times finer\), about 0.01 MiB, more than the"):
+        check_resample("x", (10, 10), (2.0, 2.0), (1.0, 1.0), 2, 3, limit=400 * 36 - 1)
+
+
+def _nnunet_png(root):
+    """A valid 2D nnU-Net raw dataset of 3 PNG cases; returns its dataset.json as a dict."""
+    import json
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        lab = np.zeros((32, 32), np.uint8)
+        lab[8:20, 10:24] = 1
+        image = (lab * 100 + rng.integers(0, 50, lab.shape)).astype(np.uint8)
+        _png(root / "imagesTr" / f"case{i}_0000.png", image)
+        _png(root / "labelsTr" / f"case{i}.png", lab)
+    d = {"channel_names": {"0": "EM"}, "labels": {"background": 0, "cell": 1}, "numTraining": 3,
+         "file_ending": ".png"}
+    (root / "dataset.json").write_text(json.dumps(d))
+    return d
+
+
+def _without(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _with(**fields):
+    return lambda d: {**d, **fields}
+
+
+DATASET_JSON = {  # how the file is spoiled -> what the message names
+    "not JSON": (lambda d: "{'labels': ", "cannot read"),
+    "a list": (lambda d: [d], "must hold a JSON object"),
+    "no channel_names": (_without("channel_names"), "channel_names is missing"),
+    "channel_names a list": (_with(channel_names=["EM"]), "channel_names must map channel numbers"),
+    "channel_names from 1": (_with(channel_names={"1": "EM"}), "channel_names must be numbered 0"),
+    "no labels": (_without("labels"), "labels is missing"),
+    "labels a list": (_with(labels=["background", "cell"]), "labels must map names to mask values"),
+    "label a string": (lambda d: {**d, "labels": {"background": 0, "cell": "1"}},
+                       "labels: the value of 'cell' must be a whole number"),
+    "label a fraction": (lambda d: {**d, "labels": {"background": 0, "cell": 1.5}}, "value of 'cell'"),
+    "no file_ending": (_without("file_ending"), "file_ending is missing"),
+    "unknown file_ending": (lambda d: {**d, "file_ending": ".xyz"}, "file_ending '.xyz' is no image format"),
+    "numTraining text": (_with(numTraining="three"), "numTraining must be the number of training"),
+    "numTraining wrong": (lambda d: {**d, "numTraining": 5}, "says numTraining 5 but"),
+    "regions without order": (lambda d: {**d, "labels": {"background": 0, "cell": [1]}},
+                              "regions_class_order is missing"),
+    "regions_class_order short": (lambda d: {**d, "labels": {"background": 0, "cell": [1]},
+                                             "regions_class_order": []}, "regions_class_order must list 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_JSON))
+def test_a_malformed_dataset_json_is_one_sentence(name, tmp_path, capsys):
+    import json
+
+    root = tmp_path / "Dataset001_Cells"
+    spoil, culprit = DATASET_JSON[name]
+    spoiled = spoil(_nnunet_png(root))
+    (root / "dataset.json").write_text(spoiled if isinstance(spoiled, str) else json.dumps(spoiled))
+    assert main(["check", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'dataset.json'}" in err and culprit in err, err
+    assert "Traceback" not in err
+
+
+def test_a_valid_dataset_json_passes(tmp_path, capsys):
+    _nnunet_png(tmp_path / "Dataset001_Cells")
+    assert main(["check", str(tmp_path / "Dataset001_Cells")]) == 0
+
+
+@pytest.mark.parametrize("fmt,suffix", [("tif", ".tif"), ("nii.gz", ".nii.gz")])
+def test_predict_mask_format_chooses_the_output(fmt, suffix, trained, cells_dir, tmp_path, capsys):
+    from useg.io import read_mask
+
+    out = tmp_path / "o"
+    assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(out), "--mask-format", fmt,
+                 "--quiet"]) == 0
+    written = sorted(out.iterdir())
+    assert len(written) == 6 and all(p.name.endswith(suffix) for p in written)
+    assert set(np.unique(read_mask(written[0])[0])) <= {0, 255}
+
+
+def test_predict_mask_format_with_probabilities_is_refused(trained, cells_dir, tmp_path, capsys):
+    assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(tmp_path / "o"),
+                 "--mask-format", "png", "--probabilities", "uint8"]) == 2
+    assert "--mask-format chooses the masks' format and --probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_loading_a_case_checks_its_resampled_size_too(cells_dir, tmp_path, monkeypatch):
+    """A plan.json trained elsewhere (or a resumed run) resamples in load_case: the same refusal."""
+    from useg.dataset import Case, discover
+    from useg.errors import UsegError
+    from useg.labels import LabelMap
+    from useg.memory import check_cases
+    from useg.preprocess import load_case
+
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    _absurd_voxels(data)
+    case = next(c for c in discover(data) if c.name == "v1")
+    assert isinstance(case, Case)
+    with pytest.raises(UsegError, match=r"v1.nii.gz would be resampled from 16x16x8 voxels of 300x300x300"):
+        load_case(case, LabelMap((0, 1)), spacing=(1.0, 1.0, 1.0))
+
+    class Record:  # a case that fits but whose header is suspicious is named in a warning
+        name, shape, spacing, num_channels = "v9", (4, 4, 4), (20.0, 1.0, 1.0), 1
+
+    import useg.memory
+
+    said = []
+    monkeypatch.setattr(useg.memory.logger, "warning", lambda msg, *args: said.append(msg % args))
+    check_cases([Record()], (1.0, 1.0, 1.0), limit=2**30)
+    assert said and "case 'v9' has voxels of 20x1x1 mm, 20 times the target spacing" in said[0]

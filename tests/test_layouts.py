@@ -125,11 +125,12 @@ def _mk(path):
 
 # --- nnU-Net's 2D conventions and its other readers (NaturalImage2DIO, Tiff3DIO, SimpleITKIO) ---
 
-def _dataset_json(root, channels, file_ending, labels=None):
+def _dataset_json(root, channels, file_ending, labels=None, cases=3):
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {str(i): n for i, n in enumerate(channels)},
-        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": 3, "file_ending": file_ending}))
+        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": cases,
+        "file_ending": file_ending}))
 
 
 def _write_2d(path, arr):
@@ -179,7 +180,7 @@ def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape,
     import tifffile
 
     root = tmp_path / "Dataset004_EM"
-    _dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2})
+    _dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
         img, lab = _case(rng, shape)
         (root / "imagesTr").mkdir(exist_ok=True)
@@ -209,7 +210,7 @@ def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape,
 def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending):
     sitk = pytest.importorskip("SimpleITK")
     root = tmp_path / "Dataset005_GC"
-    _dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2})
+    _dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
         img, lab = _case(rng, (5, 7, 9))  # SimpleITK's (z, y, x)
         for c, arr in enumerate((img, img * 2)):

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from . import runtime
-from .checkpoint import load_weights, weights_digest
+from .checkpoint import load_model, weights_digest
 from .errors import UsegError
-from .model import UNet
 from .plan import Plan
 from .tta import output_activation
 
@@ -95,8 +94,7 @@ class TorchBackend:
         if not weights.exists():
             raise UsegError(f"{weights} is missing; the training did not finish, "
                             "resume it with 'useg train --resume'")
-        model = UNet.from_config(plan.model)
-        load_weights(model, weights)
+        model = load_model(plan.model, weights)  # compared with the plan before it is built
         return plan, cls.place(model, plan, device, precision)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -17,6 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UsegError
 from .files import atomic_path
+from .model import UNet
+
+HEADER_MAX = 100 * 2**20  # bytes of a safetensors JSON header beyond which the file is taken as damaged
 
 
 def not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -92,26 +97,80 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return meta["state"]
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors state dict, naming any mismatch with the plan's network."""
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header alone (no tensor is read).
+
+    The format starts with an 8-byte little-endian header length and that many bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``.
+
+    Raises:
+        UsegError: the file is missing, truncated or its header is not safetensors.
+    """
     try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > HEADER_MAX:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(s) for s in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except FileNotFoundError:
+        raise UsegError(f"{path} does not exist; train the run again or restore the file") from None
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError) as e:
         raise UsegError(f"cannot read {path} ({e}); the file is damaged, retrain or restore it") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+
+
+def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the state dict of ``UNet.from_config(cfg)``, built on the meta device.
+
+    Nothing is allocated, so a plan.json edited to a huge width costs no memory before the weights
+    are compared with it.
+    """
+    with torch.device("meta"):
+        model = UNet.from_config(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_against(path: Path, expected: dict[str, tuple[int, ...]], prefix: str = "") -> None:
+    """Compare the tensors in ``path``'s header (names under ``prefix``) with ``expected`` shapes.
+
+    Raises:
+        UsegError: a missing, unexpected or differently shaped tensor, in one sentence naming the file.
+    """
+    stored = {k[len(prefix):]: v for k, v in header_shapes(path).items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
     if missing or extra or wrong:
         detail = "; ".join(
             s for s in (
                 f"missing {missing[:3]}" if missing else "",
                 f"unexpected {extra[:3]}" if extra else "",
-                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}"
-                if wrong else "",
+                f"shape mismatch {[(k, stored[k], expected[k]) for k in wrong[:3]]}" if wrong else "",
             ) if s
         )
         raise UsegError(f"{path} does not match its plan.json ({detail}); the run folder is inconsistent")
+
+
+def load_model(cfg: Any, path: Path) -> torch.nn.Module:
+    """``UNet.from_config(cfg)`` with the weights of ``path``, compared with the plan before it is built.
+
+    Raises:
+        UsegError: the file is damaged, does not match ``cfg`` or holds non-finite weights.
+    """
+    check_against(path, expected_shapes(cfg))
+    model = UNet.from_config(cfg)
+    load_weights(model, path)
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors state dict, naming any mismatch with the plan's network (from the header,
+    before any tensor is read)."""
+    check_against(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UsegError(f"cannot read {path} ({e}); the file is damaged, retrain or restore it") from None
     bad = not_finite(state)
     if bad:
         raise UsegError(f"{path} holds weights that are not finite (NaN or inf, e.g. {bad[0]}): the training "

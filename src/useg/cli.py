@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsegError
-from .spec import DataSpec, Overrides
+from .spec import BOUNDS, DataSpec, Overrides
 
 logger = logging.getLogger("useg")
 
@@ -39,7 +39,13 @@ def _number(kind, low: float, low_ok: bool, what: str):
 
 
 _POSITIVE = _number(float, 0.0, False, "a positive number")
-_SEED = _number(int, 0, True, "a whole number >= 0")
+
+
+def _field(name: str):
+    """The argparse type of a plan field's flag: its kind and the lower bound of its one rule
+    (:data:`useg.spec.BOUNDS`); the plan refuses the rest of it, naming the flag."""
+    bound = BOUNDS[name]
+    return _number(int if bound.whole else float, bound.low, bound.low_ok, bound.what)
 
 
 def _device(text: str) -> str:
@@ -206,6 +212,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         task = progress.add_task("predict", total=len(files))
         written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
                                     probabilities=a.probabilities, watershed=a.watershed, roi=a.roi,
+                                    mask_format=a.mask_format,
                                     progress=lambda done, _total: progress.update(task, completed=done))
     print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
     return 0
@@ -310,16 +317,16 @@ def _plan_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--padding", choices=["same", "valid"])
     t.add_argument("--up", choices=["transpose", "interp"])
     t.add_argument("--norm", choices=["none", "batch", "instance"])
-    t.add_argument("--dropout", type=_number(float, 0.0, True, "a number in [0, 1)"))
+    t.add_argument("--dropout", type=_field("dropout"))
     t.add_argument("--epochs", type=int)
     t.add_argument("--iters", type=int, help="optimizer steps per epoch")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=_POSITIVE)
+    t.add_argument("--lr", type=_field("lr"))
     t.add_argument("--optimizer", choices=["adamw", "sgd"])
     t.add_argument("--loss", choices=["dice_ce", "ce", "dice"])
-    t.add_argument("--seed", type=_SEED)
+    t.add_argument("--seed", type=_field("seed"))
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--workers", type=_number(int, -1, True, "a whole number >= 0, or -1 for automatic"),
+    t.add_argument("--workers", type=_field("workers"),
                    help="DataLoader workers (default: from the machine)")
     t.add_argument("--deterministic", action="store_true",
                    help="fp32 and deterministic kernels: a resumed run equals an uninterrupted one")
@@ -370,6 +377,9 @@ def _add_predict(sub) -> None:
                     help="with --instances: split touching objects by a seeded watershed on the distance map")
     pr.add_argument("--probabilities", choices=["float16", "uint8"],
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
+    pr.add_argument("--mask-format", choices=["png", "tif", "nii.gz"],
+                    help="write every mask in this format (default: the input's; TIFF where it cannot hold "
+                    "the mask values)")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
     _roi_arg(pr, "pixels outside it are written as background")

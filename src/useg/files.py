@@ -53,6 +53,29 @@ def is_special(path: str | Path) -> bool:
     except UsegError:
         return True
     return False
+@dataclass(frozen=True)
+class MaskHolds:
+    """What a format's mask writer can hold, so that an output is chosen before anything is computed."""
+
+    name: str  # the format as the user names it, "PNG"
+    dims: tuple[int, ...]  # spatial dimensions of the masks it writes
+    low: int  # smallest stored value
+    high: int  # largest stored value
+    modes: tuple[str, ...] = ("grey", "palette", "rgb")  # label-map encodings it writes back
+
+    def problem(self, dims: int, low: int, high: int, mode: str = "grey") -> str | None:
+        """Why ``dims``-D masks of stored values ``low`` .. ``high`` in ``mode`` do not fit; None if they do.
+
+        >>> MaskHolds("PNG", (2,), 0, 65535).problem(2, 0, 70000)
+        'PNG holds mask values 0 .. 65535, not 0 .. 70000'
+        """
+        if dims not in self.dims:
+            return f"{self.name} holds {' or '.join(f'{d}D' for d in self.dims)} masks, not {dims}D ones"
+        if mode not in self.modes:
+            return f"{self.name} holds no {mode} masks (it holds {', '.join(self.modes)})"
+        if low < self.low or high > self.high:
+            return f"{self.name} holds mask values {self.low} .. {self.high}, not {low} .. {high}"
+        return None
 
 
 def suffix_of(path: str | Path) -> str:

@@ -34,6 +34,7 @@ from .files import (
     MAX_PIXELS,
     NIFTI_SUFFIXES,
     Image,
+    MaskHolds,
     atomic_path,
     is_special,
     lossy_mask,
@@ -75,6 +76,9 @@ class Format:
             volumes); None when the file cannot be read.
         read_affine: ``(path) -> 4x4 RAS voxel-to-world matrix or None`` from the header alone, for
             the same formats: a mask's orientation and origin are compared with its image's.
+        mask_holds: the dimensions, stored values and encodings ``write_mask`` holds
+            (:class:`useg.files.MaskHolds`), so that prediction picks or refuses an output format
+            before it computes anything (:mod:`useg.maskformat`).
     """
 
     name: str
@@ -84,6 +88,7 @@ class Format:
     write_image: Callable[[Path, np.ndarray, Image], Path] | None = None
     read_spacing: Callable[[Path], tuple[float, ...] | None] | None = None
     read_affine: Callable[[Path], np.ndarray | None] | None = None
+    mask_holds: MaskHolds | None = None  # what write_mask holds (dims, value range, modes); None: no writer
 
 
 def _read_pil(path: Path) -> PILImage.Image:
@@ -189,21 +194,25 @@ def _write_nifti_mask(path: Path, stored: np.ndarray, like: Image, label_map: La
     return volumes.write_nifti_labels(path, stored, like)
 
 
+INT32 = (-(2**31), 2**31 - 1)
 _PNG = Format("png", partial(_read_pil_image, name="png"), _read_pil_mask, _write_png_mask,
-              partial(_write_pil_image, pil_format="PNG"))
+              partial(_write_pil_image, pil_format="PNG"), mask_holds=MaskHolds("PNG", (2,), 0, 65535))
 _JPEG = Format("jpeg", partial(_read_pil_image, name="jpeg"), partial(_refuse_lossy_mask, codec="JPEG"), None,
                partial(_write_pil_image, pil_format="JPEG"))
 _BMP = Format("bmp", partial(_read_pil_image, name="bmp"), _read_pil_mask, None,
               partial(_write_pil_image, pil_format="BMP"))
 _GIF = Format("gif", partial(_read_pil_image, name="gif"), _read_pil_mask)  # first frame; palette masks
 _WEBP = Format("webp", partial(_read_pil_image, name="webp"), partial(_refuse_lossy_mask, codec="WebP"))
-_TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image)
+_TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image,
+               mask_holds=MaskHolds("TIFF", (2, 3), INT32[0], 2**32 - 1))  # int32 or uint32 objects
 _NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask,
-                read_spacing=volumes.nifti_spacing, read_affine=volumes.nifti_affine_of)
+                read_spacing=volumes.nifti_spacing, read_affine=volumes.nifti_affine_of,
+                mask_holds=MaskHolds("NIfTI", (2, 3), *INT32, ("grey", "palette")))
 DICOM_SERIES = Format("dicom", volumes.read_dicom_series)  # a folder of one series' slices, found by content
 _ITK = {name: Format(name, itk.read_itk_image, itk.read_itk_mask, itk.write_itk_mask, itk.write_itk_image,
-                     itk.itk_spacing, itk.itk_header_affine)
-        for name in ("nrrd", "metaimage")}
+                     itk.itk_spacing, itk.itk_header_affine,
+                     MaskHolds(label, (2, 3), *INT32, ("grey", "palette")))
+        for name, label in (("nrrd", "NRRD"), ("metaimage", "MetaImage"))}
 
 FORMATS: dict[str, Format] = {
     ".png": _PNG,
@@ -329,7 +338,8 @@ def write_mask(path: str | Path, labels: np.ndarray, like: Image, label_map: Lab
         lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
         if lo < 0:
             raise ValueError(f"labels must be non-negative, got {lo}")
-        stored = labels.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.int32)
+        # object ids beyond 65535 are uint32 (TIFF holds them, PNG refuses them)
+        stored = labels.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32)
     return fmt.write_mask(path, stored, like, label_map)
 
 

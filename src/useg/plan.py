@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from .augment import AugmentConfig
 from .errors import UsegError
 from .files import atomic_path, refuse_special
 from .labels import LabelMap
+from .spec import BOUNDS, COUNT
 
 PLAN_VERSION = 1
 
@@ -89,8 +89,8 @@ class TrainConfig:
         counts = (("epochs", "--epochs"), ("iters_per_epoch", "--iters"), ("batch_size", "--batch-size"))
         for name, flag in counts:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise UsegError(f"{flag} (the plan's train.{name}) must be a whole number of at least 1, "
+            if not BOUNDS[name].holds(value):
+                raise UsegError(f"{flag} (the plan's train.{name}) must be {BOUNDS[name].what}, "
                                 f"got {value!r}; give a positive value")
 
 
@@ -162,11 +162,10 @@ def _whole(value: Any, low: int) -> bool:
 
 def _model_problem(m: ModelConfig) -> str | None:
     """The first impossible value of the network's fields (the CLI flag in brackets), or None."""
-    for name, low, flag in (("width", 1, "--width"), ("depth", 1, "--depth"), ("in_channels", 1, ""),
-                            ("num_classes", 1, "")):
+    for name, flag in (("width", "--width"), ("depth", "--depth"), ("in_channels", ""), ("num_classes", "")):
         value = getattr(m, name)
-        if not _whole(value, low):
-            return f"the {name} must be a whole number >= {low}{f' ({flag})' if flag else ''}, not {value!r}"
+        if not BOUNDS.get(name, COUNT).holds(value):
+            return f"the {name} must be {COUNT.what}{f' ({flag})' if flag else ''}, not {value!r}"
     if m.max_width is not None and not _whole(m.max_width, 1):
         return f"max_width must be a whole number >= 1 or null, not {m.max_width!r}"
     if m.dims not in (2, 3):
@@ -176,7 +175,7 @@ def _model_problem(m: ModelConfig) -> str | None:
     for name, allowed in choices.items():
         if getattr(m, name) not in allowed:
             return f"the {name} must be one of {', '.join(map(str, allowed))}, not {getattr(m, name)!r}"
-    if not (isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1):
+    if not BOUNDS["dropout"].holds(m.dropout):
         return f"the dropout must lie in [0, 1) (--dropout), not {m.dropout!r}"
     return None
 
@@ -188,13 +187,25 @@ def check_model(m: ModelConfig) -> None:
         raise UsegError(problem)
 
 
-def _sizes_problem(what: str, size: Any, dims: int) -> str | None:
+def sizes_problem(what: str, size: Any, dims: int, flag: str | None = None) -> str | None:
+    """Why ``size`` is no patch or tile of ``dims`` axes, as a sentence; None when it is one.
+
+    The one rule for a patch given on the command line (``flag``, e.g. "--patch", named as typed)
+    and one read from plan.json (``what``, with the field's value).
+
+    >>> sizes_problem("patch", (32,), 2, flag="--patch")
+    '--patch 32 has 1 axes but the images have 2; give 2 sizes like --patch 64,64'
+    """
+    example = ",".join(["64"] * dims)
+    if flag:
+        name, like = f"{flag} {','.join(map(str, size))}", f"{flag} {example}"
+    else:
+        name, like = f"the {what} {size!r}", example
     if not isinstance(size, tuple) or len(size) != dims:
         n = len(size) if isinstance(size, tuple) else "no"
-        return f"the {what} {size!r} has {n} axes but the images have {dims}; give {dims} sizes like " \
-               f"{','.join(['64'] * dims)}"
+        return f"{name} has {n} axes but the images have {dims}; give {dims} sizes like {like}"
     if not all(_whole(s, 1) for s in size):
-        return f"the {what} {size!r} must hold whole numbers >= 1"
+        return f"{name} holds a size below 1 (or no whole number); it must hold whole numbers >= 1, {like}"
     return None
 
 
@@ -205,8 +216,8 @@ def _problem(plan: Plan) -> str | None:
     The epochs, steps per epoch and batch size are checked where the run starts (useg.pipeline).
     """
     m, d, i = plan.model, plan.data, plan.infer
-    found = (_model_problem(m) or _sizes_problem("patch size (--patch)", d.patch_size, m.dims)
-             or _sizes_problem("tile", i.tile, m.dims))
+    found = (_model_problem(m) or sizes_problem("patch size (--patch)", d.patch_size, m.dims)
+             or sizes_problem("tile", i.tile, m.dims))
     if found:
         return found
     if len(d.spacing) != m.dims or not all(isinstance(s, (int, float)) and 0 < s < float("inf")
@@ -225,7 +236,7 @@ def _problem(plan: Plan) -> str | None:
 
 def _train_problem(t: TrainConfig) -> str | None:
     """The first impossible training field but epochs, steps and batch (checked where a run starts)."""
-    if not (isinstance(t.lr, (int, float)) and 0 < t.lr < float("inf")):
+    if not BOUNDS["lr"].holds(t.lr):
         return f"the learning rate must be a positive finite number (--lr), not {t.lr!r}"
     choices = {"optimizer": ("adamw", "sgd"), "loss": ("dice_ce", "ce", "dice"),
                "schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16")}
@@ -237,9 +248,9 @@ def _train_problem(t: TrainConfig) -> str | None:
         value = getattr(t, name)
         if not (isinstance(value, (int, float)) and 0 <= value < high):
             return f"{name} must lie in [0, {high:g}), not {value!r}"
-    if not _whole(t.seed, 0):
+    if not BOUNDS["seed"].holds(t.seed):
         return f"the seed must be a whole number >= 0 (--seed), not {t.seed!r}"
-    if not _whole(t.workers, -1):
+    if not BOUNDS["workers"].holds(t.workers):
         return f"workers must be a whole number >= 0, or -1 for automatic (--workers), not {t.workers!r}"
     return None
 

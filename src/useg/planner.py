@@ -30,8 +30,9 @@ from .augment import AugmentConfig
 from .dataset import CaseRecord, CheckReport, format_axes
 from .errors import UsegError
 from .labels import LabelMap, region_classes
+from .memory import check_cases
 from .model import input_size_for_output, valid_input_size
-from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model
+from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model, sizes_problem
 from .spec import Overrides
 
 logger = logging.getLogger(__name__)
@@ -162,12 +163,9 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
-        given, example = ",".join(map(str, ov.patch_size)), ",".join(["64"] * dims)
-        if len(ov.patch_size) != dims:
-            raise UsegError(f"--patch {given} has {len(ov.patch_size)} axes but the images have {dims}; "
-                            f"give {dims} sizes like --patch {example}")
-        if min(ov.patch_size) < 1:
-            raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
+        problem = sizes_problem("patch", tuple(ov.patch_size), dims, flag="--patch")  # plan.json's rule
+        if problem:
+            raise UsegError(problem)
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)
@@ -359,6 +357,8 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
     plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
                      spacings=spacings, overrides=chosen)
+    if plan.data.resample:  # a case whose header says absurd voxels would not fit once resampled
+        check_cases(report.records, plan.data.spacing)
     return plan, reasons
 
 

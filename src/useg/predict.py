@@ -18,12 +18,13 @@ import torch
 
 from . import runlog, runtime, writing
 from .backends import BACKENDS, Backend, TorchBackend
-from .checkpoint import load_weights
+from .checkpoint import load_model
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
 from .labels import regions_to_labels
-from .model import UNet, output_size, valid_input_size
+from .memory import check_resample
+from .model import output_size, valid_input_size
 from .plan import Plan
 from .preprocess import normalize
 from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
@@ -165,8 +166,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
     fast = runtime.pick_precision(device, "auto")
     if fast.dtype is None or not images or not (run / "model.safetensors").exists():
         return {}
-    model = UNet.from_config(plan.model)
-    load_weights(model, run / "model.safetensors")
+    model = load_model(plan.model, run / "model.safetensors")
     # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
     crops = [im[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))] for im in images[:max_images]]
     labels = {}
@@ -267,6 +267,9 @@ class Segmenter:
         if resample:
             from .resample import resample_image
 
+            # the image and its probabilities at the plan's spacing must fit before they are asked for
+            check_resample(str(image.path or "the image"), image.spatial_shape, image.spacing, d.spacing,
+                           array.shape[0], self.plan.model.num_classes)
             array = resample_image(array.astype(np.float32), image.spacing, d.spacing)
         return self.prepare(array, name=str(image.path or "the image")), resample
 
@@ -307,6 +310,7 @@ class Segmenter:
         probabilities: str | None = None,
         watershed: bool = False,
         roi: str | Path | None = None,
+        mask_format: str | None = None,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -324,6 +328,10 @@ class Segmenter:
         called after each input, the same signature as the tile progress of :meth:`predict`.
         With ``roi`` (a folder of one region-of-interest mask per input, non-zero = inside) every
         pixel outside is written as background: class 0, or foreground probabilities 0.
+        ``mask_format`` ("png", "tif" or "nii.gz", :data:`useg.maskformat.MASK_FORMATS`) writes
+        every mask in that format; a format that cannot hold the run's mask values or the input's
+        dimensions is refused before anything is predicted (without it, masks the input's format
+        cannot hold go to TIFF).
 
         Returns:
             The written paths, in input order.
@@ -336,4 +344,4 @@ class Segmenter:
                         "prediction%s", passes, passes, where)
         return writing.predict_files(self, inputs, out_dir, overwrite=overwrite, progress=progress,
                                      instances=instances, probabilities=probabilities, watershed=watershed,
-                                     roi=roi)
+                                     roi=roi, mask_format=mask_format)

@@ -15,6 +15,7 @@ from .dataset import Case, format_axes
 from .errors import UsegError
 from .io import read_mask
 from .labels import LabelMap
+from .memory import check_resample
 from .roi import ignore_outside, read_roi
 
 NORMALIZATIONS = ("zscore", "zscore_mask", "ct", "none")
@@ -42,6 +43,7 @@ def load_case(case: Case, label_map: LabelMap | None, spacing: Sequence[float] |
     if spacing is not None and not np.allclose(image.spacing, spacing, rtol=1e-3):
         from .resample import resample_image, resample_labels
 
+        check_resample(str(case.image), image.spatial_shape, image.spacing, spacing, image.array.shape[0])
         array = resample_image(array, image.spacing, tuple(spacing))
         if labels is not None:
             labels = resample_labels(labels, array.shape[1:])

@@ -7,6 +7,8 @@ no layer in between repeats their fields as keyword arguments. A leaf: it import
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,3 +68,51 @@ class Overrides:
             object.__setattr__(self, "patch_size", patch)
         if self.regions is not None:
             object.__setattr__(self, "regions", {k: tuple(v) for k, v in dict(self.regions).items()})
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values one numeric field takes: the one rule the command line and the plan both apply.
+
+    The parser (:mod:`useg.cli`) refuses what :meth:`below` says with ``what`` (a value of no sign
+    or kind the field could take); every plan (:mod:`useg.plan`) refuses what :meth:`holds` does
+    not, naming the field and its flag.
+    """
+
+    whole: bool  # whole numbers only
+    low: float  # the smallest value (or its exclusive bound, without low_ok)
+    what: str  # the values in words, for the parser: "a number in [0, 1)"
+    low_ok: bool = True  # low itself is allowed
+    high: float = math.inf  # exclusive upper bound
+
+    def below(self, value: Any) -> bool:
+        """Not finite, or under the lower bound (the parser's share of the rule).
+
+        >>> BOUNDS["lr"].below(0.0), BOUNDS["dropout"].below(1.5)
+        (True, False)
+        """
+        return not math.isfinite(value) or value < self.low or (value == self.low and not self.low_ok)
+
+    def holds(self, value: Any) -> bool:
+        """Of the right kind and within both bounds.
+
+        >>> BOUNDS["dropout"].holds(0.5), BOUNDS["dropout"].holds(1.0), BOUNDS["width"].holds(True)
+        (True, False, False)
+        """
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.whole else numbers.Real):
+            return False
+        return not self.below(value) and value < self.high
+
+
+COUNT = Bound(True, 1, "a whole number >= 1")  # the rule of every size and count
+BOUNDS = {  # plan field -> its rule; the command-line flags of these fields parse with them
+    "width": COUNT,
+    "depth": COUNT,
+    "dropout": Bound(False, 0.0, "a number in [0, 1)", high=1.0),
+    "lr": Bound(False, 0.0, "a positive number", low_ok=False),
+    "seed": Bound(True, 0, "a whole number >= 0"),
+    "workers": Bound(True, -1, "a whole number >= 0, or -1 for automatic"),
+    "epochs": Bound(True, 1, "a whole number of at least 1"),
+    "iters_per_epoch": Bound(True, 1, "a whole number of at least 1"),
+    "batch_size": Bound(True, 1, "a whole number of at least 1"),
+}

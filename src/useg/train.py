@@ -23,7 +23,7 @@ import torch
 from . import runlog, runtime
 from .augment import Augmenter
 from .backends import TorchBackend
-from .checkpoint import load_checkpoint, save_checkpoint, save_model
+from .checkpoint import check_against, expected_shapes, load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
 from .labels import regions_to_labels
 from .losses import SegLoss
@@ -260,6 +260,8 @@ def fit(
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
         with runtime.deterministic_mode(plan.train.deterministic, dev):
+            if resume and (run / "last.safetensors").exists():  # before the network is built
+                check_against(run / "last.safetensors", expected_shapes(plan.model), prefix="model.")
             s = _setup(plan, train_data, run, dist, dev)
             state = _restore_or_start(s, resume)
             # only rank 0 logs and writes

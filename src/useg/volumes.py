@@ -255,9 +255,12 @@ def write_nifti_labels(path: str | Path, labels: np.ndarray, like: Image) -> Pat
     if not is_nifti(path):
         raise ValueError(f"cannot write a NIfTI mask as {path.name!r}; use .nii.gz or .nii")
     labels = np.asarray(labels)
-    hi = int(labels.max(initial=0))
-    small = labels.min(initial=0) >= 0 and hi <= 255
-    out = labels.astype(np.uint8 if small else np.int16 if hi < 32768 else np.int32)
+    hi, lo = int(labels.max(initial=0)), int(labels.min(initial=0))
+    if lo < -(2**31) or hi >= 2**31:  # io.FORMATS says so first; never wrap values silently
+        raise ValueError(f"NIfTI masks hold values {-(2**31)} .. {2**31 - 1}, not {lo} .. {hi}; "
+                         "write them as .tif")
+    small = lo >= 0 and hi <= 255
+    out = labels.astype(np.uint8 if small else np.int16 if -32768 <= lo and hi < 32768 else np.int32)
     return write_nifti(path, out, like)
 
 

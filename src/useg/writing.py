@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from .files import NAME_MAX, NIFTI_SUFFIXES, Image, atomic_path, stem_of, suffix
 from .instances import label_instances
 from .io import write_mask
 from .layouts import paired_mask_folders, read_case_image
+from .maskformat import check_objects, mask_suffix
 from .plan import Plan
 from .roi import background_outside, pair_rois, probabilities_outside, read_roi
 from .tiff import write_tiff
@@ -60,6 +62,7 @@ def predict_files(
     probabilities: str | None = None,
     watershed: bool = False,
     roi: str | Path | None = None,
+    mask_format: str | None = None,
 ) -> list[Path]:
     """Predict each input and write its mask into ``out_dir``: :meth:`useg.predict.Segmenter.predict_files`.
 
@@ -73,7 +76,13 @@ def predict_files(
     if roi is not None and Path(roi).resolve() == out_dir.resolve():  # masks named as the ROI masks
         raise UsegError(f"--out {out_dir} is the --roi folder; predictions would replace the ROI masks, "
                         "choose another --out")
-    targets = output_paths(cases, out_dir, overwrite, probabilities is not None)
+    if mask_format is not None and probabilities:
+        raise UsegError("--mask-format chooses the masks' format and --probabilities writes probability maps "
+                        "(TIFF, or NIfTI for volumes); drop one of them")
+    # the masks' format is decided (or refused) here, before any network call
+    targets = output_paths(cases, out_dir, overwrite, probabilities is not None,
+                           suffix=partial(mask_suffix, plan=segmenter.plan, mask_format=mask_format,
+                                          instances=instances))
     label_map = segmenter.plan.data.label_map
     outside = _outside(cases, roi, probabilities is not None, bool(segmenter.plan.data.regions))
 
@@ -81,7 +90,9 @@ def predict_files(
         if probabilities:
             write_probabilities(target, labels, image, probabilities)
         elif instances:
-            write_mask(target, label_instances(labels, object_class=1, watershed=watershed), like=image)
+            objects = label_instances(labels, object_class=1, watershed=watershed)
+            check_objects(objects, target, image.path or target)  # counted only now: PNG holds 65535
+            write_mask(target, objects, like=image)
         else:
             write_mask(target, labels, like=image, label_map=label_map)
 
@@ -141,13 +152,15 @@ def _outside(cases: Sequence[Case], roi: str | Path | None, probabilities: bool,
     return cut
 
 
-def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool) -> list[Path]:
+def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool,
+                 suffix: Callable[..., str] | None = None) -> list[Path]:
     """One output per case inside ``out_dir``; clashes, inputs and existing files are refused up front.
 
     Names are the case names (never a path outside ``out_dir``) with the input's suffix for
     PNG/TIFF/NIfTI/NRRD/MetaImage (.nhdr -> .nrrd, .mhd -> .mha), ``.nii.gz`` for DICOM series and
     ``.png`` otherwise (JPEG, BMP, GIF, WebP); probability maps are ``<name>_probs.tif``, or
-    ``<name>_probs.nii.gz`` for NIfTI, NRRD and MetaImage inputs (the affine kept).
+    ``<name>_probs.nii.gz`` for NIfTI, NRRD and MetaImage inputs (the affine kept). ``suffix``
+    ``(default, source=...) -> suffix`` may change a mask's suffix (:func:`useg.maskformat.mask_suffix`).
 
     Raises:
         UsegError: ``out_dir`` is a file or a folder of inputs; two cases with the same output; an
@@ -155,12 +168,15 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
             ``overwrite``.
     """
     _refuse_input_folders(cases, out_dir)
+    choose = suffix
     inputs = {p.resolve() for c in cases for p in c.files}
     targets: list[Path] = []
     for c in cases:
         suffix = MASK_OUT_SUFFIX.get(suffix_of(c.image), ".nii.gz" if c.image.is_dir() else ".png")
         if probabilities:
             suffix = "_probs" + (".nii.gz" if suffix in VOLUME_OUT else ".tif")
+        elif choose is not None:
+            suffix = choose(suffix, source=c.image)
         # no separators in the name, so whatever the input names, the output stays in out_dir
         target = out_dir / (c.name.replace("/", "_").replace("\\", "_") + suffix)
         if target in targets:
