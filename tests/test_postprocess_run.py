@@ -152,3 +152,21 @@ def test_three_classes_in_png_and_nifti(tmp_path, dims):
     assert record["min_size_candidates"] == {"1": 5**dims, "2": 3**dims}
     assert record["class_values"] == [0, 1, 2]
     assert record["figures"]["after"]["classes"]["2"] == 1.0
+
+
+def test_pixels_outside_the_roi_are_not_scored(tmp_path):
+    from useg.labels import LabelMap
+    from useg.planner import make_plan
+
+    data = _write_cases(tmp_path / "data", n=2)
+    (tmp_path / "run").mkdir()
+    make_plan(LabelMap((0, 255), "grey"), 1, [SHAPE]).save(tmp_path / "run" / "plan.json")
+    for k in range(2):
+        inside = np.ones(SHAPE, bool)
+        inside[36:, :10] = False  # the blob lies outside
+        _png(data / "roi" / f"c{k}.png", inside * 255)
+    pp, _ = determine_postprocessing(tmp_path / "run", data / "pred", data / "masks")
+    assert pp.largest_foreground  # scored everywhere, the blob is a false positive
+    pp, record = determine_postprocessing(tmp_path / "run", data / "pred", data / "masks", roi=data / "roi")
+    assert pp.is_identity  # outside the ROI it costs nothing, so removing it gains nothing
+    assert record["figures"]["steps"][0]["after"] == record["figures"]["steps"][0]["before"]

@@ -39,6 +39,13 @@ def _number(kind, low: float, low_ok: bool, what: str):
 
 
 _POSITIVE = _number(float, 0.0, False, "a positive number")
+
+
+def _percentile(text: str) -> float:
+    value = _number(float, 0.0, True, "a percentile in [0, 100]")(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"expected a percentile in [0, 100], got {text!r}")
+    return value
 _SEED = _number(int, 0, True, "a whole number >= 0")
 
 
@@ -403,7 +410,7 @@ def _add_postprocess(sub) -> None:
     pp.add_argument("run", help="run folder made by 'useg train'")
     pp.add_argument("--predictions", required=True, help="folder of predicted masks (RUN/cv/predictions)")
     pp.add_argument("--truth", required=True, help="their true masks (or a data folder with masks/)")
-    pp.add_argument("--percentile", type=_number(float, 0.0, True, "a percentile in [0, 100]"), default=1.0,
+    pp.add_argument("--percentile", type=_percentile, default=1.0,
                     help="minimum-size candidate: this percentile of the true object sizes (default 1)")
     pp.add_argument("--tolerance", type=_number(float, 0.0, True, "a number >= 0"), default=1e-4,
                     help="the Dice any class may lose to a kept step (default 0.0001)")

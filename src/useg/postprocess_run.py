@@ -56,6 +56,8 @@ def determine_postprocessing(run: str | Path, predictions_dir: str | Path, truth
     from .evaluate import decoded_pairs
 
     run = Path(run)
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     if not (run / "plan.json").is_file():
         raise UsegError(f"{run} is not a run folder (no plan.json); pass the --out folder of 'useg train'")
     label_map, cases = decoded_pairs(predictions_dir, truth_dir, run=run, roi=roi)
@@ -106,7 +108,12 @@ def read_postprocessing(run: str | Path, num_classes: int | None = None) -> Post
 
 def describe_run(run: str | Path) -> list[str]:
     """Lines for ``useg info RUN``: the recorded post-processing, or that there is none."""
-    pp = read_postprocessing(run)
+    num_classes = None
+    if (Path(run) / "plan.json").is_file():  # checked as Segmenter.load checks it
+        from .plan import Plan  # the plan pulls in torch, which reading a record alone does not need
+
+        num_classes = Plan.load(Path(run) / "plan.json").data.label_map.num_classes
+    pp = read_postprocessing(run, num_classes)
     if pp is None:
         return [f"post-processing: none ({Path(run) / RECORD} does not exist)"]
     return [f"post-processing ({Path(run) / RECORD}, applied by 'useg predict'):",
