@@ -906,6 +906,8 @@ def test_a_damaged_postprocessing_record_is_refused_at_load(text, culprit, train
 
 def test_postprocess_refuses_what_evaluate_refuses(trained, cells_dir, tmp_path, capsys):
     masks = str(cells_dir / "masks")
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "nope is not a run folder" in capsys.readouterr().err
     assert main(["postprocess", str(tmp_path), "--predictions", masks, "--truth", masks]) == 2
     assert "is not a run folder (no plan.json)" in capsys.readouterr().err
     _png(tmp_path / "pred" / "other.png", np.zeros((64, 64), np.uint8))

@@ -108,6 +108,8 @@ def read_postprocessing(run: str | Path, num_classes: int | None = None) -> Post
 
 def describe_run(run: str | Path) -> list[str]:
     """Lines for ``useg info RUN``: the recorded post-processing, or that there is none."""
+    if not Path(run).is_dir():
+        raise UsegError(f"{run} is not a run folder; pass the --out folder of 'useg train'")
     num_classes = None
     if (Path(run) / "plan.json").is_file():  # checked as Segmenter.load checks it
         from .plan import Plan  # the plan pulls in torch, which reading a record alone does not need
