@@ -887,7 +887,8 @@ def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
     ('{"postprocessing": {"min_sizes": {"1": 2.5}}}', "integers >= 1 voxel"),
     ('{"postprocessing": {"largest_classes": [2]}}', "names class 2 but the run has 2 classes"),
     ('{"postprocessing": {"lcc": true}}', "unknown post-processing field"),
-    ('[1, 2]', "postprocessing"),
+    ('[1, 2]', "no 'postprocessing' entry"),
+    ('{"postprocessing": {"largest_classes": "1"}}', "largest_classes must be a list"),
 ])
 def test_a_damaged_postprocessing_record_is_refused_at_load(text, culprit, trained, cells_dir, tmp_path,
                                                             capsys):

@@ -96,11 +96,14 @@ def read_postprocessing(run: str | Path, num_classes: int | None = None) -> Post
     if not path.exists():
         return None
     try:
-        pp = Postprocessing.from_dict(json.loads(path.read_text(encoding="utf-8"))["postprocessing"])
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or "postprocessing" not in record:
+            raise ValueError("no 'postprocessing' entry")
+        pp = Postprocessing.from_dict(record["postprocessing"])
         if num_classes is not None and any(c >= num_classes for c in pp.classes):
             raise ValueError(f"it names class {max(pp.classes)} but the run has {num_classes} classes")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        why = f"no {e} entry" if isinstance(e, KeyError) else str(e) or type(e).__name__
+    except (OSError, ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = str(e) or type(e).__name__
         raise UsegError(f"{path} is not a valid post-processing record ({why}); delete it or write it again "
                         "with 'useg postprocess RUN --predictions DIR --truth DIR'") from None
     return pp
