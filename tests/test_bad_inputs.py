@@ -1370,3 +1370,48 @@ def test_loading_a_case_checks_its_resampled_size_too(cells_dir, tmp_path, monke
     monkeypatch.setattr(useg.memory.logger, "warning", lambda msg, *args: said.append(msg % args))
     check_cases([Record()], (1.0, 1.0, 1.0), limit=2**30)
     assert said and "case 'v9' has voxels of 20x1x1 mm, 20 times the target spacing" in said[0]
+# --- h13-post: post-processing records and their inputs ---------------------------------------
+
+@pytest.mark.parametrize("text, culprit", [
+    ("{", "Expecting property name"),
+    ('{"figures": {}}', "no 'postprocessing' entry"),
+    ('{"postprocessing": {"largest_classes": [0]}}', "integers >= 1"),
+    ('{"postprocessing": {"min_sizes": {"1": 2.5}}}', "integers >= 1 voxel"),
+    ('{"postprocessing": {"largest_classes": [2]}}', "names class 2 but the run has 2 classes"),
+    ('{"postprocessing": {"lcc": true}}', "unknown post-processing field"),
+    ('[1, 2]', "no 'postprocessing' entry"),
+    ('{"postprocessing": {"largest_classes": "1"}}', "largest_classes must be a list"),
+])
+def test_a_damaged_postprocessing_record_is_refused_at_load(text, culprit, trained, cells_dir, tmp_path,
+                                                            capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "postprocessing.json").write_text(text)
+    img = str(cells_dir / "images" / "cell_000.png")
+    assert main(["predict", str(run), img, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'postprocessing.json'} is not a valid post-processing record" in err and culprit in err
+    assert "useg postprocess RUN" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert main(["info", str(run)]) == 2
+    raw = ["predict", str(run), img, "--out", str(tmp_path / "o"), "--no-postprocessing", "--quiet"]
+    assert main(raw) == 0  # the raw masks need no record
+
+
+def test_postprocess_refuses_what_evaluate_refuses(trained, cells_dir, tmp_path, capsys):
+    masks = str(cells_dir / "masks")
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "nope is not a run folder" in capsys.readouterr().err
+    assert main(["postprocess", str(tmp_path), "--predictions", masks, "--truth", masks]) == 2
+    assert "is not a run folder (no plan.json)" in capsys.readouterr().err
+    _png(tmp_path / "pred" / "other.png", np.zeros((64, 64), np.uint8))
+    assert main(["postprocess", str(trained), "--predictions", str(tmp_path / "pred"), "--truth", masks]) == 2
+    assert "no true mask in" in capsys.readouterr().err
+    (tmp_path / "pred" / "other.png").rename(tmp_path / "pred" / "cell_000.png")
+    _png(tmp_path / "pred" / "cell_000.png", np.full((64, 64), 7, np.uint8))
+    assert main(["postprocess", str(trained), "--predictions", str(tmp_path / "pred"), "--truth", masks]) == 2
+    assert "cell_000.png" in capsys.readouterr().err
+    assert not (trained / "postprocessing.json").exists()  # nothing written when refused
+    with pytest.raises(SystemExit) as exit_:
+        main(["postprocess", str(trained), "--predictions", masks, "--truth", masks, "--percentile", "101"])
+    assert exit_.value.code == 2
+    assert "expected a percentile in [0, 100], got '101'" in capsys.readouterr().err

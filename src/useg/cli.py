@@ -48,6 +48,13 @@ def _field(name: str):
     return _number(int if bound.whole else float, bound.low, bound.low_ok, bound.what)
 
 
+def _percentile(text: str) -> float:
+    value = _number(float, 0.0, True, "a percentile in [0, 100]")(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"expected a percentile in [0, 100], got {text!r}")
+    return value
+
+
 def _device(text: str) -> str:
     """A --device value torch knows and this machine has ("auto" is decided later); the text itself."""
     if text != "auto":
@@ -203,7 +210,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if missing:  # before loading the model: a typo should fail at once
         raise UsegError(f"{missing[0]} does not exist; check the path")
     _refuse_idle_predict_options(a)
-    seg = Segmenter.load(a.run, device=a.device, backend=a.backend)
+    seg = Segmenter.load(a.run, device=a.device, backend=a.backend, postprocessing=not a.no_postprocessing)
     changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
     if changes:
         seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
@@ -247,6 +254,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_postprocess(a: argparse.Namespace) -> int:
+    from .postprocess_run import RECORD, determine_postprocessing, format_decision
+
+    _, record = determine_postprocessing(a.run, a.predictions, a.truth, roi=a.roi, percentile=a.percentile,
+                                         tolerance=a.tolerance)
+    print(format_decision(record))
+    print(f"decision and figures: {Path(a.run) / RECORD} (applied by 'useg predict {a.run}')")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -260,6 +277,10 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     for key, value in info().items():
         print(f"{key}: {value}")
+    if a.run is not None:
+        from .postprocess_run import describe_run
+
+        print("\n".join(describe_run(a.run)))
     return 0
 
 
@@ -382,6 +403,8 @@ def _add_predict(sub) -> None:
                     "the mask values)")
     pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                     help="onnxruntime runs the run's model.onnx made by 'useg export'")
+    pr.add_argument("--no-postprocessing", action="store_true",
+                    help="ignore RUN/postprocessing.json (made by 'useg postprocess'): write the raw masks")
     _roi_arg(pr, "pixels outside it are written as background")
     _common(pr)
     pr.set_defaults(fn=cmd_predict)
@@ -420,6 +443,22 @@ def _add_evaluate(sub) -> None:
     ev.set_defaults(fn=cmd_evaluate)
 
 
+def _add_postprocess(sub) -> None:
+    """`useg postprocess`."""
+    pp = sub.add_parser("postprocess", help="choose post-processing from predictions of labelled cases "
+                        "(out-of-fold): RUN/postprocessing.json, applied by predict")
+    pp.add_argument("run", help="run folder made by 'useg train'")
+    pp.add_argument("--predictions", required=True, help="folder of predicted masks (RUN/cv/predictions)")
+    pp.add_argument("--truth", required=True, help="their true masks (or a data folder with masks/)")
+    pp.add_argument("--percentile", type=_percentile, default=1.0,
+                    help="minimum-size candidate: this percentile of the true object sizes (default 1)")
+    pp.add_argument("--tolerance", type=_number(float, 0.0, True, "a number >= 0"), default=1e-4,
+                    help="the Dice any class may lose to a kept step (default 0.0001)")
+    _roi_arg(pp, "only pixels inside it are scored")
+    _common(pp, device=False)
+    pp.set_defaults(fn=cmd_postprocess)
+
+
 def _add_demo(sub) -> None:
     """`useg demo`."""
     d = sub.add_parser("demo", help="train, predict and evaluate on built-in synthetic cells")
@@ -431,7 +470,8 @@ def _add_demo(sub) -> None:
 
 def _add_info(sub) -> None:
     """`useg info`."""
-    i = sub.add_parser("info", help="versions, device, precision and threads")
+    i = sub.add_parser("info", help="versions, device, precision and threads (and a run's post-processing)")
+    i.add_argument("run", nargs="?", help="a run folder: also show its post-processing")
     i.set_defaults(fn=cmd_info, quiet=False)
 
 
@@ -441,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="useg", description="U-Net segmentation for biomedical images.")
     p.add_argument("--version", action="version", version=f"useg {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_check, _add_plan, _add_train, _add_predict, _add_export, _add_evaluate, _add_demo,
-                _add_info):
+    for add in (_add_check, _add_plan, _add_train, _add_predict, _add_export, _add_evaluate, _add_postprocess,
+                _add_demo, _add_info):
         add(sub)  # one function per subcommand, in the order of the data flow
     return p
 

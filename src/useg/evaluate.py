@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from .labels import LabelMap, label_map_of_masks
 from .layouts import plain_folders
 from .metrics import METRICS, evaluate_case
 from .pairing import pair_stems
-from .roi import background_outside, pair_rois, read_roi
+from .roi import background_outside, ignore_outside, pair_rois, read_roi
 from .scores import SCORE_METRICS, ScoreCounts, empty_counts, merge, score_counts, score_metrics
 from .volumes import is_nifti
 
@@ -121,6 +121,43 @@ def evaluate_folders(
         extra["instances"] = instance_rows
     paths = write_metrics(rows, out_dir or pred_dir, extra=extra, summary=summary)
     return summary, paths
+
+
+def decoded_pairs(pred_dir: str | Path, truth_dir: str | Path, run: str | Path | None = None,
+                  labels: Sequence[int] | None = None, roi: str | Path | None = None
+                  ) -> tuple[LabelMap, Iterator[tuple[str, np.ndarray, np.ndarray]]]:
+    """The masks :func:`evaluate_folders` pairs, as class indices, for another consumer
+    (:func:`useg.postprocess_run.determine_postprocessing`).
+
+    Args:
+        pred_dir, truth_dir, run, labels, roi: as :func:`evaluate_folders`.
+
+    Returns:
+        (the label map, an iterator of (case, prediction (*S) int64, truth (*S) int64) read one
+        case at a time; the truth is :data:`useg.roi.IGNORE` outside the ROI).
+
+    Raises:
+        UsegError: as :func:`evaluate_folders`, for the pairing and the label map at once, for a
+            case's shape or values when the iterator reaches it.
+    """
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    if (truth_dir / "masks").is_dir():
+        truth_dir = truth_dir / "masks"
+    pairs = _pairs(pred_dir, truth_dir)
+    rois = _rois(pairs, roi) if roi is not None else {}
+    raw_truth = {t: read_mask(t) for _, t in pairs} if run is None else {}  # a run's map needs no reading
+    label_map = _label_map(raw_truth, truth_dir, run, labels)
+
+    def cases() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for pred_path, truth_path in pairs:
+            raw = raw_truth.pop(truth_path, None) or read_mask(truth_path)
+            truth = label_map.decode(raw[0], path=truth_path)
+            pred, _ = _prediction(pred_path, truth_path, truth, label_map, False)
+            if pred_path in rois:
+                truth = ignore_outside(truth, read_roi(rois[pred_path], truth.shape, truth_path))
+            yield _case_stem(pred_path), pred, truth
+
+    return label_map, cases()
 
 
 def summarize(rows: Sequence[dict]) -> dict:

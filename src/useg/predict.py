@@ -26,6 +26,9 @@ from .labels import regions_to_labels
 from .memory import check_resample
 from .model import output_size, valid_input_size
 from .plan import Plan
+from .postprocess import Postprocessing, apply_postprocessing
+from .postprocess_run import RECORD as POSTPROCESSING_RECORD
+from .postprocess_run import read_postprocessing
 from .preprocess import normalize
 from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
 from .tta import symmetries, tta_average
@@ -206,19 +209,24 @@ class Segmenter:
             change those, e.g. ``dataclasses.replace(seg.plan, infer=...)``.
         backend: the network on its runtime, any :class:`useg.backends.Backend`;
             ``TorchBackend.place(model, plan)`` wraps a PyTorch model.
+        postprocessing: applied to every label output (not to probabilities); what
+            ``run/postprocessing.json`` holds when :meth:`load` read it, None for none.
     """
 
-    def __init__(self, plan: Plan, backend: Backend):
+    def __init__(self, plan: Plan, backend: Backend, postprocessing: Postprocessing | None = None):
         self.plan, self.backend = plan, backend
+        self.postprocessing = postprocessing
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", precision: str = "auto",
-             backend: str = "torch") -> Segmenter:
+             backend: str = "torch", postprocessing: bool = True) -> Segmenter:
         """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read).
 
         ``backend="onnxruntime"`` runs ``run/model.onnx`` from ``useg export`` instead (CPU);
         :data:`useg.backends.BACKENDS` holds every backend. ``precision="auto"`` is fp32 where
         ``run/inference.json`` says the fast path disagreed with fp32 (:func:`check_low_precision`).
+        With ``postprocessing`` the steps of ``run/postprocessing.json`` (``useg postprocess``), when
+        it exists, are applied to every label output; a damaged record is refused.
         """
         run = Path(run)
         runlog.refuse_unloadable(run)  # no folder, no run, or one stopped before its first checkpoint
@@ -226,7 +234,11 @@ class Segmenter:
             raise ValueError(f"backend must be {' or '.join(BACKENDS)}, not {backend!r}")
         if precision == "auto":
             precision = recorded_precision(run)
-        return cls(*BACKENDS[backend](run, device, precision))
+        plan, net = BACKENDS[backend](run, device, precision)
+        pp = read_postprocessing(run, plan.data.label_map.num_classes) if postprocessing else None
+        if pp is not None and not pp.is_identity:
+            logger.info("post-processing from %s: %s", run / POSTPROCESSING_RECORD, "; ".join(pp.describe()))
+        return cls(plan, net, pp)
 
     @property
     def num_classes(self) -> int:
@@ -250,11 +262,18 @@ class Segmenter:
         return predict_proba(self.backend, self.prepare(array), self.plan, progress)
 
     def predict(self, array: np.ndarray, progress: Progress | None = None) -> np.ndarray:
-        """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model.
+        """Class indices (*S) int64 of an image (C, *S) or (*S) for a single-channel model, after
+        :attr:`postprocessing` (region runs: on the labels decoded from the regions).
 
         Memory stays bounded by a slab of tiles (same padding), whatever the image size.
         """
-        return predict_labels(self.backend, self.prepare(array), self.plan, progress).astype(np.int64)
+        labels = predict_labels(self.backend, self.prepare(array), self.plan, progress)
+        return self.postprocess(labels).astype(np.int64)
+
+    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+        """Labels (*S) after :attr:`postprocessing` (a copy, or ``labels`` itself without steps)."""
+        pp = self.postprocessing
+        return labels if pp is None or pp.is_identity else apply_postprocessing(labels, pp)
 
     def _prepare_image(self, image: Image) -> tuple[np.ndarray, bool]:
         """The network input (C, *S') of an image at the plan's spacing, and whether it was resampled."""
@@ -298,7 +317,7 @@ class Segmenter:
             labels = resample_labels(labels, image.spatial_shape)
         if self.plan.infer.largest_component:
             labels = largest_component(labels)
-        return labels.astype(np.int64)
+        return self.postprocess(labels).astype(np.int64)
 
     def predict_files(
         self,
@@ -332,6 +351,8 @@ class Segmenter:
         every mask in that format; a format that cannot hold the run's mask values or the input's
         dimensions is refused before anything is predicted (without it, masks the input's format
         cannot hold go to TIFF).
+        :attr:`postprocessing` applies to the class masks before they are written, and so to the
+        objects of ``instances``, cut to the ROI after it; probabilities are written as predicted.
 
         Returns:
             The written paths, in input order.
