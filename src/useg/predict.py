@@ -78,7 +78,7 @@ def predict_proba(backend: Backend, image: np.ndarray, plan: Plan,
         # tile starts on the pooling grid, so every tile sees the same max-pooling phase
         return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                               overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress,
-                              align=2**m.depth)
+                              align=2**m.depth, device=backend.device)  # blended where the network runs
     tile = tuple(plan.infer.tile)
     return overlap_tile(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
                         batch_size=plan.infer.batch_size, progress=progress)
@@ -100,7 +100,7 @@ def predict_labels(backend: Backend, image: np.ndarray, plan: Plan,
     if m.padding == "same":
         return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                                      overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
-                                     progress=progress, align=2**m.depth)
+                                     progress=progress, align=2**m.depth, device=backend.device)
     # overlap-tile output tiles do not overlap: each tile's argmax is final, no (K, *S) buffer
     tile = tuple(plan.infer.tile)
     return overlap_tile_labels(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
