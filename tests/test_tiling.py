@@ -544,6 +544,7 @@ def mixing_net(channels: int, classes: int, seed: int = 0):
     return fn
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("shape,tile,overlap,align,batch", [
     ((2, 37, 53), (16, 24), 0.5, 1, 3),
     ((1, 5, 53), (16, 8), 0.5, 1, 2),  # smaller than the tile on axis 0
@@ -563,6 +564,7 @@ def test_device_blend_equals_the_host_stitching(shape, tile, overlap, align, bat
     np.testing.assert_array_equal(labels, ref.argmax(0))
 
 
+@pytest.mark.usefixtures("one_thread")
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), dims=st.sampled_from([2, 3]))
 def test_identity_model_returns_the_image(data, dims):
@@ -580,6 +582,7 @@ def test_identity_model_returns_the_image(data, dims):
     np.testing.assert_array_equal(labels, image.argmax(0))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", [">f4", np.float64, np.int16])
 def test_device_blend_takes_any_numeric_image_read_only(dtype, rng):
     image = (rng.normal(size=(2, 23, 19)) * 50).astype(dtype)
@@ -588,6 +591,7 @@ def test_device_blend_takes_any_numeric_image_read_only(dtype, rng):
     np.testing.assert_allclose(out, image.astype(np.float32), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_device_blend_hands_fn_batches_on_the_device_and_takes_any_output_device(rng):
     seen = []
 

@@ -294,6 +294,7 @@ class Segmenter:
         probabilities: str | None = None,
         watershed: bool = False,
         roi: str | Path | None = None,
+        skip_existing: bool = False,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -311,9 +312,12 @@ class Segmenter:
         called after each input, the same signature as the tile progress of :meth:`predict`.
         With ``roi`` (a folder of one region-of-interest mask per input, non-zero = inside) every
         pixel outside is written as background: class 0, or foreground probabilities 0.
+        With ``skip_existing`` inputs whose output exists (complete: outputs appear by atomic
+        rename) are skipped, the rest predicted. Under torchrun (``RANK``, ``WORLD_SIZE``) each
+        process takes inputs ``RANK, RANK + WORLD_SIZE, ...`` (:mod:`useg.shards`).
 
         Returns:
-            The written paths, in input order.
+            The paths written (by this process), in input order.
         """
         infer = self.plan.infer
         passes = len(symmetries((1, 1, *infer.tile), infer.tta, infer.tta_rotate))
@@ -323,4 +327,4 @@ class Segmenter:
                         "prediction%s", passes, passes, where)
         return writing.predict_files(self, inputs, out_dir, overwrite=overwrite, progress=progress,
                                      instances=instances, probabilities=probabilities, watershed=watershed,
-                                     roi=roi)
+                                     roi=roi, skip_existing=skip_existing)

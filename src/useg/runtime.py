@@ -229,8 +229,20 @@ def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     owner = not td.is_initialized()
     if owner:
-        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        td.init_process_group(process_group_backend(dev))
     return Dist(rank, world, local, owner), dev
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backends: gloo for CPU tensors, and NCCL for CUDA ones on a GPU.
+
+    The small agreements (:func:`any_rank`, validation counts, the loss sums) are CPU tensors even
+    when training on GPUs, and NCCL alone takes only CUDA tensors.
+
+    >>> process_group_backend(torch.device("cuda", 1)), process_group_backend(torch.device("cpu"))
+    ('cpu:gloo,cuda:nccl', 'gloo')
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def all_reduce_sum(values: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -298,6 +310,23 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
             import torch.distributed as td
 
             td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """cuDNN benchmarking inside the block on CUDA, the previous setting afterwards (a no-op elsewhere).
+
+    Training patches and prediction tiles have fixed shapes, so cuDNN times its convolution
+    algorithms once per shape and keeps the fastest. :func:`deterministic_mode` inside the block
+    switches it off again (benchmarking picks algorithms by timing, which is not repeatable).
+    """
+    saved = torch.backends.cudnn.benchmark
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextlib.contextmanager

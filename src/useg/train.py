@@ -259,7 +259,7 @@ def fit(
     with runtime.global_state(device) as (dist, dev):
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
-        with runtime.deterministic_mode(plan.train.deterministic, dev):
+        with runtime.cudnn_autotune(dev), runtime.deterministic_mode(plan.train.deterministic, dev):
             s = _setup(plan, train_data, run, dist, dev)
             state = _restore_or_start(s, resume)
             # only rank 0 logs and writes
