@@ -46,7 +46,8 @@ def test_torchrun_predict_splits_the_files_and_writes_each_once(cells_dir, tmp_p
 
     run, out = tmp_path / "run", tmp_path / "out"
     run.mkdir()
-    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)], overrides=Overrides(model={"width": 4, "depth": 2}))
+    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)],
+                     overrides=Overrides(model={"width": 4, "depth": 2}))
     plan.save(run / "plan.json")
     torch.manual_seed(0)
     save_model(UNet.from_config(plan.model), run / "model.safetensors")

@@ -125,9 +125,10 @@ def test_continue_predicts_only_what_is_missing(run, images, tmp_path, monkeypat
 def test_cli_continue(run, images, tmp_path, capsys):
     out = tmp_path / "o"
     folder = str(images[0].parent)
-    assert main(["predict", str(run), folder, "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    args = ["predict", str(run), folder, "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
     (out / images[1].name).unlink()
-    assert main(["predict", str(run), folder, "--out", str(out), "--device", "cpu", "--quiet", "--continue"]) == 0
+    assert main([*args, "--continue"]) == 0
     assert "wrote 1 mask(s)" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [p.name for p in images]
 
