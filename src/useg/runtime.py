@@ -279,7 +279,7 @@ def replicas_in_sync(model: torch.nn.Module, dist: Dist) -> bool:
 
 
 @contextlib.contextmanager
-def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+def global_state(device: str = "auto", barrier: bool = True) -> Iterator[tuple[Dist, torch.device]]:
     """Join the torchrun job, set the thread count, and put both back afterwards, even on an error.
 
     On the CPU each process takes its share of the cores (all of them without torchrun); on other
@@ -290,6 +290,9 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
 
     Args:
         device: "auto", "cpu", "cuda", ... as for :func:`pick_device`.
+        barrier: wait for every rank before leaving; ranks that share nothing at the end (each
+            writes its own predictions) pass False, so a rank done early never waits out the
+            process group's timeout for a slow one.
 
     Yields:
         (the process's :class:`Dist`, the device it uses), as :func:`init_distributed` returns them.
@@ -300,7 +303,7 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
         dist, dev = init_distributed(device)
         set_threads(max(1, cpu_count() // dist.world) if dev.type == "cpu" else None)
         yield dist, dev
-        if dist.owner:
+        if dist.owner and barrier:
             import torch.distributed as td
 
             td.barrier()

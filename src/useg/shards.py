@@ -12,7 +12,7 @@ no two ranks ever write the same file, and the exclusive claim of each output
 * whether an output already exists, by its owner only (another rank may be writing its own
   meanwhile), then :func:`agree`: under a process group every rank learns whether any rank
   refused, before any rank writes (one all-reduce of a flag, the only collective besides the
-  final barrier), so a refusal stops the whole job with nothing written. Without a process
+  join), so a refusal stops the whole job with nothing written. Without a process
   group (``RANK`` / ``WORLD_SIZE`` set by another launcher, or by hand) each rank refuses alone.
 
 With ``skip_existing`` (``useg predict --continue``) an output that exists is complete (outputs
@@ -119,14 +119,16 @@ def agree(problem: str | None, shard: Shard) -> None:
 @contextlib.contextmanager
 def joined(device: str = "auto") -> Iterator[str]:
     """Inside a torchrun job (``WORLD_SIZE`` > 1 and its rendezvous ``MASTER_ADDR``): join its process
-    group, with this rank's device (``cuda:LOCAL_RANK``) or its share of the CPU threads, and wait
-    for every rank at the end (:func:`useg.runtime.global_state`). Otherwise nothing changes.
+    group (for :func:`agree`), with this rank's device (``cuda:LOCAL_RANK``) or its share of the CPU
+    threads (:func:`useg.runtime.global_state`). Otherwise nothing changes. There is no barrier at
+    the end: each rank's outputs are its own, and a rank whose share was done already (``--continue``)
+    must not wait hours, past the group's timeout, for the others; torchrun waits for them all.
 
     Yields:
         The device to predict on, as a name for :meth:`useg.predict.Segmenter.load`.
     """
     if current().world > 1 and "MASTER_ADDR" in os.environ:
-        with runtime.global_state(device) as (_, dev):
+        with runtime.global_state(device, barrier=False) as (_, dev):
             yield str(dev)
     else:
         yield device
