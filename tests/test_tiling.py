@@ -591,15 +591,22 @@ def test_device_blend_takes_any_numeric_image_read_only(dtype, rng):
     np.testing.assert_allclose(out, image.astype(np.float32), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_device_blend_hands_fn_batches_on_the_device_and_takes_any_output_device(rng):
+def test_device_blend_hands_fn_batches_on_the_device_with_every_thread(rng):
     seen = []
+    threads = torch.get_num_threads()
 
     def fn(batch):
-        seen.append((batch.device.type, batch.dtype, batch.is_contiguous()))
+        seen.append((batch.device.type, batch.dtype, batch.is_contiguous(), torch.get_num_threads()))
         return batch.numpy()  # a backend may answer in numpy
 
     image = rng.normal(size=(1, 30, 30)).astype(np.float32)
     out = sliding_window(fn, image, (16, 16), 1, overlap=0.5, batch_size=2, device="cpu")
     np.testing.assert_allclose(out, image, rtol=1e-5, atol=1e-6)
-    assert set(seen) == {("cpu", torch.float32, True)}
+    assert set(seen) == {("cpu", torch.float32, True, threads)}  # the stitching alone runs on one thread
+
+    def broken(batch):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sliding_window_labels(broken, image, (16, 16), 1)
+    assert torch.get_num_threads() == threads
