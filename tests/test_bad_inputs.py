@@ -1415,3 +1415,23 @@ def test_postprocess_refuses_what_evaluate_refuses(trained, cells_dir, tmp_path,
         main(["postprocess", str(trained), "--predictions", masks, "--truth", masks, "--percentile", "101"])
     assert exit_.value.code == 2
     assert "expected a percentile in [0, 100], got '101'" in capsys.readouterr().err
+# --- h11-gpu: --continue, and torchrun's environment ------------------------------------------------------
+
+
+def test_continue_and_overwrite_together_are_refused(trained, cells_dir, tmp_path, capsys):
+    img = str(cells_dir / "images" / "cell_000.png")
+    argv = ["predict", str(trained), img, "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*argv, "--continue", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite replaces the masks already in --out and --continue keeps them" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_rank_environment_is_refused(trained, cells_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    img = str(cells_dir / "images" / "cell_000.png")
+    argv = ["predict", str(trained), img, "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "RANK=2 and WORLD_SIZE=2 in the environment" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -29,3 +29,40 @@ def test_torchrun_two_cpu_processes(cells_dir, tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone wrote it
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert load_file(str(run / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- sharded predict (h11-gpu)
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_predict_splits_the_files_and_writes_each_once(cells_dir, tmp_path):
+    import torch
+
+    from useg.checkpoint import save_model
+    from useg.labels import LabelMap
+    from useg.model import UNet
+    from useg.planner import make_plan
+    from useg.spec import Overrides
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)],
+                     overrides=Overrides(model={"width": 4, "depth": 2}))
+    plan.save(run / "plan.json")
+    torch.manual_seed(0)
+    save_model(UNet.from_config(plan.model), run / "model.safetensors")
+    images = sorted((cells_dir / "images").iterdir())
+    out.mkdir()
+    (out / images[3].name).write_bytes(b"old")  # rank 1's: refused on rank 1, so rank 0 writes nothing either
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "useg",
+           "predict", str(run), str(cells_dir / "images"), "--out", str(out), "--device", "cpu", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode != 0 and f"{images[3].name} already exists" in proc.stderr, proc.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == [images[3].name]  # the agreement came before any write
+    proc = subprocess.run([*cmd, "--continue"], env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 3 mask(s)" in proc.stdout and "(rank 0 of 2)" in proc.stdout, proc.stdout
+    assert "wrote 2 mask(s)" in proc.stdout and "(rank 1 of 2)" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in images]  # each once, no temporaries
+    assert (out / images[3].name).read_bytes() == b"old"  # kept by --continue

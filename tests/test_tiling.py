@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from useg.tiling import (
@@ -506,3 +510,103 @@ def test_overlap_tile_labels_memory_is_labels_plus_a_batch():
     full = peak(lambda: overlap_tile(fn, image, in_tile, out_tile, k, batch_size=2).argmax(0))
     assert full > buffer
     assert streamed < buffer / 3, (streamed, buffer)
+
+
+# ------------------------------------------------------------------------- blending on the device (h11-gpu)
+
+
+def host_blend(fn, image, tile, num_classes, overlap, batch_size, align):
+    """The host stitching the device accumulator replaced: every tile into one padded numpy buffer."""
+    from useg.tiling import _cut, _window_grid
+
+    spatial, tile, padded, before, grid, weights = _window_grid(image, tile, num_classes, overlap, batch_size,
+                                                                align=align)
+    acc = np.zeros((num_classes, *padded), np.float32)
+    wsum = np.zeros(padded, np.float32)
+    for start in itertools.product(*grid):
+        window = [s - b for s, b in zip(start, before)]
+        pred = fn(torch.from_numpy(_cut(image, window, tile)[None]))[0].numpy()
+        region = tuple(slice(s, s + t) for s, t in zip(start, tile))
+        acc[(slice(None), *region)] += pred * weights
+        wsum[region] += weights
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    return (acc / wsum)[(slice(None), *crop)]
+
+
+def mixing_net(channels: int, classes: int, seed: int = 0):
+    """A position-dependent stand-in network: a 1x1 mix plus a tile-wide mean, then a softmax."""
+    proj = torch.from_numpy(np.random.default_rng(seed).normal(size=(classes, channels)).astype(np.float32))
+
+    def fn(batch):
+        scores = torch.einsum("kc,bc...->bk...", proj, batch)
+        return (scores + scores.mean(dim=tuple(range(2, scores.dim())), keepdim=True)).softmax(1)
+
+    return fn
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("shape,tile,overlap,align,batch", [
+    ((2, 37, 53), (16, 24), 0.5, 1, 3),
+    ((1, 5, 53), (16, 8), 0.5, 1, 2),  # smaller than the tile on axis 0
+    ((1, 1, 7), (4, 4), 0.25, 1, 1),  # a single-voxel axis
+    ((2, 45, 31), (16, 16), 0.5, 8, 4),  # aligned starts, unaligned flush last one
+    ((1, 9, 20, 31), (8, 8, 12), 0.5, 1, 3),
+    ((2, 3, 21, 17), (8, 8, 8), 0.25, 1, 5),
+    ((1, 19, 23, 13), (8, 8, 8), 0.5, 4, 2),
+])
+def test_device_blend_equals_the_host_stitching(shape, tile, overlap, align, batch):
+    image = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    fn = mixing_net(shape[0], 3)
+    ref = host_blend(fn, image, tile, 3, overlap, batch, align)
+    probs = sliding_window(fn, image, tile, 3, overlap=overlap, batch_size=batch, align=align)
+    np.testing.assert_allclose(probs, ref, rtol=1e-6, atol=1e-7)
+    labels = sliding_window_labels(fn, image, tile, 3, overlap=overlap, batch_size=batch, align=align)
+    np.testing.assert_array_equal(labels, ref.argmax(0))
+
+
+@pytest.mark.usefixtures("one_thread")
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), dims=st.sampled_from([2, 3]))
+def test_identity_model_returns_the_image(data, dims):
+    """Property: blending an identity network's tiles gives the image back, whatever the layout."""
+    shape = tuple(data.draw(st.integers(1, 29 if dims == 2 else 13), label="size") for _ in range(dims))
+    tile = tuple(data.draw(st.integers(1, 12 if dims == 2 else 6), label="tile") for _ in range(dims))
+    overlap = data.draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]), label="overlap")
+    align = data.draw(st.sampled_from([1, 2, 4]), label="align")
+    align = min(align, *tile)
+    batch = data.draw(st.integers(1, 5), label="batch")
+    image = np.random.default_rng(sum(shape)).normal(size=(2, *shape)).astype(np.float32)
+    out = sliding_window(identity, image, tile, 2, overlap=overlap, batch_size=batch, align=align)
+    np.testing.assert_allclose(out, image, rtol=1e-5, atol=1e-6)
+    labels = sliding_window_labels(identity, image, tile, 2, overlap=overlap, batch_size=batch, align=align)
+    np.testing.assert_array_equal(labels, image.argmax(0))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("dtype", [">f4", np.float64, np.int16])
+def test_device_blend_takes_any_numeric_image_read_only(dtype, rng):
+    image = (rng.normal(size=(2, 23, 19)) * 50).astype(dtype)
+    image.flags.writeable = False  # a memory-mapped image: read, never written
+    out = sliding_window(identity, image, (8, 8), 2, overlap=0.5, batch_size=2)
+    np.testing.assert_allclose(out, image.astype(np.float32), rtol=1e-5, atol=1e-4)
+
+
+def test_device_blend_hands_fn_batches_on_the_device_with_every_thread(rng):
+    seen = []
+    threads = torch.get_num_threads()
+
+    def fn(batch):
+        seen.append((batch.device.type, batch.dtype, batch.is_contiguous(), torch.get_num_threads()))
+        return batch.numpy()  # a backend may answer in numpy
+
+    image = rng.normal(size=(1, 30, 30)).astype(np.float32)
+    out = sliding_window(fn, image, (16, 16), 1, overlap=0.5, batch_size=2, device="cpu")
+    np.testing.assert_allclose(out, image, rtol=1e-5, atol=1e-6)
+    assert set(seen) == {("cpu", torch.float32, True, threads)}  # the stitching alone runs on one thread
+
+    def broken(batch):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sliding_window_labels(broken, image, (16, 16), 1)
+    assert torch.get_num_threads() == threads

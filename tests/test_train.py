@@ -257,3 +257,64 @@ def test_a_plan_of_no_step_is_refused(field, flag, value, tmp_path):
 
     with pytest.raises(UsegError, match="is not a useg plan.*at least 1"):
         Plan.load(tmp_path / "plan.json")
+
+
+# --- the step never waits for the device; the loss is read every SYNC_EVERY steps (h11-gpu) --------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_step_reads_nothing_back_from_the_device(monkeypatch):
+    """On CUDA a host read (.item(), float(), bool() of a tensor) stalls the queue; none in the step."""
+    from useg import runtime
+    from useg.losses import SegLoss
+    from useg.model import UNet
+    from useg.train import train_step
+
+    images, labels = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images],
+                     overrides=Overrides(model={"width": 4, "depth": 2}))
+    net = UNet.from_config(plan.model).train()
+    optimizer = torch.optim.AdamW(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.from_numpy(np.stack([images[0][:, :32, :32]] * 2))
+    y = torch.from_numpy(np.stack([labels[0][:32, :32]] * 2))
+
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(t, *args, **kwargs):
+            # AdamW's step counters live on the host even for CUDA parameters: reading them is free
+            if not any(t is state.get("step") for state in optimizer.state.values()):
+                raise AssertionError(f"Tensor.{name} inside train_step would wait for the device")
+            return real(t, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    cpu = torch.device("cpu")
+    fp32 = runtime.pick_precision(cpu, "fp32")
+    loss = train_step(net, x, y, None, SegLoss("dice_ce"), optimizer, scaler, cpu, fp32)
+    monkeypatch.undo()
+    assert loss.requires_grad is False and np.isfinite(float(loss))
+
+
+def test_the_loss_is_read_and_checked_every_sync_every_steps_and_at_the_epoch_end(tmp_path, monkeypatch):
+    from useg import train
+
+    checks = []
+    real = train._stop_if_diverged
+
+    def spy(s, state, loss, agreed=False):
+        checks.append((state.step, agreed))
+        real(s, state, loss, agreed)
+
+    monkeypatch.setattr(train, "_stop_if_diverged", spy)
+    monkeypatch.setattr(train.runtime, "cpu_count", lambda: 1)  # tiny convs: one thread on a loaded CPU
+    images, labels = _tiny()
+    plan = make_plan(LabelMap((0, 1), "grey"), 1, [i.shape[1:] for i in images], overrides=Overrides(
+        model={"width": 4, "depth": 2}, train={"epochs": 1, "iters_per_epoch": 11, "batch_size": 1},
+        patch_size=(32, 32)))
+    fit(plan, (images, labels), ([], []), tmp_path / "run", device="cpu", quiet=True)
+    every = train.SYNC_EVERY
+    assert checks == [*((k, False) for k in range(every, 11 + 1, every)), (11, True)]

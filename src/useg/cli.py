@@ -203,6 +203,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
+    from . import runtime, shards
     from .dataset import prediction_inputs
     from .predict import Segmenter
 
@@ -210,18 +211,22 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if missing:  # before loading the model: a typo should fail at once
         raise UsegError(f"{missing[0]} does not exist; check the path")
     _refuse_idle_predict_options(a)
-    seg = Segmenter.load(a.run, device=a.device, backend=a.backend, postprocessing=not a.no_postprocessing)
-    changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
-    if changes:
-        seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
-    files = prediction_inputs(a.inputs, seg.plan.data.channel_names)
-    with Progress(disable=a.quiet) as progress:
-        task = progress.add_task("predict", total=len(files))
-        written = seg.predict_files(files, a.out, overwrite=a.overwrite, instances=a.instances,
-                                    probabilities=a.probabilities, watershed=a.watershed, roi=a.roi,
-                                    mask_format=a.mask_format,
-                                    progress=lambda done, _total: progress.update(task, completed=done))
-    print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}")
+    with shards.joined(a.device) as device:  # under torchrun: this rank's GPU or CPU share, its inputs
+        seg = Segmenter.load(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing)
+        changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
+        if changes:
+            seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
+        files = prediction_inputs(a.inputs, seg.plan.data.channel_names)
+        shard = shards.current()
+        autotune = runtime.cudnn_autotune(seg.backend.device)
+        with Progress(disable=a.quiet or shard.rank > 0) as progress, autotune:
+            task = progress.add_task("predict", total=len(files))
+            written = seg.predict_files(
+                files, a.out, overwrite=a.overwrite, instances=a.instances, probabilities=a.probabilities,
+                watershed=a.watershed, roi=a.roi, mask_format=a.mask_format, skip_existing=a.skip_existing,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
+    where = f" (rank {shard.rank} of {shard.world})" if shard.world > 1 else ""
+    print(f"wrote {len(written)} {'instance ' if a.instances else ''}mask(s) to {a.out}{where}")
     return 0
 
 
@@ -230,6 +235,9 @@ def _refuse_idle_predict_options(a: argparse.Namespace) -> None:
     if a.watershed and not a.instances:
         raise UsegError("--watershed splits instance masks and needs --instances; add --instances or "
                         "drop --watershed")
+    if a.overwrite and a.skip_existing:
+        raise UsegError("--overwrite replaces the masks already in --out and --continue keeps them, not "
+                        "both; choose one")
     if a.instances and a.probabilities:
         raise UsegError("--instances writes object ids and --probabilities writes class probabilities, "
                         "not both; choose one (run predict twice into two --out folders for both)")
@@ -389,6 +397,8 @@ def _add_predict(sub) -> None:
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--out", required=True, help="folder for the masks")
     pr.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    pr.add_argument("--continue", dest="skip_existing", action="store_true",
+                    help="keep the masks already in --out (they are complete) and predict the rest")
     pr.add_argument("--tta", action="store_true", help="average over flips (slower, a little better)")
     pr.add_argument("--lcc", dest="largest_component", action="store_true",
                     help="keep only the largest connected component of each class")

@@ -82,7 +82,7 @@ def predict_proba(backend: Backend, image: np.ndarray, plan: Plan,
         # tile starts on the pooling grid, so every tile sees the same max-pooling phase
         return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                               overlap=plan.infer.overlap, batch_size=plan.infer.batch_size, progress=progress,
-                              align=2**m.depth)
+                              align=2**m.depth, device=backend.device)  # blended where the network runs
     tile = tuple(plan.infer.tile)
     return overlap_tile(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
                         batch_size=plan.infer.batch_size, progress=progress)
@@ -104,7 +104,7 @@ def predict_labels(backend: Backend, image: np.ndarray, plan: Plan,
     if m.padding == "same":
         return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                                      overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
-                                     progress=progress, align=2**m.depth)
+                                     progress=progress, align=2**m.depth, device=backend.device)
     # overlap-tile output tiles do not overlap: each tile's argmax is final, no (K, *S) buffer
     tile = tuple(plan.infer.tile)
     return overlap_tile_labels(fn, image, tile, output_size(tile, m.depth, m.padding), m.num_classes,
@@ -330,6 +330,7 @@ class Segmenter:
         watershed: bool = False,
         roi: str | Path | None = None,
         mask_format: str | None = None,
+        skip_existing: bool = False,
     ) -> list[Path]:
         """Predict each input file and write its mask into ``out_dir`` in the training masks' encoding.
 
@@ -353,9 +354,12 @@ class Segmenter:
         cannot hold go to TIFF).
         :attr:`postprocessing` applies to the class masks before they are written, and so to the
         objects of ``instances``, cut to the ROI after it; probabilities are written as predicted.
+        With ``skip_existing`` inputs whose output exists (complete: outputs appear by atomic
+        rename) are skipped, the rest predicted. Under torchrun (``RANK``, ``WORLD_SIZE``) each
+        process takes inputs ``RANK, RANK + WORLD_SIZE, ...`` (:mod:`useg.shards`).
 
         Returns:
-            The written paths, in input order.
+            The paths written (by this process), in input order.
         """
         infer = self.plan.infer
         passes = len(symmetries((1, 1, *infer.tile), infer.tta, infer.tta_rotate))
@@ -365,4 +369,4 @@ class Segmenter:
                         "prediction%s", passes, passes, where)
         return writing.predict_files(self, inputs, out_dir, overwrite=overwrite, progress=progress,
                                      instances=instances, probabilities=probabilities, watershed=watershed,
-                                     roi=roi, mask_format=mask_format)
+                                     roi=roi, mask_format=mask_format, skip_existing=skip_existing)

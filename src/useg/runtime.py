@@ -229,8 +229,20 @@ def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     owner = not td.is_initialized()
     if owner:
-        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        td.init_process_group(process_group_backend(dev))
     return Dist(rank, world, local, owner), dev
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backends: gloo for CPU tensors, and NCCL for CUDA ones on a GPU.
+
+    The small agreements (:func:`any_rank`, validation counts, the loss sums) are CPU tensors even
+    when training on GPUs, and NCCL alone takes only CUDA tensors.
+
+    >>> process_group_backend(torch.device("cuda", 1)), process_group_backend(torch.device("cpu"))
+    ('cpu:gloo,cuda:nccl', 'gloo')
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def all_reduce_sum(values: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -267,7 +279,7 @@ def replicas_in_sync(model: torch.nn.Module, dist: Dist) -> bool:
 
 
 @contextlib.contextmanager
-def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+def global_state(device: str = "auto", barrier: bool = True) -> Iterator[tuple[Dist, torch.device]]:
     """Join the torchrun job, set the thread count, and put both back afterwards, even on an error.
 
     On the CPU each process takes its share of the cores (all of them without torchrun); on other
@@ -278,6 +290,9 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
 
     Args:
         device: "auto", "cpu", "cuda", ... as for :func:`pick_device`.
+        barrier: wait for every rank before leaving; ranks that share nothing at the end (each
+            writes its own predictions) pass False, so a rank done early never waits out the
+            process group's timeout for a slow one.
 
     Yields:
         (the process's :class:`Dist`, the device it uses), as :func:`init_distributed` returns them.
@@ -288,7 +303,7 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
         dist, dev = init_distributed(device)
         set_threads(max(1, cpu_count() // dist.world) if dev.type == "cpu" else None)
         yield dist, dev
-        if dist.owner:
+        if dist.owner and barrier:
             import torch.distributed as td
 
             td.barrier()
@@ -298,6 +313,23 @@ def global_state(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
             import torch.distributed as td
 
             td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """cuDNN benchmarking inside the block on CUDA, the previous setting afterwards (a no-op elsewhere).
+
+    Training patches and prediction tiles have fixed shapes, so cuDNN times its convolution
+    algorithms once per shape and keeps the fastest. :func:`deterministic_mode` inside the block
+    switches it off again (benchmarking picks algorithms by timing, which is not repeatable).
+    """
+    saved = torch.backends.cudnn.benchmark
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextlib.contextmanager

@@ -37,6 +37,9 @@ from .roi import IGNORE
 logger = logging.getLogger(__name__)
 
 GRAD_CLIP = 12.0  # nnU-Net clips the gradient norm at 12; it tames early AdamW spikes too
+# Steps between the host's reads of the running loss (for the bar and the NaN check): on CUDA a
+# read waits for the queued kernels, so the step itself never reads anything back.
+SYNC_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,9 @@ def train_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                precision: runtime.Precision) -> torch.Tensor:
     """One optimizer step: forward under autocast, loss in fp32, scaled backward, gradient norm
-    clipped at :data:`GRAD_CLIP`. Returns the detached loss without a host sync.
+    clipped at :data:`GRAD_CLIP`. Returns the detached loss without a host sync: nothing is read back
+    from the device (only fp16's gradient scaler must read whether a gradient overflowed; bf16 and
+    fp32 need no scaler).
 
     Args:
         net: the network (or its DDP wrapper), in train mode.
@@ -259,7 +264,7 @@ def fit(
     with runtime.global_state(device) as (dist, dev):
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
-        with runtime.deterministic_mode(plan.train.deterministic, dev):
+        with runtime.cudnn_autotune(dev), runtime.deterministic_mode(plan.train.deterministic, dev):
             if resume and (run / "last.safetensors").exists():  # before the network is built
                 check_against(run / "last.safetensors", expected_shapes(plan.model), prefix="model.")
             s = _setup(plan, train_data, run, dist, dev)
@@ -372,7 +377,7 @@ def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]
         running += train_step(s.net, x, y, w, s.loss_fn, s.optimizer, s.scaler, s.dev, s.prec)
         count += 1
         state.step += 1
-        if count % 5 == 0:  # .item() syncs with the device: only now and then
+        if count % SYNC_EVERY == 0:  # reading the loss waits for the device: only now and then
             loss = float(running) / count
             _stop_if_diverged(s, state, loss)
             clock.bar.update(completed=state.step, loss=loss)
@@ -388,7 +393,9 @@ def _run_epoch(s: _Setup, state: LoopState, clock: _Clock) -> tuple[float, bool]
 
 
 def _stop_if_diverged(s: _Setup, state: LoopState, loss: float, agreed: bool = False) -> None:
-    """Stop at a NaN or infinite loss (checked where the loss is synced anyway, not every step).
+    """Stop at a NaN or infinite loss, checked where the loss is read anyway: every
+    :data:`SYNC_EVERY` steps and at the epoch's end (so at most ``SYNC_EVERY - 1`` steps run on a
+    diverged model, and nothing diverged is ever saved: saving comes after the epoch's check).
 
     ``agreed``: every rank holds the same ``loss`` (summed over ranks), so no collective is needed
     for all of them to stop together.

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import shards
 from .dataset import Case
 from .errors import UsegError
 from .files import NAME_MAX, NIFTI_SUFFIXES, Image, atomic_path, stem_of, suffix_of
@@ -63,11 +64,15 @@ def predict_files(
     watershed: bool = False,
     roi: str | Path | None = None,
     mask_format: str | None = None,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Predict each input and write its mask into ``out_dir``: :meth:`useg.predict.Segmenter.predict_files`.
 
+    Under torchrun (``RANK`` / ``WORLD_SIZE``) this process predicts its share of the inputs only
+    (:mod:`useg.shards`); with ``skip_existing`` inputs whose output exists are skipped.
+
     Returns:
-        The written paths, in input order.
+        The paths this process wrote, in input order.
     """
     out_dir = Path(out_dir)
     if probabilities not in (None, *PROBABILITY_DTYPES):
@@ -82,9 +87,10 @@ def predict_files(
     # the masks' format is decided (or refused) here, before any network call
     targets = output_paths(cases, out_dir, overwrite, probabilities is not None,
                            suffix=partial(mask_suffix, plan=segmenter.plan, mask_format=mask_format,
-                                          instances=instances))
+                                          instances=instances), existing=False)
     label_map = segmenter.plan.data.label_map
     outside = _outside(cases, roi, probabilities is not None, bool(segmenter.plan.data.regions))
+    todo = shards.pending(targets, shards.current(), overwrite, skip_existing)  # this rank's, not yet there
 
     def encode(target: Path, labels: np.ndarray, image: Image) -> None:
         if probabilities:
@@ -111,19 +117,19 @@ def predict_files(
     # one (file I/O and compression release the GIL); at most one read and one write are queued.
     written: list[Path] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reading = pool.submit(read_case_image, cases[0].files) if cases else None
+        reading = pool.submit(read_case_image, cases[todo[0]].files) if todo else None
         writing = None
-        for i, target in enumerate(targets):
+        for n, i in enumerate(todo):
             image = reading.result()
-            reading = pool.submit(read_case_image, cases[i + 1].files) if i + 1 < len(cases) else None
+            reading = pool.submit(read_case_image, cases[todo[n + 1]].files) if n + 1 < len(todo) else None
             labels = segmenter.predict_image_proba(image) if probabilities else segmenter.predict_image(image)
             if outside is not None:
                 labels = outside(cases[i], labels, image)
             if writing is not None:
                 written.append(writing.result())
-            writing = pool.submit(write, target, labels, image)
+            writing = pool.submit(write, targets[i], labels, image)
             if progress is not None:
-                progress(i + 1, len(cases))
+                progress(n + 1, len(todo))
         if writing is not None:
             written.append(writing.result())
     return written
@@ -153,7 +159,7 @@ def _outside(cases: Sequence[Case], roi: str | Path | None, probabilities: bool,
 
 
 def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabilities: bool,
-                 suffix: Callable[..., str] | None = None) -> list[Path]:
+                 suffix: Callable[..., str] | None = None, *, existing: bool = True) -> list[Path]:
     """One output per case inside ``out_dir``; clashes, inputs and existing files are refused up front.
 
     Names are the case names (never a path outside ``out_dir``) with the input's suffix for
@@ -165,7 +171,8 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
     Raises:
         UsegError: ``out_dir`` is a file or a folder of inputs; two cases with the same output; an
             output that is an input, a folder, longer than the file-name limit, or exists without
-            ``overwrite``.
+            ``overwrite`` (checked only with ``existing``: :func:`predict_files` leaves that to
+            :func:`useg.shards.pending`, rank by rank).
     """
     _refuse_input_folders(cases, out_dir)
     choose = suffix
@@ -190,7 +197,7 @@ def output_paths(cases: Sequence[Case], out_dir: Path, overwrite: bool, probabil
         if target.is_dir():
             raise UsegError(f"{target} is a folder, so the output for {c.image} cannot be written there; "
                             "move or rename it, or choose another --out")
-        if target.exists() and not overwrite:
+        if existing and target.exists() and not overwrite:
             raise UsegError(f"{target} already exists; pass --overwrite or choose another --out")
         targets.append(target)
     return targets
