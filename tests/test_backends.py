@@ -124,9 +124,10 @@ def test_region_plans_get_a_sigmoid_per_region():
 
 
 def test_the_backend_table_names_every_backend(tmp_path):
-    assert set(BACKENDS) == {"torch", "onnxruntime"}
+    assert set(BACKENDS) == {"torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
+                             "onnxruntime", "openvino"}
     run = _run(tmp_path / "run")
-    with pytest.raises(ValueError, match="backend must be torch or onnxruntime"):
+    with pytest.raises(ValueError, match="backend must be one of torch, torch-fp32, .*openvino"):
         Segmenter.load(run, backend="tflite")
     with pytest.raises(UsegError, match="useg export"):
         Segmenter.load(run, backend="onnxruntime")

@@ -162,14 +162,14 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
+    from .autotune import load_segmenter
     from .dataset import prediction_inputs
-    from .predict import Segmenter
 
     missing = [p for p in a.inputs if not Path(p).exists()]
     if missing:  # before loading the model: a typo should fail at once
         raise UsegError(f"{missing[0]} does not exist; check the path")
     _refuse_idle_predict_options(a)
-    seg = Segmenter.load(a.run, device=a.device, backend=a.backend)
+    seg = load_segmenter(a.run, device=a.device, backend=a.backend)
     changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
     if changes:
         seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
@@ -225,6 +225,10 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     for key, value in info().items():
         print(f"{key}: {value}")
+    if a.run is not None:  # the run's backends timed on this machine (measured now unless cached)
+        from .autotune import info_table
+
+        print(info_table(a.run))
     return 0
 
 
@@ -340,8 +344,12 @@ def _add_predict(sub) -> None:
                     help="with --instances: split touching objects by a seeded watershed on the distance map")
     pr.add_argument("--probabilities", choices=["float16", "uint8"],
                     help="write class probabilities (NAME_probs.tif or .nii.gz) instead of masks")
-    pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                    help="onnxruntime runs the run's model.onnx made by 'useg export'")
+    pr.add_argument("--backend", default="auto",
+                    choices=["auto", "torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
+                             "onnxruntime", "openvino"],
+                    help="auto (default): the fastest that agrees with fp32, timed once on this machine "
+                    "(see 'useg info RUN'); torch: the run's precision; onnxruntime and openvino run the "
+                    "model.onnx of 'useg export'")
     _roi_arg(pr, "pixels outside it are written as background")
     _common(pr)
     pr.set_defaults(fn=cmd_predict)
@@ -392,6 +400,7 @@ def _add_demo(sub) -> None:
 def _add_info(sub) -> None:
     """`useg info`."""
     i = sub.add_parser("info", help="versions, device, precision and threads")
+    i.add_argument("run", nargs="?", help="a run folder: also time its prediction backends on this machine")
     i.set_defaults(fn=cmd_info, quiet=False)
 
 
