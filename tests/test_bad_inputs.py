@@ -876,3 +876,23 @@ def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
 
     _moved_mask(data, nudge)
     assert main(["check", str(data)]) == 0
+
+
+# ------------------------------------------------ a backend this machine cannot run (issue 11, h11-backend)
+
+
+def test_a_backend_the_machine_cannot_run_is_refused(trained, cells_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs torch-fp16")
+    out = tmp_path / "o"
+    images = str(cells_dir / "images")
+    assert main(["predict", str(trained), images, "--out", str(out), "--backend", "torch-fp16",
+                 "--device", "cpu", "--quiet"]) == 2
+    assert (f"--backend torch-fp16 runs {trained} on a CUDA GPU only, and cpu is none; use --backend auto "
+            "or torch-fp32") in capsys.readouterr().err
+    assert main(["predict", str(trained), images, "--out", str(out), "--backend", "openvino", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{trained / 'model.onnx'} is missing; run 'useg export {trained}' first" in err
+    assert not out.exists() or not any(out.iterdir())

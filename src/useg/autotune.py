@@ -1,10 +1,9 @@
 """Measured backend choice: time each prediction backend on this machine, keep the fastest that agrees.
 
-``useg predict --backend auto`` (the default) does not follow a fixed rule such as "bf16 where
-native": the fastest path depends on the CPU (AVX2, AVX-512, AVX512-BF16, AMX), its thread count
-and the installed runtimes. Measured on an AVX2-only EPYC, a 512x512 forward of the default
-network ran 1.31x faster in fp32 channels_last and 2.0x faster in ONNX Runtime than plain fp32
-NCHW PyTorch (issue 11); on the AVX-512 bf16 CPU bf16 autocast wins. So, once per machine and run:
+``useg predict --backend auto`` (the default) follows no fixed rule: the fastest path depends on
+the CPU (AVX2, AVX-512, AVX512-BF16, AMX), its threads and the installed runtimes (on an AVX2-only
+EPYC ONNX Runtime ran the default network 2.0x faster than fp32 PyTorch, issue 11; benchmarks/backends.py).
+So, once per machine and run:
 
 1. the candidates (:func:`candidates`): torch fp32 NCHW (the reference), torch fp32 channels_last,
    bf16 autocast (only where the CPU runs it natively, :func:`useg.runtime.cpu_has_bf16`), ONNX
