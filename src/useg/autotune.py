@@ -164,7 +164,9 @@ def _median_ms(backend: Backend, tile: torch.Tensor, budget_s: float, reps: int,
     start = timer()
     while len(times) < reps and (not times or timer() - start < budget_s):
         t0 = timer()
-        backend(tile)
+        out = backend(tile)
+        if out.is_cuda:  # CUDA runs asynchronously: the pass ends when its result is there
+            torch.cuda.synchronize(out.device)
         times.append(timer() - t0)
     return round(1000.0 * statistics.median(times) / tile.shape[0], 3)
 
