@@ -124,9 +124,44 @@ def test_region_plans_get_a_sigmoid_per_region():
 
 
 def test_the_backend_table_names_every_backend(tmp_path):
-    assert set(BACKENDS) == {"torch", "onnxruntime"}
+    assert set(BACKENDS) == {"torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
+                             "onnxruntime", "openvino"}
     run = _run(tmp_path / "run")
-    with pytest.raises(ValueError, match="backend must be torch or onnxruntime"):
+    with pytest.raises(ValueError, match="backend must be one of torch, torch-fp32, .*openvino"):
         Segmenter.load(run, backend="tflite")
     with pytest.raises(UsegError, match="useg export"):
         Segmenter.load(run, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("name", ["torch-fp32", "torch-channels-last", "torch-bf16", "onnxruntime",
+                                  "openvino"])
+def test_every_backend_agrees_with_fp32_torch(tmp_path, name):
+    if name in ("onnxruntime", "openvino"):
+        pytest.importorskip(name)
+    run = _run(tmp_path / "run")
+    if name in ("onnxruntime", "openvino"):
+        from useg.export import export_run
+
+        export_run(run, dynamo=False)
+    image = np.random.default_rng(2).integers(0, 255, (45, 61)).astype(np.uint8)
+    fp32 = Segmenter.load(run, device="cpu", precision="fp32")
+    seg = Segmenter.load(run, device="cpu", backend=name)
+    assert seg.backend.name == name and seg.backend.device == CPU and seg.plan == fp32.plan
+    want, got = fp32.predict_proba(image), seg.predict_proba(image)
+    np.testing.assert_allclose(got, want, atol=3e-2 if name == "torch-bf16" else 1e-4)
+    assert (got.argmax(0) == want.argmax(0)).mean() >= (0.99 if name == "torch-bf16" else 0.999)
+
+
+def test_fixed_precision_variants_have_their_memory_format(tmp_path):
+    run = _run(tmp_path / "run")
+    cl = BACKENDS["torch-channels-last"](run, "cpu", "auto")[1]
+    nchw = BACKENDS["torch-fp32"](run, "cpu", "auto")[1]
+    assert (cl.precision.dtype, cl.precision.channels_last) == (None, True)
+    assert (nchw.precision.dtype, nchw.precision.channels_last) == (None, False)
+    w = next(p for p in cl.model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert BACKENDS["torch-bf16"](run, "cpu", "auto")[1].precision.dtype is torch.bfloat16
+    with pytest.raises(UsegError, match="torch-fp16 runs .* on a CUDA GPU only"):
+        BACKENDS["torch-fp16"](run, "cpu", "auto")
+    with pytest.raises(UsegError, match="useg export"):
+        BACKENDS["openvino"](run, "cpu", "auto")

@@ -1435,3 +1435,21 @@ def test_a_broken_rank_environment_is_refused(trained, cells_dir, tmp_path, caps
     assert main(argv) == 2
     assert "RANK=2 and WORLD_SIZE=2 in the environment" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+# ------------------------------------------------ a backend this machine cannot run (issue 11, h11-backend)
+
+
+def test_a_backend_the_machine_cannot_run_is_refused(trained, cells_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs torch-fp16")
+    out = tmp_path / "o"
+    images = str(cells_dir / "images")
+    assert main(["predict", str(trained), images, "--out", str(out), "--backend", "torch-fp16",
+                 "--device", "cpu", "--quiet"]) == 2
+    assert (f"--backend torch-fp16 runs {trained} on a CUDA GPU only, and cpu is none; use --backend auto "
+            "or torch-fp32") in capsys.readouterr().err
+    assert main(["predict", str(trained), images, "--out", str(out), "--backend", "openvino", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{trained / 'model.onnx'} is missing; run 'useg export {trained}' first" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -12,6 +12,7 @@ and its JSON sidecar, which holds the whole plan.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -67,8 +68,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, plan: Plan, device: torch.device,
-                 precision: runtime.Precision):
-        self.model, self.device, self.precision = model, device, precision
+                 precision: runtime.Precision, name: str = "torch"):
+        self.model, self.device, self.precision, self.name = model, device, precision, name
         self._format = runtime.memory_format(plan.model.dims, precision)
         self._activate = output_activation(bool(plan.data.regions))
 
@@ -128,9 +129,93 @@ class OnnxBackend:
         return exported_backend(path)
 
 
+class OpenVinoBackend:
+    """An OpenVINO model compiled from a ``useg export`` ONNX file, CPU, fp32 (extra ``useg[openvino]``).
+
+    Args:
+        compiled: an ``openvino.CompiledModel``; its first input takes (B, C, *S) float32, its
+            first output is the logits.
+        plan: the run's plan (regions for the activation).
+    """
+
+    name = "openvino"
+    device = CPU
+
+    def __init__(self, compiled: Any, plan: Plan):
+        self.compiled = compiled
+        self._activate = output_activation(bool(plan.data.regions))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(batch.detach().to(CPU, torch.float32).numpy())
+        out = self.compiled(x)[self.compiled.output(0)]
+        return self._activate(torch.from_numpy(np.array(out, np.float32)))
+
+    @classmethod
+    def compile(cls, path: Path, plan: Plan, threads: int | None = None) -> OpenVinoBackend:
+        """Compile the ONNX file ``path`` for OpenVINO's CPU plugin, fp32 (no silent bf16), latency hint."""
+        try:
+            import openvino
+        except ImportError:
+            raise UsegError(f"{path} needs openvino, which is not installed; "
+                            "pip install 'useg[openvino]'") from None
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": int(threads or runtime.cpu_count())}
+        try:
+            return cls(openvino.Core().compile_model(str(path), "CPU", config), plan)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types for damaged files
+            raise UsegError(f"cannot load {path} with openvino ({str(e).splitlines()[0]}); "
+                            "export it again") from None
+
+    @classmethod
+    def load(cls, run: Path, device: str = "auto", precision: str = "auto") -> tuple[Plan, Backend]:
+        """``run/model.onnx`` and its sidecar from ``useg export``; ``device``, ``precision`` unused."""
+        path = run / "model.onnx"
+        if not path.exists():
+            raise UsegError(f"{path} is missing; run 'useg export {run}' first")
+        plan, side = read_sidecar(path)  # the sidecar and the weights hash, as for onnxruntime
+        if side["format"] != "onnx":
+            raise UsegError(f"{path} is not an ONNX export; run 'useg export {run}' again")
+        return plan, cls.compile(path, plan)
+
+
+def torch_variant(mode: str, channels_last: bool | None = None) -> Loader:
+    """A loader of the run's PyTorch model in one fixed precision ("fp32", "bf16", "fp16").
+
+    ``channels_last`` None keeps :func:`useg.runtime.pick_precision`'s memory format; True or
+    False forces it (fp32 channels_last is a CPU candidate of its own). The backend is named
+    ``torch-<mode>`` (``torch-channels-last`` for fp32 channels_last on the CPU).
+    """
+
+    def load(run: Path, device: str = "auto", precision: str = "auto") -> tuple[Plan, Backend]:
+        dev = runtime.pick_device(device)
+        if mode == "fp16" and dev.type != "cuda":
+            raise UsegError(f"--backend torch-fp16 runs {run} on a CUDA GPU only, and {dev} is none; "
+                            "use --backend auto or torch-fp32")
+        if mode == "bf16" and dev.type == "cpu" and not runtime.cpu_has_bf16():
+            logger.warning("this CPU has no native bf16: torch-bf16 is emulated and much slower than fp32")
+        plan, backend = TorchBackend.load(run, str(dev), mode)
+        prec = backend.precision
+        if channels_last is not None and channels_last != prec.channels_last:
+            prec = dataclasses.replace(prec, channels_last=channels_last)
+            backend.model.to(memory_format=runtime.memory_format(plan.model.dims, prec))
+        name = "torch-channels-last" if mode == "fp32" and channels_last else f"torch-{mode}"
+        return plan, TorchBackend(backend.model, plan, backend.device, prec, name=name)
+
+    return load
+
+
 Loader = Callable[[Path, str, str], tuple[Plan, Backend]]
-BACKENDS: dict[str, Loader] = {"torch": TorchBackend.load, "onnxruntime": OnnxBackend.load}
-"""``--backend`` name -> loader(run folder, device, precision) -> (the run's plan, the backend)."""
+BACKENDS: dict[str, Loader] = {
+    "torch": TorchBackend.load,  # the run's recorded precision: bf16 where native and agreeing, else fp32
+    "torch-fp32": torch_variant("fp32", channels_last=False),  # NCHW: the reference of every agreement
+    "torch-channels-last": torch_variant("fp32", channels_last=True),
+    "torch-bf16": torch_variant("bf16", channels_last=True),
+    "torch-fp16": torch_variant("fp16", channels_last=True),  # CUDA only
+    "onnxruntime": OnnxBackend.load,
+    "openvino": OpenVinoBackend.load,
+}
+"""``--backend`` name -> loader(run folder, device, precision) -> (the run's plan, the backend).
+``useg predict --backend auto`` (:mod:`useg.autotune`) measures these on the machine and picks one."""
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -178,6 +263,16 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None,
         ``torch.jit.ScriptModule`` in eval mode for TorchScript).
     """
     path = Path(path)
+    plan, side = read_sidecar(path)
+    if side["format"] == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return plan, torch.jit.load(str(path), map_location="cpu").eval()
+    return plan, onnx_session(path, providers, threads)
+
+
+def read_sidecar(path: Path) -> tuple[Plan, dict]:
+    """The plan and sidecar record of the export ``path``, checked against the file and the run's weights."""
     side_file = sidecar_path(path)
     try:
         side = json.loads(side_file.read_text(encoding="utf-8"))
@@ -193,11 +288,7 @@ def load_exported(path: str | Path, providers: Sequence[str] | None = None,
         raise UsegError(f"{side_file} describes {side.get('model_file')!r}, not {path.name}; "
                         "export the run again")
     _check_weights(path, side)
-    if side["format"] == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return plan, torch.jit.load(str(path), map_location="cpu").eval()
-    return plan, onnx_session(path, providers, threads)
+    return plan, side
 
 
 def _check_weights(path: Path, side: dict) -> None:

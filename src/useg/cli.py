@@ -204,15 +204,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from . import runtime, shards
+    from .autotune import load_segmenter
     from .dataset import prediction_inputs
-    from .predict import Segmenter
 
     missing = [p for p in a.inputs if not Path(p).exists()]
     if missing:  # before loading the model: a typo should fail at once
         raise UsegError(f"{missing[0]} does not exist; check the path")
     _refuse_idle_predict_options(a)
     with shards.joined(a.device) as device:  # under torchrun: this rank's GPU or CPU share, its inputs
-        seg = Segmenter.load(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing)
+        seg = load_segmenter(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing)
         changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
         if changes:
             seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
@@ -285,10 +285,12 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     for key, value in info().items():
         print(f"{key}: {value}")
-    if a.run is not None:
+    if a.run is not None:  # its post-processing, and its backends timed here (measured now unless cached)
+        from .autotune import info_table
         from .postprocess_run import describe_run
 
         print("\n".join(describe_run(a.run)))
+        print(info_table(a.run))
     return 0
 
 
@@ -411,8 +413,12 @@ def _add_predict(sub) -> None:
     pr.add_argument("--mask-format", choices=["png", "tif", "nii.gz"],
                     help="write every mask in this format (default: the input's; TIFF where it cannot hold "
                     "the mask values)")
-    pr.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                    help="onnxruntime runs the run's model.onnx made by 'useg export'")
+    pr.add_argument("--backend", default="auto",
+                    choices=["auto", "torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
+                             "onnxruntime", "openvino"],
+                    help="auto (default): the fastest that agrees with fp32, timed once on this machine "
+                    "(see 'useg info RUN'); torch: the run's precision; onnxruntime and openvino run the "
+                    "model.onnx of 'useg export'")
     pr.add_argument("--no-postprocessing", action="store_true",
                     help="ignore RUN/postprocessing.json (made by 'useg postprocess'): write the raw masks")
     _roi_arg(pr, "pixels outside it are written as background")
@@ -480,8 +486,10 @@ def _add_demo(sub) -> None:
 
 def _add_info(sub) -> None:
     """`useg info`."""
-    i = sub.add_parser("info", help="versions, device, precision and threads (and a run's post-processing)")
-    i.add_argument("run", nargs="?", help="a run folder: also show its post-processing")
+    i = sub.add_parser("info", help="versions, device, precision and threads (and a run's post-processing "
+                       "and prediction backends)")
+    i.add_argument("run", nargs="?", help="a run folder: also show its post-processing and time its "
+                   "prediction backends on this machine")
     i.set_defaults(fn=cmd_info, quiet=False)
 
 

@@ -177,9 +177,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
         net = model.to(device, memory_format=runtime.memory_format(plan.model.dims, prec)).eval()
         backend = TorchBackend(net, plan, device, prec)
         labels[prec.name] = [predict_labels(backend, im, plan) for im in crops]
-    same = sum(int((a == b).sum()) for a, b in zip(labels["fp32"], labels[fast.name]))
-    total = sum(a.size for a in labels["fp32"])
-    agreement = same / max(total, 1)
+    agreement = label_agreement(labels["fp32"], labels[fast.name])
     record = {"fast_path": fast.name, "agreement": round(agreement, 6), "threshold": AGREEMENT_MIN,
               "precision": fast.name if agreement >= AGREEMENT_MIN else "fp32"}
     if record["precision"] == "fp32":
@@ -187,6 +185,19 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
                        fast.name, agreement)
     atomic_write_text(run / INFERENCE_RECORD, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def label_agreement(reference: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """Share of pixels on which ``labels`` equal ``reference`` (arrays of equal shapes, pairwise).
+
+    The test of every fast path against fp32 (:data:`AGREEMENT_MIN`): bf16 here, each backend
+    candidate in :mod:`useg.autotune`.
+
+    >>> label_agreement([np.array([0, 1, 1, 0])], [np.array([0, 1, 0, 0])])
+    0.75
+    """
+    same = sum(int((a == b).sum()) for a, b in zip(reference, labels))
+    return same / max(sum(a.size for a in reference), 1)
 
 
 def recorded_precision(run: Path) -> str:
@@ -231,7 +242,8 @@ class Segmenter:
         run = Path(run)
         runlog.refuse_unloadable(run)  # no folder, no run, or one stopped before its first checkpoint
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be {' or '.join(BACKENDS)}, not {backend!r}")
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto, through "
+                             f"useg.autotune.load_segmenter), not {backend!r}")
         if precision == "auto":
             precision = recorded_precision(run)
         plan, net = BACKENDS[backend](run, device, precision)

@@ -22,6 +22,7 @@ import torch
 
 from . import runlog, runtime
 from .augment import Augmenter
+from .autotune import save_agreement_tile
 from .backends import TorchBackend
 from .checkpoint import check_against, expected_shapes, load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
@@ -452,6 +453,7 @@ def _finish(s: _Setup, state: LoopState, val_data: tuple[list, list]) -> TrainRe
     if s.dist.main:
         runlog.write_curves(s.run)
         check_low_precision(s.plan, s.run, val_data[0] or s.images, s.dev)
+        save_agreement_tile(s.run, s.plan, val_data[0] or s.images)  # for predict --backend auto
         runlog.write_summary(s.run, {**result.__dict__, "world_size": s.dist.world, "ranks_in_sync": in_sync})
     return result
 

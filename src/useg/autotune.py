@@ -1,0 +1,433 @@
+"""Measured backend choice: time each prediction backend on this machine, keep the fastest that agrees.
+
+``useg predict --backend auto`` (the default) follows no fixed rule: the fastest path depends on
+the CPU (AVX2, AVX-512, AVX512-BF16, AMX), its threads and the installed runtimes (on an AVX2-only
+EPYC ONNX Runtime ran the default network 2.0x faster than fp32 PyTorch, issue 11; benchmarks/backends.py).
+So, once per machine and run:
+
+1. the candidates (:func:`candidates`): torch fp32 NCHW (the reference), torch fp32 channels_last,
+   bf16 autocast (only where the CPU runs it natively, :func:`useg.runtime.cpu_has_bf16`), ONNX
+   Runtime and OpenVINO (exported on the fly into a cache, :func:`onnx_file`); on CUDA fp32, bf16
+   and fp16 autocast with channels_last;
+2. each runs one tile of the plan's shape (the validation tile training left in the run, else a
+   seeded random one); its labels must agree with fp32's on :data:`useg.predict.AGREEMENT_MIN` of
+   the pixels, or it is ineligible (:func:`measure`);
+3. the eligible ones are timed for a bounded time (:data:`BUDGET_S` seconds in all, at most
+   :data:`MAX_REPS` passes each, the median kept) and the fastest wins (:func:`decide`);
+4. the measurement is cached in ``RUN/inference.json`` under a key of the machine
+   (:func:`machine_key`: CPU model, ISA flags, threads, torch and runtime versions, device) with
+   the weights' hash and the tile shape; another machine, other weights or another tile measure
+   again. A run folder that is not writable caches in the user's cache folder, or nowhere.
+
+``useg info RUN`` shows the table (:func:`format_table`); ``--backend NAME`` skips all of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runtime
+from .backends import (
+    BACKENDS,
+    WEIGHTS_FILE,
+    Backend,
+    OnnxBackend,
+    OpenVinoBackend,
+    onnx_session,
+    read_sidecar,
+    sidecar_path,
+)
+from .checkpoint import weights_digest
+from .errors import UsegError
+from .files import atomic_path, atomic_write_text
+from .plan import Plan
+from .predict import AGREEMENT_MIN, INFERENCE_RECORD, Segmenter, label_agreement
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"  # the --backend value that measures
+REFERENCE = "torch-fp32"  # plain fp32 PyTorch (NCHW on the CPU): what every candidate must agree with
+BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first passes and exports not counted)
+MAX_REPS = 5  # timed passes per candidate at most; the median is kept
+CACHE_KEY = "backends"  # in inference.json: machine key -> measurement
+TILE_FILE = "agreement_tile.safetensors"  # in a run folder: a validation tile training leaves for the check
+CACHE_DIR = ".cache"  # in a run folder: the on-the-fly ONNX export
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One candidate's measurement."""
+
+    name: str  # a useg.backends.BACKENDS name
+    ms: float | None  # median milliseconds per tile of the plan's shape; None: not timed
+    agreement: float | None  # share of the tile's pixels labelled as fp32 labels them; None: did not run
+    note: str = ""  # why it was not timed: not available, disagrees with fp32
+
+
+def decide(timings: Sequence[Timing], threshold: float = AGREEMENT_MIN) -> str:
+    """The fastest candidate that agrees with fp32 on at least ``threshold`` of the pixels.
+
+    Candidates never timed or below the threshold are never chosen; when none is left, the
+    reference (:data:`REFERENCE`). Equal times keep the earlier (simpler) candidate.
+
+    >>> decide([Timing("torch-fp32", 10.0, 1.0), Timing("onnxruntime", 5.0, 0.9999),
+    ...         Timing("torch-bf16", 2.0, 0.99)])
+    'onnxruntime'
+    >>> decide([Timing("torch-bf16", 2.0, 0.5)])
+    'torch-fp32'
+    """
+    eligible = [t for t in timings if t.ms is not None and (t.agreement or 0.0) >= threshold]
+    return min(eligible, key=lambda t: t.ms).name if eligible else REFERENCE
+
+
+def machine_key(facts: Mapping[str, str]) -> str:
+    """A short stable hash of what makes timings differ between machines (:func:`machine_facts`).
+
+    >>> machine_key({"cpu": "EPYC", "threads": "2"}) == machine_key({"threads": "2", "cpu": "EPYC"})
+    True
+    >>> len(machine_key({})), machine_key({"threads": "2"}) != machine_key({"threads": "4"})
+    (16, True)
+    """
+    return hashlib.sha256(json.dumps(dict(facts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    """The CPU's model name and its ISA flags of :data:`ISA_FLAGS` (Linux; elsewhere the platform's name)."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    lines = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    lines = {k.strip(): v.strip() for k, v in lines.items()}
+    flags = set(lines.get("flags", "").split())
+    return lines.get("model name", platform.machine()), [f for f in ISA_FLAGS if f in flags]
+
+
+def machine_facts(device: torch.device) -> dict[str, str]:
+    """What :func:`machine_key` hashes: CPU model, ISA flags and caps, threads, versions, device."""
+    model, flags = _cpuinfo()
+    facts = {"cpu": model, "isa": " ".join(flags), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+             "cpu_bf16": "yes" if runtime.cpu_has_bf16() else "no", "threads": str(torch.get_num_threads()),
+             "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+             "openvino": _version("openvino"), "device": str(device)}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def candidates(device: torch.device) -> list[str]:
+    """The backends worth timing on ``device``, the reference first.
+
+    bf16 only where it is native (emulated bf16 is tens of times slower than fp32 on AVX2);
+    ONNX Runtime and OpenVINO where installed; on CUDA the autocast precisions with channels_last.
+    """
+    if device.type == "cuda":
+        return [REFERENCE, *(["torch-bf16"] if torch.cuda.is_bf16_supported() else []), "torch-fp16"]
+    if device.type != "cpu":
+        return [REFERENCE]
+    names = [REFERENCE, "torch-channels-last", *(["torch-bf16"] if runtime.cpu_has_bf16() else [])]
+    return names + [n for n in ("onnxruntime", "openvino") if importlib.util.find_spec(n) is not None]
+
+
+def _labels(probs: torch.Tensor, regions: bool) -> np.ndarray:
+    p = probs.detach().float().cpu()
+    return (p > 0.5).numpy() if regions else p.argmax(1).numpy()
+
+
+def _median_ms(backend: Backend, tile: torch.Tensor, budget_s: float, reps: int, timer: Callable[[], float]):
+    """Median ms per tile of up to ``reps`` passes, stopping after ``budget_s`` (one pass at least)."""
+    times: list[float] = []
+    start = timer()
+    while len(times) < reps and (not times or timer() - start < budget_s):
+        t0 = timer()
+        out = backend(tile)
+        if out.is_cuda:  # CUDA runs asynchronously: the pass ends when its result is there
+            torch.cuda.synchronize(out.device)
+        times.append(timer() - t0)
+    return round(1000.0 * statistics.median(times) / tile.shape[0], 3)
+
+
+def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, regions: bool = False,
+            budget_s: float = BUDGET_S, reps: int = MAX_REPS, timer: Callable[[], float] = time.perf_counter,
+            threshold: float = AGREEMENT_MIN, keep: dict | None = None) -> list[Timing]:
+    """Check and time each candidate on ``tile``.
+
+    The first pass of a candidate (its warm-up: oneDNN primitives, sessions) gives its labels,
+    compared with the first candidate's (the reference); an agreeing candidate then runs timed
+    passes for its share of ``budget_s``.
+
+    Args:
+        builders: name -> a function building the backend; the first is the reference, and its
+            errors (a broken run folder) are raised, the others' recorded as "unavailable".
+        tile: (B, C, *tile) float32 input.
+        regions: sigmoid outputs (labels are each region's mask) instead of softmax (argmax).
+        budget_s: seconds of timed passes in all; reps: timed passes per candidate at most.
+        timer: the clock (tests pass a fake one); threshold: the agreement needed.
+        keep: if given, filled with name -> the built backend of every agreeing candidate.
+
+    Returns:
+        One :class:`Timing` per candidate, in order.
+    """
+    share = budget_s / max(len(builders), 1)
+    reference, out = None, []
+    for name, build in builders.items():
+        try:
+            backend = build()
+            labels = _labels(backend(tile), regions)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run is only not chosen
+            if reference is None:
+                raise
+            logger.info("backend %s is unavailable here: %s", name, e)
+            why = (str(e).splitlines() or [type(e).__name__])[0][:80]
+            out.append(Timing(name, None, None, f"unavailable: {why}"))
+            continue
+        reference = labels if reference is None else reference
+        agree = round(label_agreement([reference], [labels]), 6)
+        if agree < threshold:
+            out.append(Timing(name, None, agree, "disagrees with fp32"))
+            continue
+        out.append(Timing(name, _median_ms(backend, tile, share, reps, timer), agree))
+        if keep is not None:
+            keep[name] = backend
+    return out
+
+
+def _cache_dirs(run: Path) -> list[Path]:
+    """Where caches go: the run folder, then the user's cache folder (a read-only run)."""
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "useg"
+    return [run, user]
+
+
+def _record_files(run: Path, digest: str) -> list[Path]:
+    return [run / INFERENCE_RECORD, _cache_dirs(run)[1] / f"inference-{digest[:16]}.json"]
+
+
+def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict | None:
+    """The cached measurement of machine ``key`` for these weights and tile; None if stale or absent."""
+    for path in _record_files(run, digest):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))[CACHE_KEY][key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (isinstance(entry, dict) and entry.get("weights_sha256") == digest
+                and entry.get("tile") == list(tile) and entry.get("chosen") in BACKENDS):
+            return entry
+    return None
+
+
+def write_cached(run: Path, key: str, entry: dict) -> Path | None:
+    """Store ``entry`` under ``key`` in the run's inference.json (other keys kept), else the user cache."""
+    for path in _record_files(run, entry["weights_sha256"]):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except (OSError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        table = data.get(CACHE_KEY) if isinstance(data.get(CACHE_KEY), dict) else {}
+        # entries of other weights can never be used again: keep only this run's current ones
+        table = {k: v for k, v in table.items() if isinstance(v, dict)
+                 and v.get("weights_sha256") == entry["weights_sha256"]}
+        data[CACHE_KEY] = {**table, key: entry}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+            return path
+        except OSError as e:
+            logger.info("cannot cache the backend choice in %s (%s)", path, e)
+    return None
+
+
+def onnx_file(run: Path, digest: str) -> Path:
+    """An ONNX export of the run's current weights: ``RUN/model.onnx`` when it is one, else one
+    exported now (legacy exporter, verified by :func:`useg.export.export_run`) into a cache folder.
+
+    Raises:
+        UsegError: no cache folder is writable.
+    """
+    exported = run / "model.onnx"
+    if exported.exists():
+        try:
+            if read_sidecar(exported)[1]["format"] == "onnx":
+                return exported
+        except UsegError:
+            pass  # stale or foreign: export our own
+    name = f"model-{digest[:16]}.onnx"
+    folders = [run / CACHE_DIR, _cache_dirs(run)[1] / "onnx"]
+    for path in (f / name for f in folders):
+        if path.exists() and sidecar_path(path).exists():
+            return path
+    from .export import export_run  # imports onnx and the exporter: only when an export is needed
+
+    for path in (f / name for f in folders):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return export_run(run, path, "onnx", dynamo=False)
+        except OSError as e:
+            logger.info("cannot write %s (%s)", path, e)
+    raise UsegError(f"cannot write an ONNX export of {run} into {folders[0]} or {folders[1]}; "
+                    "make one writable or pass --backend torch")
+
+
+def builders(run: Path, plan: Plan, device: torch.device, digest: str,
+             reference: Backend | None = None) -> dict[str, Callable[[], Backend]]:
+    """name -> a function building that candidate (:func:`candidates`) for ``run`` on ``device``."""
+    onnx: list[Path] = []
+
+    def onnx_path() -> Path:  # exported once, shared by ONNX Runtime and OpenVINO
+        if not onnx:
+            onnx.append(onnx_file(run, digest))
+        return onnx[0]
+
+    def build(name: str) -> Callable[[], Backend]:
+        if name == REFERENCE and reference is not None:
+            return lambda: reference
+        if name == "onnxruntime":
+            return lambda: OnnxBackend(onnx_session(onnx_path()), plan)
+        if name == "openvino":
+            return lambda: OpenVinoBackend.compile(onnx_path(), plan)
+        return lambda: BACKENDS[name](run, str(device), "auto")[1]
+
+    return {name: build(name) for name in candidates(device)}
+
+
+def agreement_tile(run: Path, plan: Plan) -> torch.Tensor:
+    """(1, C, *tile) float32: the validation tile training saved (:func:`save_agreement_tile`), or, for
+    an older run, a seeded standard-normal tile (a harder test: no image structure to be sure about)."""
+    shape = (plan.model.in_channels, *plan.infer.tile)
+    try:
+        from safetensors.torch import load_file
+
+        tile = load_file(str(run / TILE_FILE))["tile"].float()
+        if tuple(tile.shape) == shape and bool(torch.isfinite(tile).all()):
+            return tile[None].contiguous()
+    except Exception:  # noqa: BLE001 - absent or damaged (safetensors' own error): the random tile will do
+        pass
+    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def save_agreement_tile(run: Path, plan: Plan, images: Sequence[np.ndarray]) -> None:
+    """Keep a tile of the plan's shape from the first image (its centre, mirrored where smaller) for
+    the agreement check of later predictions (float16, ``RUN/agreement_tile.safetensors``)."""
+    if not images:
+        return
+    from safetensors.torch import save_file
+
+    image, tile = np.asarray(images[0], np.float32), plan.infer.tile
+    pads = [(0, 0)] + [(0, max(0, t - s)) for s, t in zip(image.shape[1:], tile)]
+    image = np.pad(image, pads, mode="symmetric")
+    starts = [(s - t) // 2 for s, t in zip(image.shape[1:], tile)]
+    crop = image[(slice(None), *(slice(a, a + t) for a, t in zip(starts, tile)))]
+    with atomic_path(run / TILE_FILE) as tmp:
+        save_file({"tile": torch.from_numpy(np.ascontiguousarray(crop)).half()}, str(tmp))
+
+
+def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S,
+           refresh: bool = False, keep: dict | None = None) -> dict:
+    """The measurement of ``run`` on this machine: cached, or measured now and cached.
+
+    Args:
+        run: the run folder; plan: its plan; reference: its :data:`REFERENCE` backend (built by the
+            caller, which also checks the folder).
+        budget_s: seconds of timed passes; refresh: measure even when a cached record fits.
+        keep: filled with the backends built while measuring (name -> backend).
+
+    Returns:
+        The record: ``machine`` facts, ``weights_sha256``, ``tile`` (the timed input's shape),
+        ``timings`` (one :class:`Timing` dict per candidate), ``chosen`` (a BACKENDS name),
+        ``cached`` (whether it was read rather than measured).
+    """
+    device = reference.device
+    facts = machine_facts(device)
+    key, digest = machine_key(facts), weights_digest(run / WEIGHTS_FILE)
+    tile = agreement_tile(run, plan)
+    cached = None if refresh else read_cached(run, key, digest, list(tile.shape))
+    if cached is not None:
+        return {**cached, "cached": True}
+    t0 = time.perf_counter()
+    timings = measure(builders(run, plan, device, digest, reference), tile, bool(plan.data.regions),
+                      budget_s, keep=keep)
+    record = {"machine": facts, "weights_sha256": digest, "tile": list(tile.shape),
+              "timings": [dataclasses.asdict(t) for t in timings], "chosen": decide(timings),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    write_cached(run, key, record)
+    logger.info("backend %s, measured on this machine in %.1f s:\n%s", record["chosen"], record["seconds"],
+                format_table(record))
+    return {**record, "cached": False}
+
+
+def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
+                   budget_s: float = BUDGET_S, postprocessing: bool = True) -> Segmenter:
+    """:meth:`useg.predict.Segmenter.load` with ``backend="auto"``: the fastest agreeing backend here.
+
+    Any other ``backend`` name (and ``postprocessing``) is passed through unchanged.
+    """
+    if backend != AUTO:
+        return Segmenter.load(run, device=device, backend=backend, postprocessing=postprocessing)
+    # checks the folder; the reference
+    seg = Segmenter.load(run, device=device, backend=REFERENCE, postprocessing=postprocessing)
+    kept: dict[str, Backend] = {}
+    record = choose(Path(run), seg.plan, seg.backend, budget_s, keep=kept)
+    name = record["chosen"]
+    if name == REFERENCE:
+        return seg
+    chosen = kept.get(name) or builders(Path(run), seg.plan, seg.backend.device,
+                                        record["weights_sha256"])[name]()
+    logger.info("prediction backend: %s (%s)", name, "cached measurement" if record["cached"] else "measured")
+    return Segmenter(seg.plan, chosen, seg.postprocessing)
+
+
+def format_table(record: Mapping) -> str:
+    """The timings of a :func:`choose` record as a text table: backend, ms per tile, agreement, chosen.
+
+    >>> print(format_table({"chosen": "onnxruntime", "tile": [1, 1, 64, 64], "timings": [
+    ...     {"name": "torch-fp32", "ms": 10.0, "agreement": 1.0, "note": ""},
+    ...     {"name": "onnxruntime", "ms": 5.0, "agreement": 0.9999, "note": ""},
+    ...     {"name": "openvino", "ms": None, "agreement": None, "note": "unavailable: not installed"}]}))
+    backend              ms/tile   vs fp32  agreement  chosen
+    torch-fp32              10.0     1.00x   1.000000
+    onnxruntime              5.0     2.00x   0.999900  *
+    openvino                   -         -          -  unavailable: not installed
+    """
+    rows = list(record.get("timings", []))
+    base = next((r["ms"] for r in rows if r["name"] == REFERENCE and r["ms"]), None)
+    lines = [f"{'backend':<20}{'ms/tile':>8}{'vs fp32':>10}{'agreement':>11}  chosen"]
+    for r in rows:
+        ms = f"{r['ms']:.1f}" if r["ms"] is not None else "-"
+        ratio = f"{base / r['ms']:.2f}x" if base and r["ms"] else "-"
+        agree = f"{r['agreement']:.6f}" if r["agreement"] is not None else "-"
+        mark = "*" if r["name"] == record.get("chosen") else r.get("note", "")
+        lines.append(f"{r['name']:<20}{ms:>8}{ratio:>10}{agree:>11}  {mark}".rstrip())
+    return "\n".join(lines)
+
+
+def info_table(run: str | Path, device: str = "auto") -> str:
+    """What ``useg info RUN`` prints: this machine's measurement of the run (measured now if not cached)."""
+    seg = Segmenter.load(run, device=device, backend=REFERENCE)
+    record = choose(Path(run), seg.plan, seg.backend)
+    shape = "x".join(str(s) for s in record["tile"][2:])
+    how = "cached" if record["cached"] else f"measured now in {record['seconds']} s"
+    return f"backends for {run} on this machine ({shape} tile, {how}):\n{format_table(record)}"

@@ -1,0 +1,323 @@
+"""The measured backend choice: the decision rule, the machine key, the cache, the agreement tile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from useg import autotune, runtime
+from useg.autotune import REFERENCE, Timing, decide, measure
+from useg.checkpoint import save_model
+from useg.cli import main
+from useg.labels import LabelMap
+from useg.model import UNet
+from useg.planner import make_plan
+from useg.predict import INFERENCE_RECORD, Segmenter
+from useg.spec import Overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+def _plan(dims=2, tile=(32, 32), regions=False):
+    plan = make_plan(LabelMap((0, 255)), 1, [tile], overrides=Overrides(
+        model={"width": 4, "depth": 2}, infer={"tta": False, "batch_size": 2}, patch_size=tile))
+    assert plan.model.dims == dims and tuple(plan.infer.tile) == tile
+    return plan
+
+
+def _run(path, tile=(32, 32), seed=0):
+    plan = _plan(len(tile), tile)
+    path.mkdir(parents=True, exist_ok=True)
+    plan.save(path / "plan.json")
+    torch.manual_seed(seed)
+    save_model(UNet.from_config(plan.model), path / "model.safetensors")
+    return path
+
+
+@pytest.fixture
+def no_bf16(monkeypatch):
+    """An AVX2-like CPU for useg: no native bf16, whatever this machine has."""
+    monkeypatch.setenv("USEG_CPU_BF16", "0")
+    runtime.cpu_has_bf16.cache_clear()
+    yield
+    runtime.cpu_has_bf16.cache_clear()
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache" / "useg"
+
+
+# ------------------------------------------------------------------------------ the decision rule
+
+
+def test_the_fastest_eligible_candidate_wins():
+    timings = [Timing(REFERENCE, 30.0, 1.0), Timing("torch-channels-last", 20.0, 1.0),
+               Timing("onnxruntime", 12.0, 0.9995), Timing("openvino", 14.0, 1.0)]
+    assert decide(timings) == "onnxruntime"
+    assert decide(timings[:2]) == "torch-channels-last"
+    tie = [Timing(REFERENCE, 5.0, 1.0), Timing("onnxruntime", 5.0, 1.0)]
+    assert decide(tie) == REFERENCE  # a tie keeps the simpler
+
+
+def test_an_ineligible_or_untimed_candidate_is_never_chosen():
+    timings = [Timing(REFERENCE, 30.0, 1.0), Timing("torch-bf16", 1.0, 0.9989, "disagrees with fp32"),
+               Timing("openvino", None, None, "unavailable: not installed"),
+               Timing("onnxruntime", 2.0, None)]
+    assert decide(timings) == REFERENCE
+    assert decide(timings, threshold=0.99) == "torch-bf16"
+    assert decide([]) == REFERENCE
+
+
+def test_bf16_is_no_candidate_without_native_support(no_bf16):
+    names = autotune.candidates(CPU)
+    assert names[0] == REFERENCE and "torch-channels-last" in names and "torch-bf16" not in names
+    assert ("onnxruntime" in names) == (autotune.importlib.util.find_spec("onnxruntime") is not None)
+
+
+def test_bf16_is_a_candidate_where_native(monkeypatch):
+    monkeypatch.setenv("USEG_CPU_BF16", "1")
+    runtime.cpu_has_bf16.cache_clear()
+    try:
+        assert "torch-bf16" in autotune.candidates(CPU)
+    finally:
+        runtime.cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cuda_candidates_are_the_autocast_precisions(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    want = [REFERENCE, "torch-bf16", "torch-fp16"] if bf16 else [REFERENCE, "torch-fp16"]
+    assert autotune.candidates(torch.device("cuda")) == want
+    assert autotune.candidates(torch.device("mps")) == [REFERENCE]
+
+
+def test_the_machine_key_follows_every_fact(no_bf16):
+    facts = autotune.machine_facts(CPU)
+    assert facts["cpu_bf16"] == "no" and facts["threads"] == str(torch.get_num_threads())
+    assert {"cpu", "isa", "torch", "device", "onnxruntime", "openvino"} <= set(facts)
+    key = autotune.machine_key(facts)
+    for field in facts:
+        assert autotune.machine_key({**facts, field: facts[field] + "x"}) != key, field
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Costly:
+    """A fake backend: each call takes ``cost`` seconds of the fake clock; labels by the input's sign."""
+
+    device = CPU
+
+    def __init__(self, name, clock, cost, flip=0):
+        self.name, self.clock, self.cost, self.flip, self.calls = name, clock, cost, flip, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        self.clock.now += self.cost
+        p = (batch[:, :1] > 0).float()
+        if self.flip:
+            p.view(-1)[: self.flip] = 1 - p.view(-1)[: self.flip]
+        return torch.cat([1 - p, p], 1)
+
+
+def test_measure_checks_agreement_first_and_times_within_the_budget():
+    clock = Clock()
+    tile = torch.randn(1, 1, 40, 25, generator=torch.Generator().manual_seed(0))  # 1000 pixels
+    fakes = {REFERENCE: Costly(REFERENCE, clock, 0.5), "torch-channels-last": Costly("cl", clock, 0.1),
+             "torch-bf16": Costly("bf16", clock, 0.01, flip=2),
+             "onnxruntime": Costly("ort", clock, 0.2, flip=1)}
+
+    def broken():
+        raise RuntimeError("no such runtime\nsecond line")
+
+    builders = {name: (lambda f=f: f) for name, f in fakes.items()}
+    builders["openvino"] = broken
+    kept = {}
+    got = {t.name: t for t in measure(builders, tile, budget_s=5.0, reps=5, timer=clock, keep=kept)}
+    assert list(got) == [REFERENCE, "torch-channels-last", "torch-bf16", "onnxruntime", "openvino"]
+    assert got[REFERENCE] == Timing(REFERENCE, 500.0, 1.0)  # 1 s share: the first pass then 2 timed ones
+    assert fakes[REFERENCE].calls == 1 + 2
+    assert got["torch-channels-last"].ms == 100.0 and fakes["torch-channels-last"].calls == 1 + 5  # reps cap
+    assert got["torch-bf16"] == Timing("torch-bf16", None, 0.998, "disagrees with fp32")
+    assert fakes["torch-bf16"].calls == 1  # never timed
+    assert got["onnxruntime"].agreement == 0.999 and got["onnxruntime"].ms == 200.0
+    assert got["openvino"] == Timing("openvino", None, None, "unavailable: no such runtime")
+    assert set(kept) == {REFERENCE, "torch-channels-last", "onnxruntime"}
+    assert decide(list(got.values())) == "torch-channels-last"
+
+
+def test_a_reference_that_cannot_run_is_an_error():
+    def broken():
+        raise ValueError("the run is broken")
+
+    with pytest.raises(ValueError, match="the run is broken"):
+        measure({REFERENCE: broken}, torch.zeros(1, 1, 8, 8))
+
+
+def test_region_labels_are_compared_per_region():
+    clock = Clock()
+    tile = torch.randn(1, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    builders = {REFERENCE: lambda: Costly(REFERENCE, clock, 0.1),
+                "x": lambda: Costly("x", clock, 0.1, flip=1)}
+    got = measure(builders, tile, regions=True, budget_s=0.0, reps=1, timer=clock)
+    assert got[1].agreement == 0.99  # one pixel flipped in both region maps: 2 of 200 differ
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+def _count_measures(monkeypatch):
+    calls = []
+    real = autotune.measure
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(autotune, "measure", counting)
+    return calls
+
+
+def _choose(run, **kw):
+    seg = Segmenter.load(run, device="cpu", backend=REFERENCE)
+    return autotune.choose(run, seg.plan, seg.backend, budget_s=0.05, **kw)
+
+
+def test_a_second_load_reads_the_cache(tmp_path, monkeypatch, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    calls = _count_measures(monkeypatch)
+    first = _choose(run)
+    assert calls == [1] and not first["cached"] and first["chosen"] in autotune.candidates(CPU)
+    assert [t["name"] for t in first["timings"]] == autotune.candidates(CPU)
+    assert all(t["agreement"] >= 0.999 for t in first["timings"] if t["ms"] is not None)
+    record = json.loads((run / INFERENCE_RECORD).read_text())
+    (key, entry), = record[autotune.CACHE_KEY].items()
+    assert key == autotune.machine_key(autotune.machine_facts(CPU)) and entry["tile"] == [1, 1, 32, 32]
+    second = _choose(run)
+    assert calls == [1] and second["cached"] and second["chosen"] == first["chosen"]
+    assert autotune.load_segmenter(run, device="cpu").backend.name == first["chosen"]
+    assert calls == [1]
+    assert _choose(run, refresh=True)["cached"] is False and calls == [1, 1]
+    assert not user_cache.exists()  # the run folder was writable
+
+
+def test_another_machine_or_other_weights_measure_again(tmp_path, monkeypatch, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    calls = _count_measures(monkeypatch)
+    _choose(run)
+    facts = autotune.machine_facts
+    monkeypatch.setattr(autotune, "machine_facts", lambda dev: {**facts(dev), "threads": "64"})
+    assert not _choose(run)["cached"] and calls == [1, 1]
+    assert len(json.loads((run / INFERENCE_RECORD).read_text())[autotune.CACHE_KEY]) == 2  # both machines
+    assert _choose(run)["cached"]
+    _run(run, seed=1)  # trained again: other weights
+    assert not _choose(run)["cached"] and calls == [1, 1, 1]
+    table = json.loads((run / INFERENCE_RECORD).read_text())[autotune.CACHE_KEY]
+    assert len(table) == 1  # entries of the old weights are dropped
+
+
+def test_a_read_only_run_caches_in_the_user_folder(tmp_path, monkeypatch, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    (run / INFERENCE_RECORD).mkdir()  # any write there fails, whoever runs the test (root too)
+    calls = _count_measures(monkeypatch)
+    assert not _choose(run)["cached"]
+    assert len(list(user_cache.glob("inference-*.json"))) == 1
+    assert _choose(run)["cached"] and calls == [1]
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    (run / INFERENCE_RECORD).write_text('{"precision": "fp32", "backends": [1, 2')
+    calls = _count_measures(monkeypatch)
+    assert not _choose(run)["cached"] and calls == [1]
+    record = json.loads((run / INFERENCE_RECORD).read_text())
+    assert autotune.CACHE_KEY in record
+
+
+def test_the_precision_record_is_kept_beside_the_cache(tmp_path, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    (run / INFERENCE_RECORD).write_text(json.dumps({"precision": "fp32", "agreement": 0.9}))
+    _choose(run)
+    record = json.loads((run / INFERENCE_RECORD).read_text())
+    assert record["precision"] == "fp32" and record["agreement"] == 0.9 and autotune.CACHE_KEY in record
+
+
+# ------------------------------------------------------------------------------ the agreement tile
+
+
+@pytest.mark.parametrize("shape", [(50, 70), (20, 33), (40, 40, 9)])
+def test_the_agreement_tile_round_trips(tmp_path, shape):
+    tile = (32, 32) if len(shape) == 2 else (16, 16, 16)
+    plan = make_plan(LabelMap((0, 255)), 1, [tile], overrides=Overrides(
+        model={"width": 4, "depth": 2}, patch_size=tile))
+    assert tuple(plan.infer.tile) == tile
+    image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    run = tmp_path / "run"
+    run.mkdir()
+    random = autotune.agreement_tile(run, plan)
+    assert random.shape == (1, 1, *tile)
+    autotune.save_agreement_tile(run, plan, [image])
+    got = autotune.agreement_tile(run, plan)[0, 0].numpy()
+    assert got.shape == tile and not np.array_equal(got, random[0, 0].numpy())
+    if all(s >= t for s, t in zip(shape, tile)):  # the centre crop
+        starts = [(s - t) // 2 for s, t in zip(shape, tile)]
+        want = image[0][tuple(slice(a, a + t) for a, t in zip(starts, tile))]
+        np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
+    else:  # mirrored where the image is smaller
+        assert np.isfinite(got).all() and np.abs(got).max() > 0
+
+
+def test_a_damaged_agreement_tile_falls_back_to_a_random_one(tmp_path):
+    plan = _plan()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / autotune.TILE_FILE).write_bytes(b"not safetensors")
+    assert autotune.agreement_tile(run, plan).shape == (1, 1, 32, 32)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_auto_predicts_like_fp32_and_caches_the_onnx_export(tmp_path, user_cache, no_bf16):
+    pytest.importorskip("onnxruntime")
+    run = _run(tmp_path / "run")
+    seg = autotune.load_segmenter(run, device="cpu", budget_s=0.05)
+    assert list(run.glob(".cache/model-*.onnx"))  # exported on the fly, beside its sidecar
+    image = np.random.default_rng(2).integers(0, 255, (45, 61)).astype(np.uint8)
+    fp32 = Segmenter.load(run, device="cpu", backend=REFERENCE).predict(image)
+    assert (seg.predict(image) == fp32).mean() >= 0.999
+    assert autotune.load_segmenter(run, backend="torch-channels-last").backend.name == "torch-channels-last"
+
+
+def test_cli_backend_override_and_info_table(tmp_path, cells_dir, user_cache, no_bf16, capsys):
+    run = _run(tmp_path / "run", tile=(64, 64))
+    image = str(cells_dir / "images" / "cell_000.png")
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "a"), "--backend", "torch-channels-last",
+                 "--quiet", "--device", "cpu"]) == 0
+    assert not (run / INFERENCE_RECORD).exists()  # an explicit backend measures nothing
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "backends for" in out and "measured now" in out and "ms/tile" in out
+    assert "torch-fp32" in out and "torch-channels-last" in out and "*" in out
+    assert main(["info", str(run)]) == 0
+    assert "cached" in capsys.readouterr().out
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "b"), "--quiet", "--device", "cpu"]) == 0
+    from useg.io import read_mask
+
+    a, b = read_mask(tmp_path / "a" / "cell_000.png")[0], read_mask(tmp_path / "b" / "cell_000.png")[0]
+    assert (a == b).mean() >= 0.999
