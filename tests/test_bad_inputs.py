@@ -876,3 +876,74 @@ def test_a_tiny_origin_difference_is_accepted(cells_dir, tmp_path, capsys):
 
     _moved_mask(data, nudge)
     assert main(["check", str(data)]) == 0
+
+
+# ------------------------- h14-property: what the property test of the command line found (issue 14)
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--depth", "9" * 30], "the depth must be at most 30 (--depth), not 999"),  # 2**depth would hang
+    (["--width", "99999999999"], "GiB but this machine has"),  # the allocator was asked for terabytes
+    (["--width", "100000", "--depth", "1"], "lower --width, --depth, --patch or --batch-size"),  # weights
+])
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_network_beyond_any_machine_is_one_sentence(command, flags, culprit, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(cells_dir), "--out", str(run), *TINY] if command == "train" else \
+        ["plan", str(cells_dir), "--quiet"]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith(f"useg {command}: error:") and "Traceback" not in err
+    assert not run.exists() and not list(tmp_path.glob(".run.*"))
+
+
+@pytest.mark.parametrize("value", ["4294967296", "9" * 30])
+def test_a_seed_beyond_32_bits_is_refused_by_the_parser(value, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # torch.manual_seed raised "Overflow when unpacking long"
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, "--seed", value])
+    assert exit_.value.code == 2
+    assert "argument --seed: expected a whole number from 0 to 4294967295" in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, "--seed", "4294967295"]) == 0
+
+
+@pytest.mark.parametrize("section, key, value, culprit", [
+    ("model", "depth", 10**30, "the depth must be at most 30"),
+    ("train", "seed", 2**64, "the seed must be a whole number from 0 to 4294967295"),
+])
+def test_a_plan_json_beyond_the_bounds_is_refused_at_load(section, key, value, culprit, trained, cells_dir,
+                                                          tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    plan = json.loads((run / "plan.json").read_text())
+    plan[section][key] = value
+    (run / "plan.json").write_text(json.dumps(plan))
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'plan.json'} is not a useg plan" in err and culprit in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_json_on_stdout_is_json_even_with_logs(cells_dir, capsys):
+    """The logs went to stdout, before the plan: `useg plan DATA --json > plan.json` was not JSON."""
+    import json
+
+    assert main(["plan", str(cells_dir), "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["model"]["dims"] == 2
+    assert "plan:" in err  # the reasons are still logged, on stderr
+
+
+@pytest.mark.parametrize("where", ["data", "images", "masks", "parent"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_train_never_writes_its_run_among_the_inputs(where, overwrite, cells_dir, tmp_path, capsys):
+    data = tmp_path / "d" / "data"
+    shutil.copytree(cells_dir, data)
+    out = {"data": data, "images": data / "images", "masks": data / "masks", "parent": data.parent}[where]
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert main(["train", str(data), "--out", str(out), *TINY, *overwrite]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is" in err and "choose a folder outside" in err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["data"]

@@ -22,8 +22,9 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
 
 
-def _number(kind, low: float, low_ok: bool, what: str):
-    """An argparse type: a finite ``kind`` (int or float) above ``low`` (or equal, with ``low_ok``)."""
+def _number(kind, low: float, low_ok: bool, what: str, high: float = float("inf")):
+    """An argparse type: a finite ``kind`` (int or float) above ``low`` (or equal, with ``low_ok``),
+    at most ``high``."""
     import math
 
     def parse(text: str):
@@ -31,7 +32,8 @@ def _number(kind, low: float, low_ok: bool, what: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < low or (value == low and not low_ok):
+        if (value is None or not math.isfinite(value) or value < low or (value == low and not low_ok)
+                or value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -39,7 +41,7 @@ def _number(kind, low: float, low_ok: bool, what: str):
 
 
 _POSITIVE = _number(float, 0.0, False, "a positive number")
-_SEED = _number(int, 0, True, "a whole number >= 0")
+_SEED = _number(int, 0, True, "a whole number from 0 to 4294967295", high=2**32 - 1)  # numpy's and torch's
 
 
 def _device(text: str) -> str:
@@ -55,9 +57,11 @@ def _device(text: str) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    # logs go to stderr: stdout is the command's result (`useg plan --json > plan.json` stays JSON)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
     root = logging.getLogger("useg")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)

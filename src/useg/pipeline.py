@@ -161,6 +161,23 @@ def train_folder(
     return dataclasses.replace(result, run=out)
 
 
+def _refuse_out_among_inputs(out: Path, data: str | Path, cases: Sequence[Case]) -> None:
+    """Refuse an ``out`` that is the data folder, holds it, or is the folder of a case's files.
+
+    The run's files would land among the inputs (its curves.png read as an image by the next check),
+    and replacing a run at such an ``out`` (``--overwrite``) would remove the data with the old run.
+    """
+    full, top = Path(os.path.abspath(out)).resolve(), Path(os.path.abspath(data)).resolve()
+    if full == top or full in top.parents:
+        raise UsegError(f"--out {out} is or holds the data folder {data}; the run would be written among "
+                        "its images: choose a folder outside it, e.g. --out runs/NAME")
+    for case in cases:
+        for f in (*case.files, case.mask, case.roi):
+            if f is not None and Path(os.path.abspath(f)).resolve().parent == full:
+                raise UsegError(f"--out {out} is the folder of {f}; the run would be written among the "
+                                "training files: choose a folder outside them, e.g. --out runs/NAME")
+
+
 def _staging_folder(out: Path) -> Path:
     """A new, hidden folder name beside ``out`` (same parent, so the swap is a rename)."""
     full = Path(os.path.abspath(out))
@@ -232,6 +249,7 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
     if (out / "plan.json").exists() and not overwrite:
         raise UsegError(f"{out} already holds a run; "
                         "pass --overwrite to replace it or --resume to continue it")
+    _refuse_out_among_inputs(out, data, report.cases)
     by_name = {c.name: c for c in report.cases}
     held = set(parse_names(exclude))
     both = sorted(held & set(parse_names(val)))

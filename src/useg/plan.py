@@ -23,6 +23,8 @@ from .files import atomic_path
 from .labels import LabelMap
 
 PLAN_VERSION = 1
+MAX_SEED = 2**32 - 1  # numpy and torch both take seeds of 32 bits (torch up to 64; 2^32 keeps seed + rank inside)
+MAX_DEPTH = 30  # poolings: 2^30 pixels pool into one, beyond any image (files.MAX_PIXELS is 2^30 in all)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def _model_problem(m: ModelConfig) -> str | None:
         value = getattr(m, name)
         if not _whole(value, low):
             return f"the {name} must be a whole number >= {low}{f' ({flag})' if flag else ''}, not {value!r}"
+    if m.depth > MAX_DEPTH:  # 2^depth pixels pool into one: beyond any image, and 2**depth itself would hang
+        return f"the depth must be at most {MAX_DEPTH} (--depth), not {m.depth!r}"
     if m.max_width is not None and not _whole(m.max_width, 1):
         return f"max_width must be a whole number >= 1 or null, not {m.max_width!r}"
     if m.dims not in (2, 3):
@@ -231,8 +235,8 @@ def _train_problem(t: TrainConfig) -> str | None:
         value = getattr(t, name)
         if not (isinstance(value, (int, float)) and 0 <= value < high):
             return f"{name} must lie in [0, {high:g}), not {value!r}"
-    if not _whole(t.seed, 0):
-        return f"the seed must be a whole number >= 0 (--seed), not {t.seed!r}"
+    if not _whole(t.seed, 0) or t.seed > MAX_SEED:
+        return f"the seed must be a whole number from 0 to {MAX_SEED} (--seed), not {t.seed!r}"
     if not _whole(t.workers, -1):
         return f"workers must be a whole number >= 0, or -1 for automatic (--workers), not {t.workers!r}"
     return None

@@ -302,6 +302,49 @@ def training_gib(patch: tuple[int, ...], width: int, depth: int, channels: int, 
     return 1.5 * 4 * batch * total / 2**30
 
 
+def parameter_gib(width: int, depth: int, dims: int, channels: int, max_width: int | None) -> float:
+    """Estimated memory of the network's weights while training: fp32 weights, gradients and the two
+    AdamW moments (16 bytes per weight); the 3^dims convolutions of both paths, biases and norms left out.
+
+    >>> round(parameter_gib(32, 4, 2, 1, None), 3)  # the default 2D network: about 7.8 M weights
+    0.116
+    """
+    widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
+    taps = 3**dims
+    weights = taps * (channels * widths[0] + widths[0] ** 2)  # the first double convolution
+    for low, high in zip(widths, widths[1:]):  # a level down (2 convs), and back up (2^dims + 2 convs)
+        weights += taps * (low * high + high**2) + 2**dims * high * low + taps * 3 * low**2
+    return 16 * weights / 2**30
+
+
+def machine_gib(device: str = "auto") -> float:
+    """The memory training can use at most: the GPU's on CUDA, else the machine's RAM (GiB)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")  # unknown: nothing is refused on a guess
+
+
+def refuse_beyond_machine(plan: Plan, have_gib: float) -> None:
+    """Refuse a plan whose training cannot fit in ``have_gib`` (``--width 100000`` would ask the
+    allocator for terabytes, or train for days on swap), with the numbers and the flags to lower.
+
+    The estimate (activations of :func:`training_gib` and weights of :func:`parameter_gib`) is within
+    a factor of about 2, so only plans beyond the whole machine are refused, never a plan that might fit.
+    """
+    m, t = plan.model, plan.train
+    need = (training_gib(plan.data.patch_size, m.width, m.depth, m.in_channels, m.max_width, t.batch_size)
+            + parameter_gib(m.width, m.depth, m.dims, m.in_channels, m.max_width))
+    if need > have_gib:
+        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {format_axes(plan.data.patch_size)} "
+                        f"and batch {t.batch_size} needs about {need:.3g} GiB but this machine has "
+                        f"{have_gib:.3g} GiB; lower --width, --depth, --patch or --batch-size")
+
+
 def _depth_for(patch: tuple[int, ...]) -> int:
     return max(1, min(MAX_DEPTH, int(math.floor(math.log2(min(patch) / MIN_EDGE)))))
 
@@ -359,6 +402,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
     plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
                      spacings=spacings, overrides=chosen)
+    refuse_beyond_machine(plan, machine_gib("cpu" if cpu else device))
     return plan, reasons
 
 
