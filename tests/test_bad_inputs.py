@@ -947,3 +947,16 @@ def test_train_never_writes_its_run_among_the_inputs(where, overwrite, cells_dir
     assert f"--out {out} is" in err and "choose a folder outside" in err
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["data"]
+
+
+def test_a_huge_depth_is_refused_before_the_3d_rules_use_it(tmp_path, capsys):
+    import nibabel as nib
+
+    for sub in ("images", "masks"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        for i in range(2):
+            arr = np.zeros((12, 12, 12), np.float32 if sub == "images" else np.uint8)
+            arr[3:8, 3:8, 3:8] = 1
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
+    assert main(["plan", str(tmp_path / "d"), "--quiet", "--depth", "9" * 30]) == 2  # training_gib looped
+    assert "the depth must be at most 30 (--depth)" in capsys.readouterr().err

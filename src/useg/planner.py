@@ -381,6 +381,8 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     import torch
 
     ov = overrides or Overrides()
+    if ov.preset in PRESETS:  # the user's network fields, before the 3D rules compute with them
+        check_model(dataclasses.replace(PRESETS[ov.preset].model, **ov.model))
     fp = fingerprint(report)
     dims = fp["dims"]
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
