@@ -960,3 +960,25 @@ def test_a_huge_depth_is_refused_before_the_3d_rules_use_it(tmp_path, capsys):
             nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
     assert main(["plan", str(tmp_path / "d"), "--quiet", "--depth", "9" * 30]) == 2  # training_gib looped
     assert "the depth must be at most 30 (--depth)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--labels", "--patch"])
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_list_of_integers_is_refused_by_the_parser(flag, value, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # an empty --labels reached the label map: a ValueError
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected integers like 256,256 or 0,255, got {value!r}" in err
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--depth", "3", "--patch", "8,8", "--norm", "instance"], "--patch 8x8 pools to a single voxel at depth 3"),
+    (["--depth", "3", "--patch", "8,8", "--batch-size", "1"], "use a patch of at least 16 per axis or a larger"),
+])
+def test_a_patch_that_pools_to_one_voxel_is_refused(flags, culprit, cells_dir, tmp_path, capsys):
+    """Instance (or batch-of-one batch) norm over a 1-voxel bottom: "Expected more than 1 spatial element"."""
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, *flags]) == 2
+    assert culprit in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, *flags[:2], "--patch",
+                 "16,16", *flags[4:]]) == 0

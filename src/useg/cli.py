@@ -17,9 +17,12 @@ logger = logging.getLogger("useg")
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
+        values = ()
+    if not values:  # "" or "," too: an empty --labels or --patch means nothing the library can use
+        raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}")
+    return values
 
 
 def _number(kind, low: float, low_ok: bool, what: str, high: float = float("inf")):

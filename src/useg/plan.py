@@ -23,7 +23,7 @@ from .files import atomic_path
 from .labels import LabelMap
 
 PLAN_VERSION = 1
-MAX_SEED = 2**32 - 1  # numpy and torch both take seeds of 32 bits (torch up to 64; 2^32 keeps seed + rank inside)
+MAX_SEED = 2**32 - 1  # numpy and torch both take 32-bit seeds (torch up to 64: seed + rank stays inside)
 MAX_DEPTH = 30  # poolings: 2^30 pixels pool into one, beyond any image (files.MAX_PIXELS is 2^30 in all)
 
 

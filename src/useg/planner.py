@@ -171,6 +171,7 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)
+    _refuse_single_value_norm(mcfg, patch, batch)
     tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch})
     icfg = dataclasses.replace(base.infer, tile=patch, **ov.infer)
     data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **{**base.data, **ov.data})
@@ -204,6 +205,19 @@ def _possible_depth(m: ModelConfig, largest: tuple[int, ...], chosen: bool) -> M
     logger.warning("depth %d needs images of at least %d pixels, the largest is %s: using depth %d",
                    m.depth, 2 ** m.depth, format_axes(largest), most)
     return dataclasses.replace(m, depth=most)
+
+
+def _refuse_single_value_norm(m: ModelConfig, patch: tuple[int, ...], batch: int) -> None:
+    """Refuse a same-padding network whose deepest level sees one value per channel: instance norm
+    (one voxel) and batch norm (one voxel and a batch of one) cannot normalise it and training fails."""
+    bottom = math.prod(max(1, p // 2**m.depth) for p in patch)
+    values = {"instance": bottom, "batch": bottom * batch}.get(m.norm)
+    if m.padding != "same" or values is None or values > 1:
+        return
+    smallest = 2 ** (m.depth + 1)
+    raise UsegError(f"--patch {format_axes(patch)} pools to a single voxel at depth {m.depth}, where {m.norm} "
+                    f"norm has one value to normalise; use a patch of at least {smallest} per axis"
+                    f"{' or a larger --batch-size' if m.norm == 'batch' else ''}, or a smaller --depth")
 
 
 def _capped_patch(patch: tuple[int, ...], largest: tuple[int, ...], m: ModelConfig) -> tuple[int, ...]:
@@ -340,7 +354,8 @@ def refuse_beyond_machine(plan: Plan, have_gib: float) -> None:
     need = (training_gib(plan.data.patch_size, m.width, m.depth, m.in_channels, m.max_width, t.batch_size)
             + parameter_gib(m.width, m.depth, m.dims, m.in_channels, m.max_width))
     if need > have_gib:
-        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {format_axes(plan.data.patch_size)} "
+        patch = format_axes(plan.data.patch_size)
+        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {patch} "
                         f"and batch {t.batch_size} needs about {need:.3g} GiB but this machine has "
                         f"{have_gib:.3g} GiB; lower --width, --depth, --patch or --batch-size")
 
