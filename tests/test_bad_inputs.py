@@ -973,8 +973,10 @@ def test_an_empty_list_of_integers_is_refused_by_the_parser(flag, value, cells_d
 
 
 @pytest.mark.parametrize("flags, culprit", [
-    (["--depth", "3", "--patch", "8,8", "--norm", "instance"], "--patch 8x8 pools to a single voxel at depth 3"),
-    (["--depth", "3", "--patch", "8,8", "--batch-size", "1"], "use a patch of at least 16 per axis or a larger"),
+    (["--depth", "3", "--patch", "8,8", "--norm", "instance"],
+     "--patch 8x8 pools to a single voxel at depth 3"),
+    (["--depth", "3", "--patch", "8,8", "--batch-size", "1"],
+     "use a patch of at least 16 per axis or a larger"),
 ])
 def test_a_patch_that_pools_to_one_voxel_is_refused(flags, culprit, cells_dir, tmp_path, capsys):
     """Instance (or batch-of-one batch) norm over a 1-voxel bottom: "Expected more than 1 spatial element"."""

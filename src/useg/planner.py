@@ -215,8 +215,8 @@ def _refuse_single_value_norm(m: ModelConfig, patch: tuple[int, ...], batch: int
     if m.padding != "same" or values is None or values > 1:
         return
     smallest = 2 ** (m.depth + 1)
-    raise UsegError(f"--patch {format_axes(patch)} pools to a single voxel at depth {m.depth}, where {m.norm} "
-                    f"norm has one value to normalise; use a patch of at least {smallest} per axis"
+    raise UsegError(f"--patch {format_axes(patch)} pools to a single voxel at depth {m.depth}, where "
+                    f"{m.norm} norm has one value to normalise; use a patch of at least {smallest} per axis"
                     f"{' or a larger --batch-size' if m.norm == 'batch' else ''}, or a smaller --depth")
 
 
