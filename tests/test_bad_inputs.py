@@ -984,3 +984,27 @@ def test_a_patch_that_pools_to_one_voxel_is_refused(flags, culprit, cells_dir, t
     assert culprit in capsys.readouterr().err
     assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, *flags[:2], "--patch",
                  "16,16", *flags[4:]]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--val", "--exclude"])
+def test_a_range_of_billions_of_case_names_is_refused(flag, cells_dir, tmp_path, capsys):
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, flag, "0-99999999999"]) == 2
+    err = capsys.readouterr().err  # it was expanded name by name: hours
+    assert "the range 0-99999999999 names 100000000000 cases, more than 1000000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_2d_image_given_to_a_3d_run_is_one_sentence(trained, cells_dir):
+    """(1, H, W) was taken for a one-slice volume: "labels (1, 64, 64) do not match" from the writer."""
+    from useg.errors import UsegError
+    from useg.io import read_image
+    from useg.plan import Plan
+    from useg.predict import Segmenter
+
+    seg = Segmenter.load(trained)
+    d = seg.plan.to_dict()  # the same run made 3D: the check is on the image's dimensions, not the weights
+    seg.plan = Plan.from_dict({**d, "model": {**d["model"], "dims": 3},
+                               "data": {**d["data"], "patch_size": [16] * 3, "spacing": [1.0] * 3},
+                               "infer": {**d["infer"], "tile": [16] * 3}})
+    with pytest.raises(UsegError, match=r"cell_000.png is a 2D image \(64x64\) but this run is 3D"):
+        seg.predict_image(read_image(cells_dir / "images" / "cell_000.png"))

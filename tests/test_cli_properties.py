@@ -27,6 +27,7 @@ import io
 import math
 import os
 import shutil
+import signal
 import tempfile
 import traceback
 from pathlib import Path
@@ -34,13 +35,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from useg import cli
 
 EXAMPLES = int(os.environ.get("USEG_PROPERTY_EXAMPLES", "2"))
+LIMIT_S = 60  # one command of the probe: every base command takes about a second
 PATCH = {2: "16,16", 3: "8,8,8"}
 DEPTH = {2: "2", 3: "1"}
 
@@ -269,12 +271,34 @@ def snapshot(folder: Path) -> dict[str, tuple]:
     return found
 
 
+class TooLong(BaseException):
+    """Raised in the CLI by the example's alarm: a BaseException, so no ``except Exception`` hides it."""
+
+
+def _too_long(signum, frame):
+    raise TooLong(f"still running after {LIMIT_S} s")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """SIGALRM after ``seconds``: a hang (``--val 0-99999999999`` expanded for hours) fails the example
+    with its stack. Hypothesis catches a test timeout and runs the example again, so the limit is here."""
+    previous = signal.signal(signal.SIGALRM, _too_long)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     """The exit status of ``useg ARGV`` in process (SystemExit's code counts) and its stderr."""
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
-            status = cli.main(argv)
+            with time_limit(LIMIT_S):
+                status = cli.main(argv)
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         except BaseException:  # noqa: BLE001 - the property: no exception ever reaches the user
@@ -311,7 +335,9 @@ def check_example(w: dict, sub: str, dims: int, mutations: list[tuple[argparse.A
         shutil.rmtree(work, ignore_errors=True)
 
 
+# no shrinking: a failure already names its whole command line, and shrinking would rerun slow examples
 PROBE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                 phases=[Phase.explicit, Phase.reuse, Phase.generate],
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                         HealthCheck.filter_too_much])
 
@@ -325,7 +351,6 @@ def test_every_option_has_values():
             assert values_of(name, action), f"useg {name} {flag_of(action)} gets no value to try"
 
 
-@pytest.mark.timeout(120)  # a case is a few examples of seconds each: a hang fails with its stack
 @pytest.mark.parametrize("sub, dest", cases())
 @PROBE
 @given(data=st.data())

@@ -28,6 +28,7 @@ from .train import TrainResult, fit
 logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"  # in a run folder: the train and validation case names
+MAX_RANGE = 1_000_000  # case names one "lo-hi" range of --val or --exclude may expand to
 
 
 def parse_names(given: str | Sequence[str] | None) -> list[str]:
@@ -41,6 +42,9 @@ def parse_names(given: str | Sequence[str] | None) -> list[str]:
             continue
         lo, sep, hi = part.partition("-")
         if sep and lo.isdigit() and hi.isdigit():
+            if int(hi) - int(lo) >= MAX_RANGE:  # "0-99999999999" would expand for hours
+                raise UsegError(f"the range {part} names {int(hi) - int(lo) + 1} cases, more than "
+                                f"{MAX_RANGE}; give the case numbers of the data, like 25-29")
             names.extend(str(i) for i in range(int(lo), int(hi) + 1))
         else:
             names.append(part)

@@ -132,6 +132,16 @@ def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarra
     return normalize(array, d.normalization, d.intensity)  # float32 copy, the input is untouched
 
 
+def _dims_sentence(name: str, dims: int, shape: Sequence[int], run_dims: int) -> str:
+    """"X is a 3D volume (16x16x16) but this run is 2D ...": the real cause, not the axis order."""
+    what = {2: "a 2D image", 3: "a 3D volume"}
+    trained = {2: "2D images", 3: "3D volumes"}
+    fix = ("predict it with a run trained on 3D volumes, or save its slices as 2D images" if dims == 3
+           else "predict it with a run trained on 2D images")
+    return (f"{name} is {what[dims]} ({'x'.join(map(str, shape))}) but this run is {run_dims}D (trained on "
+            f"{trained[run_dims]}); {fix}")
+
+
 def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], device: torch.device,
                         max_images: int = 2) -> dict:
     """Compare the trained model's labels under the inference fast path (bf16) and fp32.
@@ -250,6 +260,9 @@ class Segmenter:
         """The network input (C, *S') of an image at the plan's spacing, and whether it was resampled."""
         d = self.plan.data
         array = image.array
+        if image.dims != self.plan.model.dims:  # before resampling: a 3D volume is no 2D image
+            raise UsegError(_dims_sentence(str(image.path or "the image"), image.dims, image.spatial_shape,
+                                           self.plan.model.dims))
         resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
         if resample:
             from .resample import resample_image
