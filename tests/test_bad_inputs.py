@@ -1008,3 +1008,16 @@ def test_a_2d_image_given_to_a_3d_run_is_one_sentence(trained, cells_dir):
                                "infer": {**d["infer"], "tile": [16] * 3}})
     with pytest.raises(UsegError, match=r"cell_000.png is a 2D image \(64x64\) but this run is 3D"):
         seg.predict_image(read_image(cells_dir / "images" / "cell_000.png"))
+
+
+def test_a_negative_3d_patch_is_one_sentence(tmp_path, capsys):
+    import nibabel as nib
+
+    for sub in ("images", "masks"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        for i in range(2):
+            arr = np.zeros((12, 12, 12), np.float32 if sub == "images" else np.uint8)
+            arr[3:8, 3:8, 3:8] = 1
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
+    assert main(["plan", str(tmp_path / "d"), "--quiet", "--patch=-1,255,8"]) == 2  # log2(-1): math error
+    assert "--patch -1,255,8 holds a size below 1" in capsys.readouterr().err

@@ -162,12 +162,7 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
-        given, example = ",".join(map(str, ov.patch_size)), ",".join(["64"] * dims)
-        if len(ov.patch_size) != dims:
-            raise UsegError(f"--patch {given} has {len(ov.patch_size)} axes but the images have {dims}; "
-                            f"give {dims} sizes like --patch {example}")
-        if min(ov.patch_size) < 1:
-            raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
+        check_patch(ov.patch_size, dims)
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)
@@ -207,12 +202,22 @@ def _possible_depth(m: ModelConfig, largest: tuple[int, ...], chosen: bool) -> M
     return dataclasses.replace(m, depth=most)
 
 
+def check_patch(patch: Sequence[int], dims: int) -> None:
+    """Refuse a ``--patch`` with another number of axes than the images, or a size below 1."""
+    given, example = ",".join(map(str, patch)), ",".join(["64"] * dims)
+    if len(patch) != dims:
+        raise UsegError(f"--patch {given} has {len(patch)} axes but the images have {dims}; "
+                        f"give {dims} sizes like --patch {example}")
+    if min(patch) < 1:
+        raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
+
+
 def _refuse_single_value_norm(m: ModelConfig, patch: tuple[int, ...], batch: int) -> None:
     """Refuse a same-padding network whose deepest level sees one value per channel: instance norm
     (one voxel) and batch norm (one voxel and a batch of one) cannot normalise it and training fails."""
     bottom = math.prod(max(1, p // 2**m.depth) for p in patch)
     values = {"instance": bottom, "batch": bottom * batch}.get(m.norm)
-    if m.padding != "same" or values is None or values > 1:
+    if m.padding != "same" or values is None or values > 1 or batch < 1:  # a batch < 1: TrainConfig's
         return
     smallest = 2 ** (m.depth + 1)
     raise UsegError(f"--patch {format_axes(patch)} pools to a single voxel at depth {m.depth}, where "
@@ -400,6 +405,8 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
         check_model(dataclasses.replace(PRESETS[ov.preset].model, **ov.model))
     fp = fingerprint(report)
     dims = fp["dims"]
+    if ov.patch_size is not None:  # before the 3D rules take its logarithm
+        check_patch(ov.patch_size, dims)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     data, reasons = _normalization(fp)
     if ov.regions:
