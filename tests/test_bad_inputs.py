@@ -667,7 +667,7 @@ def test_impossible_options_are_one_sentence(flags, culprit, cells_dir, tmp_path
     ("--lr", "-1", "argument --lr: expected a positive number, got '-1'"),
     ("--lr", "nan", "argument --lr: expected a positive number, got 'nan'"),
     ("--dropout", "-0.1", "argument --dropout: expected a number in [0, 1), got '-0.1'"),
-    ("--seed", "-1", "argument --seed: expected a whole number >= 0, got '-1'"),
+    ("--seed", "-1", "argument --seed: expected a whole number from 0 to 4294967295, got '-1'"),
     ("--workers", "-5", "argument --workers: expected a whole number >= 0, or -1 for automatic"),
     ("--memory-gb", "0", "argument --memory-gb: expected a positive number, got '0'"),
     ("--time-budget", "inf", "argument --time-budget: expected a positive number, got 'inf'"),
