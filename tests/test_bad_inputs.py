@@ -667,7 +667,7 @@ def test_impossible_options_are_one_sentence(flags, culprit, cells_dir, tmp_path
     ("--lr", "-1", "argument --lr: expected a positive number, got '-1'"),
     ("--lr", "nan", "argument --lr: expected a positive number, got 'nan'"),
     ("--dropout", "-0.1", "argument --dropout: expected a number in [0, 1), got '-0.1'"),
-    ("--seed", "-1", "argument --seed: expected a whole number >= 0, got '-1'"),
+    ("--seed", "-1", "argument --seed: expected a whole number from 0 to 4294967295, got '-1'"),
     ("--workers", "-5", "argument --workers: expected a whole number >= 0, or -1 for automatic"),
     ("--memory-gb", "0", "argument --memory-gb: expected a positive number, got '0'"),
     ("--time-budget", "inf", "argument --time-budget: expected a positive number, got 'inf'"),
@@ -1453,3 +1453,146 @@ def test_a_backend_the_machine_cannot_run_is_refused(trained, cells_dir, tmp_pat
     err = capsys.readouterr().err
     assert f"{trained / 'model.onnx'} is missing; run 'useg export {trained}' first" in err
     assert not out.exists() or not any(out.iterdir())
+# ------------------------- h14-property: what the property test of the command line found (issue 14)
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--depth", "9" * 30], "the depth must be at most 30 (--depth), not 999"),  # 2**depth would hang
+    (["--width", "99999999999"], "GiB but this machine has"),  # the allocator was asked for terabytes
+    (["--width", "100000", "--depth", "1"], "lower --width, --depth, --patch or --batch-size"),  # weights
+])
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_network_beyond_any_machine_is_one_sentence(command, flags, culprit, cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(cells_dir), "--out", str(run), *TINY] if command == "train" else \
+        ["plan", str(cells_dir), "--quiet"]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.startswith(f"useg {command}: error:") and "Traceback" not in err
+    assert not run.exists() and not list(tmp_path.glob(".run.*"))
+
+
+@pytest.mark.parametrize("value", ["4294967296", "9" * 30])
+def test_a_seed_beyond_32_bits_is_refused_by_the_parser(value, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # torch.manual_seed raised "Overflow when unpacking long"
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, "--seed", value])
+    assert exit_.value.code == 2
+    assert "argument --seed: expected a whole number from 0 to 4294967295" in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, "--seed", "4294967295"]) == 0
+
+
+@pytest.mark.parametrize("section, key, value, culprit", [
+    ("model", "depth", 10**30, "the depth must be at most 30"),
+    ("train", "seed", 2**64, "the seed must be a whole number from 0 to 4294967295"),
+])
+def test_a_plan_json_beyond_the_bounds_is_refused_at_load(section, key, value, culprit, trained, cells_dir,
+                                                          tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    plan = json.loads((run / "plan.json").read_text())
+    plan[section][key] = value
+    (run / "plan.json").write_text(json.dumps(plan))
+    assert main(["predict", str(run), str(cells_dir / "images"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'plan.json'} is not a useg plan" in err and culprit in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_json_on_stdout_is_json_even_with_logs(cells_dir, capsys):
+    """The logs went to stdout, before the plan: `useg plan DATA --json > plan.json` was not JSON."""
+    import json
+
+    assert main(["plan", str(cells_dir), "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["model"]["dims"] == 2
+    assert "plan:" in err  # the reasons are still logged, on stderr
+
+
+@pytest.mark.parametrize("where", ["data", "images", "masks", "parent"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_train_never_writes_its_run_among_the_inputs(where, overwrite, cells_dir, tmp_path, capsys):
+    data = tmp_path / "d" / "data"
+    shutil.copytree(cells_dir, data)
+    out = {"data": data, "images": data / "images", "masks": data / "masks", "parent": data.parent}[where]
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert main(["train", str(data), "--out", str(out), *TINY, *overwrite]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is" in err and "choose a folder outside" in err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["data"]
+
+
+def test_a_huge_depth_is_refused_before_the_3d_rules_use_it(tmp_path, capsys):
+    import nibabel as nib
+
+    for sub in ("images", "masks"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        for i in range(2):
+            arr = np.zeros((12, 12, 12), np.float32 if sub == "images" else np.uint8)
+            arr[3:8, 3:8, 3:8] = 1
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
+    assert main(["plan", str(tmp_path / "d"), "--quiet", "--depth", "9" * 30]) == 2  # training_gib looped
+    assert "the depth must be at most 30 (--depth)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--labels", "--patch"])
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_list_of_integers_is_refused_by_the_parser(flag, value, cells_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # an empty --labels reached the label map: a ValueError
+        main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected integers like 256,256 or 0,255, got {value!r}" in err
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--depth", "3", "--patch", "8,8", "--norm", "instance"],
+     "--patch 8x8 pools to a single voxel at depth 3"),
+    (["--depth", "3", "--patch", "8,8", "--batch-size", "1"],
+     "use a patch of at least 16 per axis or a larger"),
+])
+def test_a_patch_that_pools_to_one_voxel_is_refused(flags, culprit, cells_dir, tmp_path, capsys):
+    """Instance (or batch-of-one batch) norm over a 1-voxel bottom: "Expected more than 1 spatial element"."""
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, *flags]) == 2
+    assert culprit in capsys.readouterr().err
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, *flags[:2], "--patch",
+                 "16,16", *flags[4:]]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--val", "--exclude"])
+def test_a_range_of_billions_of_case_names_is_refused(flag, cells_dir, tmp_path, capsys):
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *TINY, flag, "0-99999999999"]) == 2
+    err = capsys.readouterr().err  # it was expanded name by name: hours
+    assert "the range 0-99999999999 names 100000000000 cases, more than 1000000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_2d_image_given_to_a_3d_run_is_one_sentence(trained, cells_dir):
+    """(1, H, W) was taken for a one-slice volume: "labels (1, 64, 64) do not match" from the writer."""
+    from useg.errors import UsegError
+    from useg.io import read_image
+    from useg.plan import Plan
+    from useg.predict import Segmenter
+
+    seg = Segmenter.load(trained)
+    d = seg.plan.to_dict()  # the same run made 3D: the check is on the image's dimensions, not the weights
+    seg.plan = Plan.from_dict({**d, "model": {**d["model"], "dims": 3},
+                               "data": {**d["data"], "patch_size": [16] * 3, "spacing": [1.0] * 3},
+                               "infer": {**d["infer"], "tile": [16] * 3}})
+    with pytest.raises(UsegError, match=r"cell_000.png is a 2D image \(64x64\) but this run is 3D"):
+        seg.predict_image(read_image(cells_dir / "images" / "cell_000.png"))
+
+
+def test_a_negative_3d_patch_is_one_sentence(tmp_path, capsys):
+    import nibabel as nib
+
+    for sub in ("images", "masks"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        for i in range(2):
+            arr = np.zeros((12, 12, 12), np.float32 if sub == "images" else np.uint8)
+            arr[3:8, 3:8, 3:8] = 1
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
+    assert main(["plan", str(tmp_path / "d"), "--quiet", "--patch=-1,255,8"]) == 2  # log2(-1): math error
+    assert "--patch -1,255,8 holds a size below 1" in capsys.readouterr().err

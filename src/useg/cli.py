@@ -17,13 +17,17 @@ logger = logging.getLogger("useg")
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}") from None
+        values = ()
+    if not values:  # "" or "," too: an empty --labels or --patch means nothing the library can use
+        raise argparse.ArgumentTypeError(f"expected integers like 256,256 or 0,255, got {text!r}")
+    return values
 
 
-def _number(kind, low: float, low_ok: bool, what: str):
-    """An argparse type: a finite ``kind`` (int or float) above ``low`` (or equal, with ``low_ok``)."""
+def _number(kind, low: float, low_ok: bool, what: str, high: float = float("inf")):
+    """An argparse type: a finite ``kind`` (int or float) above ``low`` (or equal, with ``low_ok``),
+    at most ``high``."""
     import math
 
     def parse(text: str):
@@ -31,7 +35,8 @@ def _number(kind, low: float, low_ok: bool, what: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < low or (value == low and not low_ok):
+        if (value is None or not math.isfinite(value) or value < low or (value == low and not low_ok)
+                or value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -43,9 +48,11 @@ _POSITIVE = _number(float, 0.0, False, "a positive number")
 
 def _field(name: str):
     """The argparse type of a plan field's flag: its kind and the lower bound of its one rule
-    (:data:`useg.spec.BOUNDS`); the plan refuses the rest of it, naming the flag."""
+    (:data:`useg.spec.BOUNDS`), and for whole numbers the upper one too; the plan refuses the rest of
+    it, naming the flag."""
     bound = BOUNDS[name]
-    return _number(int if bound.whole else float, bound.low, bound.low_ok, bound.what)
+    high = bound.high - 1 if bound.whole else float("inf")
+    return _number(int if bound.whole else float, bound.low, bound.low_ok, bound.what, high=high)
 
 
 def _percentile(text: str) -> float:
@@ -68,9 +75,11 @@ def _device(text: str) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    # logs go to stderr: stdout is the command's result (`useg plan --json > plan.json` stays JSON)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
     root = logging.getLogger("useg")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)

@@ -28,6 +28,7 @@ from .train import TrainResult, fit
 logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"  # in a run folder: the train and validation case names
+MAX_RANGE = 1_000_000  # case names one "lo-hi" range of --val or --exclude may expand to
 
 
 def parse_names(given: str | Sequence[str] | None) -> list[str]:
@@ -41,6 +42,9 @@ def parse_names(given: str | Sequence[str] | None) -> list[str]:
             continue
         lo, sep, hi = part.partition("-")
         if sep and lo.isdigit() and hi.isdigit():
+            if int(hi) - int(lo) >= MAX_RANGE:  # "0-99999999999" would expand for hours
+                raise UsegError(f"the range {part} names {int(hi) - int(lo) + 1} cases, more than "
+                                f"{MAX_RANGE}; give the case numbers of the data, like 25-29")
             names.extend(str(i) for i in range(int(lo), int(hi) + 1))
         else:
             names.append(part)
@@ -162,6 +166,23 @@ def train_folder(
     return dataclasses.replace(result, run=out)
 
 
+def _refuse_out_among_inputs(out: Path, data: str | Path, cases: Sequence[Case]) -> None:
+    """Refuse an ``out`` that is the data folder, holds it, or is the folder of a case's files.
+
+    The run's files would land among the inputs (its curves.png read as an image by the next check),
+    and replacing a run at such an ``out`` (``--overwrite``) would remove the data with the old run.
+    """
+    full, top = Path(os.path.abspath(out)).resolve(), Path(os.path.abspath(data)).resolve()
+    if full == top or full in top.parents:
+        raise UsegError(f"--out {out} is or holds the data folder {data}; the run would be written among "
+                        "its images: choose a folder outside it, e.g. --out runs/NAME")
+    for case in cases:
+        for f in (*case.files, case.mask, case.roi):
+            if f is not None and Path(os.path.abspath(f)).resolve().parent == full:
+                raise UsegError(f"--out {out} is the folder of {f}; the run would be written among the "
+                                "training files: choose a folder outside them, e.g. --out runs/NAME")
+
+
 def _staging_folder(out: Path) -> Path:
     """A new, hidden folder name beside ``out`` (same parent, so the swap is a rename)."""
     full = Path(os.path.abspath(out))
@@ -246,6 +267,7 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
 
     if not overwrite:
         runlog.refuse_occupied(out, data)
+    _refuse_out_among_inputs(out, data, report.cases)
     by_name = {c.name: c for c in report.cases}
     held = set(parse_names(exclude))
     both = sorted(held & set(parse_names(val)))

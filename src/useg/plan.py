@@ -23,6 +23,7 @@ from .labels import LabelMap
 from .spec import BOUNDS, COUNT
 
 PLAN_VERSION = 1
+MAX_DEPTH = 30  # poolings: 2^30 pixels pool into one, beyond any image (files.MAX_PIXELS is 2^30 in all)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ def _model_problem(m: ModelConfig) -> str | None:
         value = getattr(m, name)
         if not BOUNDS.get(name, COUNT).holds(value):
             return f"the {name} must be {COUNT.what}{f' ({flag})' if flag else ''}, not {value!r}"
+    if m.depth > MAX_DEPTH:  # 2^depth pixels pool into one: beyond any image, and 2**depth itself would hang
+        return f"the depth must be at most {MAX_DEPTH} (--depth), not {m.depth!r}"
     if m.max_width is not None and not _whole(m.max_width, 1):
         return f"max_width must be a whole number >= 1 or null, not {m.max_width!r}"
     if m.dims not in (2, 3):
@@ -249,7 +252,7 @@ def _train_problem(t: TrainConfig) -> str | None:
         if not (isinstance(value, (int, float)) and 0 <= value < high):
             return f"{name} must lie in [0, {high:g}), not {value!r}"
     if not BOUNDS["seed"].holds(t.seed):
-        return f"the seed must be a whole number >= 0 (--seed), not {t.seed!r}"
+        return f"the seed must be {BOUNDS['seed'].what} (--seed), not {t.seed!r}"
     if not BOUNDS["workers"].holds(t.workers):
         return f"workers must be a whole number >= 0, or -1 for automatic (--workers), not {t.workers!r}"
     return None

@@ -163,12 +163,14 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     if ov.patch_size is None:
         patch = default_patch_size(image_shapes, mcfg, base.max_edge)
     else:
+        check_patch(ov.patch_size, dims)
         problem = sizes_problem("patch", tuple(ov.patch_size), dims, flag="--patch")  # plan.json's rule
         if problem:
             raise UsegError(problem)
         patch = valid_input_size(tuple(ov.patch_size), mcfg.depth, mcfg.padding)
     patch = _capped_patch(patch, largest, mcfg)
     batch = batch_size(ov.preset, dims, patch, ov.train)
+    _refuse_single_value_norm(mcfg, patch, batch)
     tcfg = dataclasses.replace(base.train, **{**ov.train, "batch_size": batch})
     icfg = dataclasses.replace(base.infer, tile=patch, **ov.infer)
     data = DataConfig(label_map=label_map, patch_size=patch, spacing=spacing, **{**base.data, **ov.data})
@@ -202,6 +204,29 @@ def _possible_depth(m: ModelConfig, largest: tuple[int, ...], chosen: bool) -> M
     logger.warning("depth %d needs images of at least %d pixels, the largest is %s: using depth %d",
                    m.depth, 2 ** m.depth, format_axes(largest), most)
     return dataclasses.replace(m, depth=most)
+
+
+def check_patch(patch: Sequence[int], dims: int) -> None:
+    """Refuse a ``--patch`` with another number of axes than the images, or a size below 1."""
+    given, example = ",".join(map(str, patch)), ",".join(["64"] * dims)
+    if len(patch) != dims:
+        raise UsegError(f"--patch {given} has {len(patch)} axes but the images have {dims}; "
+                        f"give {dims} sizes like --patch {example}")
+    if min(patch) < 1:
+        raise UsegError(f"--patch {given} holds a size below 1; give sizes like --patch {example}")
+
+
+def _refuse_single_value_norm(m: ModelConfig, patch: tuple[int, ...], batch: int) -> None:
+    """Refuse a same-padding network whose deepest level sees one value per channel: instance norm
+    (one voxel) and batch norm (one voxel and a batch of one) cannot normalise it and training fails."""
+    bottom = math.prod(max(1, p // 2**m.depth) for p in patch)
+    values = {"instance": bottom, "batch": bottom * batch}.get(m.norm)
+    if m.padding != "same" or values is None or values > 1 or batch < 1:  # a batch < 1: TrainConfig's
+        return
+    smallest = 2 ** (m.depth + 1)
+    raise UsegError(f"--patch {format_axes(patch)} pools to a single voxel at depth {m.depth}, where "
+                    f"{m.norm} norm has one value to normalise; use a patch of at least {smallest} per axis"
+                    f"{' or a larger --batch-size' if m.norm == 'batch' else ''}, or a smaller --depth")
 
 
 def _capped_patch(patch: tuple[int, ...], largest: tuple[int, ...], m: ModelConfig) -> tuple[int, ...]:
@@ -300,6 +325,50 @@ def training_gib(patch: tuple[int, ...], width: int, depth: int, channels: int, 
     return 1.5 * 4 * batch * total / 2**30
 
 
+def parameter_gib(width: int, depth: int, dims: int, channels: int, max_width: int | None) -> float:
+    """Estimated memory of the network's weights while training: fp32 weights, gradients and the two
+    AdamW moments (16 bytes per weight); the 3^dims convolutions of both paths, biases and norms left out.
+
+    >>> round(parameter_gib(32, 4, 2, 1, None), 3)  # the default 2D network: about 7.8 M weights
+    0.116
+    """
+    widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
+    taps = 3**dims
+    weights = taps * (channels * widths[0] + widths[0] ** 2)  # the first double convolution
+    for low, high in zip(widths, widths[1:]):  # a level down (2 convs), and back up (2^dims + 2 convs)
+        weights += taps * (low * high + high**2) + 2**dims * high * low + taps * 3 * low**2
+    return 16 * weights / 2**30
+
+
+def machine_gib(device: str = "auto") -> float:
+    """The memory training can use at most: the GPU's on CUDA, else the machine's RAM (GiB)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")  # unknown: nothing is refused on a guess
+
+
+def refuse_beyond_machine(plan: Plan, have_gib: float) -> None:
+    """Refuse a plan whose training cannot fit in ``have_gib`` (``--width 100000`` would ask the
+    allocator for terabytes, or train for days on swap), with the numbers and the flags to lower.
+
+    The estimate (activations of :func:`training_gib` and weights of :func:`parameter_gib`) is within
+    a factor of about 2, so only plans beyond the whole machine are refused, never a plan that might fit.
+    """
+    m, t = plan.model, plan.train
+    need = (training_gib(plan.data.patch_size, m.width, m.depth, m.in_channels, m.max_width, t.batch_size)
+            + parameter_gib(m.width, m.depth, m.dims, m.in_channels, m.max_width))
+    if need > have_gib:
+        patch = format_axes(plan.data.patch_size)
+        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {patch} "
+                        f"and batch {t.batch_size} needs about {need:.3g} GiB but this machine has "
+                        f"{have_gib:.3g} GiB; lower --width, --depth, --patch or --batch-size")
+
+
 def _depth_for(patch: tuple[int, ...]) -> int:
     return max(1, min(MAX_DEPTH, int(math.floor(math.log2(min(patch) / MIN_EDGE)))))
 
@@ -336,8 +405,12 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     import torch
 
     ov = overrides or Overrides()
+    if ov.preset in PRESETS:  # the user's network fields, before the 3D rules compute with them
+        check_model(dataclasses.replace(PRESETS[ov.preset].model, **ov.model))
     fp = fingerprint(report)
     dims = fp["dims"]
+    if ov.patch_size is not None:  # before the 3D rules take its logarithm
+        check_patch(ov.patch_size, dims)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     data, reasons = _normalization(fp)
     if ov.regions:
@@ -359,6 +432,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
                      spacings=spacings, overrides=chosen)
     if plan.data.resample:  # a case whose header says absurd voxels would not fit once resampled
         check_cases(report.records, plan.data.spacing)
+    refuse_beyond_machine(plan, machine_gib("cpu" if cpu else device))
     return plan, reasons
 
 

@@ -110,7 +110,8 @@ BOUNDS = {  # plan field -> its rule; the command-line flags of these fields par
     "depth": COUNT,
     "dropout": Bound(False, 0.0, "a number in [0, 1)", high=1.0),
     "lr": Bound(False, 0.0, "a positive number", low_ok=False),
-    "seed": Bound(True, 0, "a whole number >= 0"),
+    # numpy and torch both take 32-bit seeds (torch up to 64: seed + rank stays inside)
+    "seed": Bound(True, 0, "a whole number from 0 to 4294967295", high=2**32),
     "workers": Bound(True, -1, "a whole number >= 0, or -1 for automatic"),
     "epochs": Bound(True, 1, "a whole number of at least 1"),
     "iters_per_epoch": Bound(True, 1, "a whole number of at least 1"),
