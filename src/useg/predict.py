@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import runtime, writing
-from .backends import BACKENDS, Backend, TorchBackend
+from .backends import BACKENDS, Backend, TorchBackend, ensemble, fold_runs
 from .checkpoint import load_weights
 from .dataset import Case
 from .errors import UsegError
@@ -202,18 +202,24 @@ class Segmenter:
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", precision: str = "auto",
-             backend: str = "torch") -> Segmenter:
+             backend: str = "torch", folds: Sequence[int] | None = None) -> Segmenter:
         """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read).
 
         ``backend="onnxruntime"`` runs ``run/model.onnx`` from ``useg export`` instead (CPU);
         :data:`useg.backends.BACKENDS` holds every backend. ``precision="auto"`` is fp32 where
         ``run/inference.json`` says the fast path disagreed with fp32 (:func:`check_low_precision`).
+        A cross-validated run (``useg train --folds``) loads as the ensemble of its folds
+        (:class:`useg.backends.EnsembleBackend`, the mean of their probabilities), or of ``folds``.
         """
         run = Path(run)
         if not run.is_dir():
             raise UsegError(f"{run} is not a run folder; pass the --out folder of 'useg train'")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be {' or '.join(BACKENDS)}, not {backend!r}")
+        members = fold_runs(run, folds)
+        if members:  # each fold in the precision its own training checked
+            return cls(*ensemble([BACKENDS[backend](m, device, recorded_precision(m) if precision == "auto"
+                                                    else precision) for m in members], run))
         if precision == "auto":
             precision = recorded_precision(run)
         return cls(*BACKENDS[backend](run, device, precision))
