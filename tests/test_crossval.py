@@ -153,6 +153,12 @@ def test_edited_splits_and_an_interrupted_fold_resume(data, tmp_path, monkeypatc
     epochs = [json.loads(line)["epoch"] for line in lines]
     assert epochs == [0, 1]  # continued, not restarted
     assert (run / "fold_0" / "model.safetensors").stat().st_mtime_ns == done
+    # --overwrite: a whole new run (a new split) built beside and swapped in, nothing left behind
+    new = train_folder(data, run, overrides=_overrides(), folds=2, overwrite=True, **KW)
+    assert new.run == run and new.summary["n_cases"] == 5 and sorted(new.trained) == [0, 1]
+    assert json.loads((run / "splits.json").read_text()) == kfold_splits([f"cell_00{i}" for i in range(5)], 2)
+    assert json.loads((run / "fold_1" / "summary.json").read_text())["run"] == str(run / "fold_1")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_time_budget_is_shared_by_the_folds_left(data, tmp_path, monkeypatch):
@@ -168,3 +174,23 @@ def test_time_budget_is_shared_by_the_folds_left(data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_folder(data, tmp_path / "run", overrides=_overrides(), folds=3, time_budget_min=6.0, **KW)
     assert len(budgets) == 1 and 1.9 < budgets[0] <= 2.0  # 6 minutes, 3 folds left
+
+
+def test_the_cli_continues_a_cv_run_and_predicts_with_its_ensemble(cv_run, data, tmp_path, capsys):
+    from useg.cli import main
+
+    run, _ = cv_run
+    tiny = ["--width", "4", "--depth", "2", "--patch", "32,32", "--epochs", "1", "--iters", "2", "--device",
+            "cpu", "--quiet"]
+    assert main(["train", str(data), "--out", str(run), "--folds", "2", "--exclude", "cell_004", *tiny]) == 0
+    said = capsys.readouterr().out
+    assert "cross-validated foreground dice" in said and "fold 0:" not in said  # nothing trained again
+    image = data / "images" / "cell_004.png"
+    for folds, out in (([], "all"), (["--folds", "0"], "one")):
+        assert main(["predict", str(run), str(image), "--out", str(tmp_path / out), "--device", "cpu",
+                     "--quiet", *folds]) == 0
+    expected = Segmenter.load(run / "fold_0", device="cpu").predict(read_image(image).array)
+    lm_values = json.loads((run / "plan.json").read_text())["data"]["label_map"]["values"]
+    one = read_image(tmp_path / "one" / "cell_004.png").array[0]
+    assert np.array_equal(one, np.asarray(lm_values)[expected])
+    assert (tmp_path / "all" / "cell_004.png").is_file()

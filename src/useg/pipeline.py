@@ -201,6 +201,8 @@ def _cross_validated(data: str | Path, out: Path, spec: DataSpec | None, overrid
         result = train_folds(data, staging, report, overrides, **kw)
         if runtime.main_process():
             _swap_in(staging, out)
+            for fold in out.glob("fold_*"):  # their summaries named the staging folder
+                runlog.write_summary(fold, {**runlog.read_summary(fold), "run": fold})
     except BaseException:
         if runtime.main_process():
             shutil.rmtree(staging, ignore_errors=True)
