@@ -133,6 +133,10 @@ def test_edited_splits_and_an_interrupted_fold_resume(data, tmp_path, monkeypatc
     assert first.trained.keys() == {0} and first.summary is None and not (run / "cv.json").exists()
     assert json.loads((run / "fold_0" / "split.json").read_text()) == edited[0]
     done = (run / "fold_0" / "model.safetensors").stat().st_mtime_ns
+    (run / "splits.json").write_text(json.dumps(edited[::-1]))  # edited after fold 0 trained on it
+    with pytest.raises(UsegError, match="trained on another split"):
+        train_folder(data, run, folds=2, **KW)
+    (run / "splits.json").write_text(json.dumps(edited))
 
     end_epoch = useg.train._end_epoch
 

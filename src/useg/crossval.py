@@ -197,9 +197,12 @@ def train_folds(
     if fold is not None and not 0 <= fold < len(splits):
         raise UsegError(f"--fold {fold} is not a fold of {out / SPLITS_FILE} (0 to {len(splits) - 1}); "
                         "choose one of those")
+    _check_trained_splits(out, splits)
     plan = _shared_plan(out, report.without(held), overrides, device)
     pending = [i for i in ([fold] if fold is not None else range(len(splits)))
                if not fold_complete(fold_folder(out, i))]
+    if pending and runtime.main_process():  # a cv.json of other fold models would be stale
+        (out / CV_FILE).unlink(missing_ok=True)
     trained = {}
     for n, i in enumerate(pending):
         budget = None
@@ -214,6 +217,20 @@ def train_folds(
         waiting = [i for i in range(len(splits)) if not fold_complete(fold_folder(out, i))]
         logger.info("%s waits for fold(s) %s; it is written when they are complete", out / CV_FILE, waiting)
     return CVResult(out, len(splits), trained, summary)
+
+
+def _check_trained_splits(out: Path, splits: Sequence[Mapping[str, list[str]]]) -> None:
+    """Refuse a splits.json edited after a fold was trained on it (its out-of-fold cases would be wrong)."""
+    for i, split in enumerate(splits):
+        path = fold_folder(out, i) / FOLD_SPLIT_FILE
+        try:
+            trained_on = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not started (or not by this module): nothing to compare
+        if trained_on != dict(split):
+            raise UsegError(f"{path.parent} was trained on another split than fold {i} of "
+                            f"{out / SPLITS_FILE}; restore that fold in {SPLITS_FILE} or delete "
+                            f"{path.parent} to train it again")
 
 
 def _shared_plan(out: Path, report: CheckReport, overrides: Overrides, device: str) -> Plan:
