@@ -165,3 +165,33 @@ def test_fixed_precision_variants_have_their_memory_format(tmp_path):
         BACKENDS["torch-fp16"](run, "cpu", "auto")
     with pytest.raises(UsegError, match="useg export"):
         BACKENDS["openvino"](run, "cpu", "auto")
+# --- fold ensembles (issue 13) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (9, 21, 18)])
+def test_an_ensemble_of_copies_is_the_model_and_of_two_is_their_mean(shape):
+    from useg.backends import EnsembleBackend
+
+    dims = len(shape)
+    plan = make_plan(LabelMap((0, 1)), 1, [shape], overrides=Overrides(
+        model={"width": 4, "depth": 2}, infer={"tta": True, "batch_size": 2},
+        patch_size=(16,) * dims))
+    prec = pick_precision(CPU, "fp32")
+    nets = [UNet.from_config(plan.model).eval() for _ in range(2)]
+    a, b = (TorchBackend(net, plan, CPU, prec) for net in nets)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    pa, pb = Segmenter(plan, a).predict_proba(x), Segmenter(plan, b).predict_proba(x)
+    copies = EnsembleBackend([a, a, a])
+    assert isinstance(copies, Backend) and copies.name == "torch" and copies.device == CPU
+    np.testing.assert_allclose(Segmenter(plan, copies).predict_proba(x), pa, atol=1e-6)
+    counted = Fake()
+    both = Segmenter(plan, EnsembleBackend([a, b, counted])).predict_proba(x)
+    pf = Segmenter(plan, Fake()).predict_proba(x)
+    assert not np.allclose(pa, pb, atol=1e-3)
+    np.testing.assert_allclose(both, (pa + pb + pf) / 3, atol=1e-5)
+    # one pass over the tiles: each member is called once per tile batch and symmetry, no more
+    plain = Fake()
+    Segmenter(plan, plain).predict_proba(x)
+    assert counted.calls == plain.calls
+    with pytest.raises(ValueError):
+        EnsembleBackend([])

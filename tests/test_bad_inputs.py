@@ -1598,3 +1598,58 @@ def test_a_negative_3d_patch_is_one_sentence(tmp_path, capsys):
             nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "d" / sub / f"v{i}.nii.gz")
     assert main(["plan", str(tmp_path / "d"), "--quiet", "--patch=-1,255,8"]) == 2  # log2(-1): math error
     assert "--patch -1,255,8 holds a size below 1" in capsys.readouterr().err
+# --- h13-cv: cross-validated runs (issue 13): splits.json, --folds, --fold, fold ensembles ------------------
+
+def _fold(train, val):
+    return {"train": [f"cell_00{i}" if isinstance(i, int) else i for i in train],
+            "val": [f"cell_00{i}" if isinstance(i, int) else i for i in val]}
+
+
+FOLD_SPLITS = {
+    "not a list": ({"train": [], "val": []}, "is not a list"),
+    "unknown case": ([_fold([0], ["nope"]), _fold(["nope"], [0])], "not cases of the data"),
+    "twice in val": ([_fold([1], [0]), _fold([1], [0])], "in the val of folds 0 and 1"),
+    "in no val": ([_fold([1], [0]), _fold([0], [1])], "in no fold's val"),
+    "train and val": ([_fold([0], [0]), _fold([0], [1])], "trains and validates"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_SPLITS))
+def test_a_bad_splits_json_is_refused(name, cells_dir, tmp_path, capsys):
+    splits, words = FOLD_SPLITS[name]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "splits.json").write_text(__import__("json").dumps(splits))
+    assert main(["train", str(cells_dir), "--out", str(run), "--folds", "2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "splits.json" in err and words in err
+    assert sorted(p.name for p in run.iterdir()) == ["splits.json"]  # nothing planned or trained
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--folds", "2", "--val", "cell_000"], "drop --val"),
+    (["--folds", "2", "--fold", "2"], "--fold 2 is not a fold"),
+    (["--fold", "0", "--overwrite"], "not one fold"),
+    (["--folds", "7"], "between 2 and 6 folds"),
+])
+def test_cross_validation_options_that_cannot_work_are_refused(args, words, cells_dir, tmp_path, capsys):
+    assert main(["train", str(cells_dir), "--out", str(tmp_path / "run"), *args, *TINY]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run" / "fold_0").exists()
+
+
+def test_folds_on_a_single_run_and_on_unfinished_folds_are_refused(cells_dir, tmp_path, capsys):
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "plan.json").write_text("{}")
+    image = str(cells_dir / "images" / "cell_000.png")
+    assert main(["train", str(cells_dir), "--out", str(single), "--folds", "2", *TINY]) == 2
+    assert "holds a single run, not a cross-validated one" in capsys.readouterr().err
+    assert main(["predict", str(single), image, "--out", str(tmp_path / "p"), "--folds", "0"]) == 2
+    assert "not a cross-validated run" in capsys.readouterr().err
+    cv = tmp_path / "cv"
+    (cv / "fold_0").mkdir(parents=True)
+    (cv / "splits.json").write_text('[{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]')
+    assert main(["predict", str(cv), image, "--out", str(tmp_path / "p")]) == 2
+    assert "fold_0 is not trained yet" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

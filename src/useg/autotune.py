@@ -46,6 +46,7 @@ from .backends import (
     Backend,
     OnnxBackend,
     OpenVinoBackend,
+    fold_runs,
     onnx_session,
     read_sidecar,
     sidecar_path,
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"  # the --backend value that measures
 REFERENCE = "torch-fp32"  # plain fp32 PyTorch (NCHW on the CPU): what every candidate must agree with
+REFERENCE_ENSEMBLE = "torch"  # a fold ensemble's members: each in the precision its training checked
 BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first passes and exports not counted)
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
 CACHE_KEY = "backends"  # in inference.json: machine key -> measurement
@@ -380,13 +382,16 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
 
 
 def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
-                   budget_s: float = BUDGET_S, postprocessing: bool = True) -> Segmenter:
+                   budget_s: float = BUDGET_S, postprocessing: bool = True,
+                   folds: Sequence[int] | None = None) -> Segmenter:
     """:meth:`useg.predict.Segmenter.load` with ``backend="auto"``: the fastest agreeing backend here.
 
-    Any other ``backend`` name (and ``postprocessing``) is passed through unchanged.
+    Any other ``backend`` name (and ``postprocessing``) is passed through unchanged. A cross-validated
+    run's fold ensemble (or ``folds``) runs on the run's PyTorch models: ``auto`` times single networks.
     """
-    if backend != AUTO:
-        return Segmenter.load(run, device=device, backend=backend, postprocessing=postprocessing)
+    if backend != AUTO or fold_runs(run, folds):
+        return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
+                              postprocessing=postprocessing, folds=folds)
     # checks the folder; the reference
     seg = Segmenter.load(run, device=device, backend=REFERENCE, postprocessing=postprocessing)
     kept: dict[str, Backend] = {}

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> model file suffix
 WEIGHTS_FILE = "model.safetensors"  # a run's weights, beside plan.json (and beside its exports)
+SPLITS_FILE = "splits.json"  # in a cross-validated run: its folds, each trained in fold_K/
+FOLD_DONE = "summary.json"  # written last by training: a fold folder holding it is complete
 CPU = torch.device("cpu")
 
 
@@ -202,6 +204,83 @@ def torch_variant(mode: str, channels_last: bool | None = None) -> Loader:
         return plan, TorchBackend(backend.model, plan, backend.device, prec, name=name)
 
     return load
+class EnsembleBackend:
+    """The mean of several backends' probabilities: a fold ensemble behind the one backend seam.
+
+    Each tile goes through every member in turn and their probabilities are summed into one
+    tensor, so tiling keeps one accumulator and the memory bound of a single model; k members
+    cost k network calls per tile. TTA (:func:`useg.predict.tile_fn`) averages over the ensemble's
+    calls, which is the same mean.
+
+    Args:
+        members: backends of networks with the same plan; the first one's device is the ensemble's.
+    """
+
+    def __init__(self, members: Sequence[Backend]):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.name, self.device = self.members[0].name, self.members[0].device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            probs = member(batch.to(member.device)).to(self.device, torch.float32)
+            total = probs if total is None else total.add_(probs)
+        return total / len(self.members)
+
+
+def ensemble(loaded: Sequence[tuple[Plan, Backend]], where: str | Path) -> tuple[Plan, Backend]:
+    """(plan, backend) pairs of the same plan as one (plan, :class:`EnsembleBackend`).
+
+    Raises:
+        UsegError: the members were planned differently (``where`` is named).
+    """
+    plan = loaded[0][0]
+    if any(p != plan for p, _ in loaded[1:]):
+        raise UsegError(f"the members of {where} have different plans; train (or export) them from one run")
+    return plan, EnsembleBackend([b for _, b in loaded])
+
+
+def fold_folder(run: str | Path, fold: int) -> Path:
+    """Fold ``fold``'s run folder in a cross-validated run: ``run/fold_K``."""
+    return Path(run) / f"fold_{fold}"
+
+
+def fold_complete(folder: Path) -> bool:
+    """Whether a fold's training finished (its summary.json, written last, and its weights exist)."""
+    return (folder / FOLD_DONE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def fold_runs(run: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
+    """The complete fold folders of a cross-validated run (``splits.json``, ``fold_K/``); [] for one run.
+
+    Args:
+        run: a run folder.
+        folds: the folds to take (default all).
+
+    Raises:
+        UsegError: ``folds`` given for a single run, a fold not in splits.json, or one not complete.
+    """
+    run = Path(run)
+    splits = run / SPLITS_FILE
+    if not splits.is_file() or (run / WEIGHTS_FILE).is_file():
+        if folds:
+            raise UsegError(f"{run} is not a cross-validated run (it has no {SPLITS_FILE}); drop --folds")
+        return []
+    try:
+        k = len(json.loads(splits.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsegError(f"{splits} cannot be read ({e}); restore it or train the run again") from None
+    chosen = list(range(k)) if folds is None else list(dict.fromkeys(folds))
+    if not chosen or any(not 0 <= f < k for f in chosen):
+        raise UsegError(f"--folds {','.join(map(str, chosen))} is not a choice of {run}'s folds 0 to "
+                        f"{k - 1}; choose among those")
+    unfinished = [fold_folder(run, f) for f in chosen if not fold_complete(fold_folder(run, f))]
+    if unfinished:
+        raise UsegError(f"{unfinished[0]} is not trained yet; finish it with 'useg train DATA --out {run} "
+                        "--resume' or choose the trained folds with --folds")
+    return [fold_folder(run, f) for f in chosen]
 
 
 Loader = Callable[[Path, str, str], tuple[Plan, Backend]]
@@ -328,7 +407,26 @@ def exported_backend(path: str | Path, providers: Sequence[str] | None = None,
     Arguments as in :func:`load_exported`. ``Segmenter(*exported_backend(path))`` predicts from
     the export alone.
     """
+    if Path(path).suffix.lower() == ".json":
+        return _exported_ensemble(Path(path), providers, threads)
     plan, runner = load_exported(path, providers, threads)
     if isinstance(runner, torch.nn.Module):
         return plan, TorchBackend(runner, plan, CPU, runtime.pick_precision(CPU, "fp32"))
     return plan, OnnxBackend(runner, plan)
+
+
+def _exported_ensemble(path: Path, providers: Sequence[str] | None, threads: int | None
+                       ) -> tuple[Plan, Backend]:
+    """The ensemble a ``useg export`` of a cross-validated run describes (``ensemble.onnx.json``)."""
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+        members = [path.parent / m for m in side["members"]]
+        combine = side["combine"]
+    except FileNotFoundError:
+        raise UsegError(f"{path} does not exist; check the path or export the run again") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsegError(f"{path} is not a useg ensemble sidecar ({e}); export the run again") from None
+    if combine != "mean" or not members:
+        raise UsegError(f"{path} combines {len(members)} member(s) by {combine!r}, which this useg cannot; "
+                        "export the run again")
+    return ensemble([exported_backend(m, providers, threads) for m in members], path)

@@ -199,12 +199,29 @@ def cmd_train(a: argparse.Namespace) -> int:
     result = train_folder(
         a.data, a.out, spec=_spec(a), overrides=_overrides(a), val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
+        folds=a.folds, fold=a.fold,
     )
     if not runtime.main_process():  # under torchrun, rank 0 speaks for the job
+        return 0
+    if a.folds is not None or a.fold is not None:
+        _print_folds(result)
         return 0
     print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.minutes:.1f} min; "
           f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch}; run in {result.run}")
     return 0
+
+
+def _print_folds(result) -> None:
+    """What a cross-validated ``useg train`` did: the folds it trained, then cv.json's figure."""
+    for k, r in sorted(result.trained.items()):
+        print(f"fold {k}: {r.epochs} epochs ({r.steps} steps) in {r.minutes:.1f} min; best val dice "
+              f"{r.best_dice:.4f}")
+    if result.summary is None:
+        print(f"{len(result.trained)} fold(s) trained; {result.run}/cv.json follows when all "
+              f"{result.folds} folds are complete")
+    else:
+        print(f"cross-validated foreground dice {result.summary['foreground']['dice']:.4f} over "
+              f"{result.summary['n_cases']} cases ({result.folds} folds); run in {result.run}")
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
@@ -221,7 +238,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         raise UsegError(f"{missing[0]} does not exist; check the path")
     _refuse_idle_predict_options(a)
     with shards.joined(a.device) as device:  # under torchrun: this rank's GPU or CPU share, its inputs
-        seg = load_segmenter(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing)
+        seg = load_segmenter(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing,
+                             folds=a.folds)
         changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
         if changes:
             seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
@@ -256,7 +274,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_run
 
     path = export_run(a.run, a.out, a.format, a.opset)
-    print(f"exported {path} (settings in {path}.json)")
+    if path.suffix == ".json":  # a cross-validated run: one export per fold, combined by the sidecar
+        print(f"exported every fold of {a.run}; {path} says how to combine them")
+    else:
+        print(f"exported {path} (settings in {path}.json)")
     return 0
 
 
@@ -397,6 +418,12 @@ def _add_train(sub) -> None:
     t.add_argument("--time-budget", type=_POSITIVE, help="minutes of training, validation included")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--folds", type=_number(int, 2, True, "a whole number >= 2"),
+                   help="k-fold cross-validation: one run per fold in --out/fold_K, split by case in "
+                   "--out/splits.json (editable), out-of-fold metrics in --out/cv.json")
+    t.add_argument("--fold", type=_number(int, 0, True, "a whole number >= 0"),
+                   help="train only this fold of a cross-validated run (folds run "
+                   "in parallel, one per machine); cv.json is written by the call that completes the last")
     _common(t)
     t.set_defaults(fn=cmd_train)
 
@@ -430,6 +457,8 @@ def _add_predict(sub) -> None:
                     "model.onnx of 'useg export'")
     pr.add_argument("--no-postprocessing", action="store_true",
                     help="ignore RUN/postprocessing.json (made by 'useg postprocess'): write the raw masks")
+    pr.add_argument("--folds", type=_ints, help="of a cross-validated run: the folds to ensemble, e.g. 0,2 "
+                    "(default: all; their probabilities are averaged)")
     _roi_arg(pr, "pixels outside it are written as background")
     _common(pr)
     pr.set_defaults(fn=cmd_predict)

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import FORMATS, WEIGHTS_FILE, exported_backend, import_onnxruntime, onnx_session, sidecar_path
+from .backends import (
+    FORMATS,
+    WEIGHTS_FILE,
+    exported_backend,
+    fold_runs,
+    import_onnxruntime,
+    onnx_session,
+    sidecar_path,
+)
 from .checkpoint import weights_digest
 from .errors import UsegError
 from .files import atomic_path, atomic_write_text
@@ -62,6 +70,9 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
     if format not in FORMATS:
         raise UsegError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
+    members = fold_runs(run)
+    if members:
+        return _export_folds(run, members, out, format, opset, dynamo)
     suffix = FORMATS[format]
     out = Path(out) if out is not None else run / f"model{suffix}"
     if out.suffix.lower() != suffix:
@@ -102,6 +113,24 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
         raise
     logger.info("wrote %s and %s", out, sidecar_path(out))
     return out
+
+
+def _export_folds(run: Path, members: list[Path], out: str | Path | None, format: str, opset: int | None,
+                  dynamo: bool | None) -> Path:
+    """A cross-validated run: every fold exported into its folder, and ``run/ensemble<suffix>.json``
+    naming them and how to combine them (the mean of their probabilities); returns that sidecar."""
+    if out is not None:
+        raise UsegError(f"{run} is cross-validated: its folds are exported to {run}/fold_K/ beside an "
+                        "ensemble sidecar; drop --out")
+    paths = [export_run(m, None, format, opset, dynamo) for m in members]
+    side = {"useg_export": SIDECAR_VERSION, "format": format, "combine": "mean",
+            "combine_doc": "the mean of the members' probabilities (softmax, or a sigmoid per region) at "
+                           "each network call: test-time augmentation and tiling run on top of it",
+            "members": [p.relative_to(run).as_posix() for p in paths],
+            "plan": Plan.load(run / "plan.json").to_dict()}
+    path = atomic_write_text(run / f"ensemble{FORMATS[format]}.json", json.dumps(side, indent=2) + "\n")
+    logger.info("wrote %s combining %d fold exports", path, len(paths))
+    return path
 
 
 def _sidecar(plan: Plan, format: str, out: Path, exporter: str, diff: float) -> dict:

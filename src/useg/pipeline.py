@@ -13,6 +13,7 @@ import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .plan import Plan
 from .preprocess import load_arrays
 from .spec import DataSpec, Overrides
 from .train import TrainResult, fit
+
+if TYPE_CHECKING:
+    from .crossval import CVResult
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +102,7 @@ def train_folder(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-    quiet: bool = False,
-) -> TrainResult:
+    quiet: bool = False, folds: int | None = None, fold: int | None = None) -> TrainResult | CVResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
     Args:
@@ -119,6 +122,7 @@ def train_folder(
         overwrite: replace an existing run in ``out``.
         device: "auto", "cpu", "cuda", ...
         quiet: no progress bar.
+        folds, fold: k-fold cross-validation, or its fold ``fold`` alone (:func:`useg.crossval.train_folds`).
 
     A new run is built in a hidden folder beside ``out`` (``.NAME.new-XXXX``) and takes ``out``'s place
     when training is complete, so a run it replaces stays whole and loadable until then, and a run
@@ -129,6 +133,9 @@ def train_folder(
     """
     overrides = overrides or Overrides()
     out = Path(out)
+    if folds is not None or fold is not None:
+        return _cross_validated(data, out, spec, overrides, folds, fold, val, exclude, time_budget_min,
+                                resume, overwrite, device, quiet)
     spec = _prepared(out, data, spec, resume)
     report = check_dataset(data, spec)
     if not report.ok:
@@ -181,6 +188,46 @@ def _refuse_out_among_inputs(out: Path, data: str | Path, cases: Sequence[Case])
             if f is not None and Path(os.path.abspath(f)).resolve().parent == full:
                 raise UsegError(f"--out {out} is the folder of {f}; the run would be written among the "
                                 "training files: choose a folder outside them, e.g. --out runs/NAME")
+def _cross_validated(data: str | Path, out: Path, spec: DataSpec | None, overrides: Overrides,
+                     folds: int | None, fold: int | None, val: str | Sequence[str] | None,
+                     exclude: str | Sequence[str] | None, time_budget_min: float | None, resume: bool,
+                     overwrite: bool, device: str, quiet: bool) -> CVResult:
+    """``train_folder`` with ``folds`` or ``fold``: :func:`useg.crossval.train_folds`.
+
+    ``overwrite`` (of a run already at ``out``) builds the whole cross-validated run beside ``out`` and
+    swaps it in when every fold and cv.json are complete, as for a single run; an interrupted overwrite
+    leaves the old run and nothing else (its folds are not resumable: start it again).
+    """
+    from .crossval import train_folds
+
+    if val:
+        raise UsegError("--val names one validation set and --folds makes one per fold; drop --val "
+                        f"(edit {out / 'splits.json'} to choose the folds)")
+    if overwrite and fold is not None:
+        raise UsegError(f"--overwrite replaces a whole cross-validated run, not one fold; drop --fold, or "
+                        f"delete {out / f'fold_{fold}'} to train that fold again")
+    replace = overwrite and not resume and (out / "plan.json").exists()
+    if not replace and (out / "splits.json").is_file():  # continuing a cross-validated run: its patterns
+        spec = _run_patterns(spec, out)
+    report = check_dataset(data, spec)
+    if not report.ok:
+        raise UsegError("\n".join(report.problems))
+    kw = dict(k=folds, fold=fold, exclude=parse_names(exclude), time_budget_min=time_budget_min,
+              resume=resume, device=device, quiet=quiet, roi=spec.roi_dir if spec else None)
+    if not replace:
+        return train_folds(data, out, report, overrides, **kw)
+    staging = _staging_folder(out)
+    try:
+        result = train_folds(data, staging, report, overrides, **kw)
+        if runtime.main_process():
+            _swap_in(staging, out)
+            for fold in out.glob("fold_*"):  # their summaries named the staging folder
+                runlog.write_summary(fold, {**runlog.read_summary(fold), "run": fold})
+    except BaseException:
+        if runtime.main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, run=out)
 
 
 def _staging_folder(out: Path) -> Path:

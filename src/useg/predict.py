@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import runlog, runtime, writing
-from .backends import BACKENDS, Backend, TorchBackend
+from .backends import BACKENDS, Backend, TorchBackend, ensemble, fold_runs
 from .checkpoint import load_model
 from .dataset import Case
 from .errors import UsegError
@@ -230,7 +230,8 @@ class Segmenter:
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", precision: str = "auto",
-             backend: str = "torch", postprocessing: bool = True) -> Segmenter:
+             backend: str = "torch", postprocessing: bool = True,
+             folds: Sequence[int] | None = None) -> Segmenter:
         """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read).
 
         ``backend="onnxruntime"`` runs ``run/model.onnx`` from ``useg export`` instead (CPU);
@@ -238,15 +239,21 @@ class Segmenter:
         ``run/inference.json`` says the fast path disagreed with fp32 (:func:`check_low_precision`).
         With ``postprocessing`` the steps of ``run/postprocessing.json`` (``useg postprocess``), when
         it exists, are applied to every label output; a damaged record is refused.
+        A cross-validated run (``useg train --folds``) loads as the ensemble of its folds
+        (:class:`useg.backends.EnsembleBackend`, the mean of their probabilities), or of ``folds``.
         """
         run = Path(run)
         runlog.refuse_unloadable(run)  # no folder, no run, or one stopped before its first checkpoint
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto, through "
                              f"useg.autotune.load_segmenter), not {backend!r}")
-        if precision == "auto":
-            precision = recorded_precision(run)
-        plan, net = BACKENDS[backend](run, device, precision)
+        members = fold_runs(run, folds)
+        if members:  # each fold in the precision its own training checked
+            plan, net = ensemble([BACKENDS[backend](m, device, recorded_precision(m) if precision == "auto"
+                                                    else precision) for m in members], run)
+        else:
+            plan, net = BACKENDS[backend](run, device, recorded_precision(run) if precision == "auto"
+                                          else precision)
         pp = read_postprocessing(run, plan.data.label_map.num_classes) if postprocessing else None
         if pp is not None and not pp.is_identity:
             logger.info("post-processing from %s: %s", run / POSTPROCESSING_RECORD, "; ".join(pp.describe()))
