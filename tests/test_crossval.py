@@ -198,3 +198,20 @@ def test_the_cli_continues_a_cv_run_and_predicts_with_its_ensemble(cv_run, data,
     one = read_image(tmp_path / "one" / "cell_004.png").array[0]
     assert np.array_equal(one, np.asarray(lm_values)[expected])
     assert (tmp_path / "all" / "cell_004.png").is_file()
+
+
+def test_cross_validation_chooses_post_processing_that_predict_applies(cv_run, data, tmp_path):
+    from useg.postprocess import apply_postprocessing
+    from useg.postprocess_run import read_postprocessing
+
+    run, _ = cv_run
+    record = json.loads((run / "postprocessing.json").read_text())
+    # chosen on the four out-of-fold predictions (cell_004 is held out of the folds), with its figures
+    assert {"postprocessing", "figures"} <= set(record) and record["n_cases"] == 4
+    assert record["predictions"] == str(run / "cv" / "predictions")
+    seg = Segmenter.load(run, device="cpu")
+    pp = read_postprocessing(run, seg.plan.data.label_map.num_classes)
+    assert seg.postprocessing == pp
+    image = read_image(data / "images" / "cell_004.png").array
+    raw = Segmenter.load(run, device="cpu", postprocessing=False).predict(image)
+    np.testing.assert_array_equal(seg.predict(image), apply_postprocessing(raw, pp))

@@ -212,11 +212,29 @@ def train_folds(
         trained[i] = _train_fold(out, i, splits, by_name, plan, budget, resume, device, quiet)
     summary = None
     if all(fold_complete(fold_folder(out, i)) for i in range(len(splits))) and runtime.main_process():
-        summary = _read_cv(out) or cross_validate(out, splits, by_name, plan, roi=roi, device=device)
+        summary = _read_cv(out)
+        if summary is None:
+            summary = cross_validate(out, splits, by_name, plan, roi=roi, device=device)
+            _choose_postprocessing(out, json.loads((out / CV_FILE).read_text(encoding="utf-8")), roi)
     elif runtime.main_process():
         waiting = [i for i in range(len(splits)) if not fold_complete(fold_folder(out, i))]
         logger.info("%s waits for fold(s) %s; it is written when they are complete", out / CV_FILE, waiting)
     return CVResult(out, len(splits), trained, summary)
+
+
+def _choose_postprocessing(out: Path, cv: Mapping, roi: str | Path | None) -> None:
+    """nnU-Net's last step of cross-validation: post-processing chosen on the out-of-fold predictions
+    (``RUN/postprocessing.json``, applied by predict); skipped when the truth masks lie in several folders."""
+    from .postprocess_run import determine_postprocessing
+
+    truth = cv.get("truth_dir")
+    if truth is None:
+        logger.info("post-processing not chosen: the truth masks lie in several folders; "
+                    "run 'useg postprocess %s --predictions %s --truth DIR'", out, out / PREDICTIONS_DIR)
+        return
+    pp, _ = determine_postprocessing(out, out / cv.get("predictions_dir", PREDICTIONS_DIR), truth, roi=roi)
+    logger.info("post-processing chosen on the out-of-fold predictions: %s",
+                "; ".join(pp.describe()) if not pp.is_identity else "none improves the cross-validated Dice")
 
 
 def _check_trained_splits(out: Path, splits: Sequence[Mapping[str, list[str]]]) -> None:

@@ -156,6 +156,11 @@ def run_state(run: str | Path) -> RunState:
     if not (run / "plan.json").is_file():
         return RunState("empty", 0, None, has_model)
     planned = _planned_epochs(run / "plan.json")
+    if (run / "splits.json").is_file() and not has_model:  # cross-validated (useg.crossval): its folds decide
+        folds = [run_state(f) for f in sorted(run.glob("fold_*")) if f.is_dir()]
+        kind = ("complete" if any(f.has_model for f in folds)
+                else "resumable" if any(f.kind == "resumable" for f in folds) else "started")
+        return RunState(kind, 0, planned, any(f.has_model for f in folds))
     last = run / "last.safetensors"
     if not last.is_file():
         return RunState("complete" if has_model else "started", 0, planned, has_model)
