@@ -25,7 +25,8 @@ Tools, each given the same training budget in minutes (``--budget-min``), prepro
 Every tool's predictions are read back as arrays and scored by one function per dataset built on
 useg's metrics (``isbi2012.score``; ``useg.distances.evaluate_regions``). Each training and
 prediction command runs as a child process: wall time, and the peak of the summed resident
-memory of its process tree (polled from /proc every 0.5 s; shared pages counted per process).
+memory of its process tree (the proportional set size of each process, polled from /proc every
+0.5 s, so pages shared between forked workers count once).
 
     python benchmarks/peers.py setup                      # nnU-Net's venv: benchmarks/.venv-nnunet
     python benchmarks/peers.py run --dataset isbi --tools useg,nnunet,monai --budget-min 20 \\
@@ -129,18 +130,18 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Summed VmRSS (KiB) of ``root`` and its descendants."""
+def _tree_pss_kib(root: int) -> int:
+    """Summed proportional set size (KiB) of ``root`` and its descendants: pages shared between
+    forked workers (nnU-Net's data loaders) counted once, not once per process."""
     kids, todo, total = _children(), [root], 0
     while todo:
         pid = todo.pop()
         todo.extend(kids.get(pid, []))
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
-            pass
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
     return total
 
 
@@ -155,7 +156,7 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
         def poll() -> None:
             while not stop.wait(0.5):
-                peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+                peak[0] = max(peak[0], _tree_pss_kib(proc.pid))
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
@@ -586,12 +587,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise SystemExit(f"{a.data} has no {needed}/; pass --data to the folder of the shared datasets")
     a.data, a.work = a.data.resolve(), a.work.resolve()
     true, spacing = truths(a.dataset, a.data)
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    stamp = {"machine": machine(a.device), "date": now,
-             "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+    stamp = {"machine": machine(a.device), "command": shlex.join([Path(sys.executable).name, *sys.argv])}
     rows = []
     for tool in tools:
-        row = run_tool(tool, a, true, spacing) | stamp
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")  # when this tool started
+        row = run_tool(tool, a, true, spacing) | stamp | {"date": now}
         append_rows(a.out, [row])  # each row as soon as it is measured
         rows.append(row)
     print(f"\n{a.dataset}, {a.budget_min:g} min per tool on {a.device} ({stamp['machine']['cpu']}):")
