@@ -577,6 +577,23 @@ def format_row(r: dict) -> str:
             f"predict {r['predict_seconds']:.0f} s, peak {peak:.1f} GiB")
 
 
+def table(out: Path) -> list[str]:
+    """One line per dataset and tool, one column per (device, budget): the latest row of each,
+    as ISBI Dice / adapted Rand error and BraTS mean Dice / mean HD95 (mm)."""
+    rows = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
+    latest = {(r["dataset"], r["tool"], r["device"], r["budget_min"]): r for r in rows}
+    columns = sorted({(k[2], k[3]) for k in latest})
+    lines = ["dataset tool    " + "".join(f"| {d} {b:g} min".ljust(34) for d, b in columns)]
+    for dataset, tool in sorted({(k[0], k[1]) for k in latest}):
+        cells = []
+        for d, b in columns:
+            r = latest.get((dataset, tool, d, b))
+            second = (None if r is None else r["rand_error"] if dataset == "isbi" else r["hd95"])
+            cells.append("| -".ljust(34) if r is None else f"| {r['dice']:.4f} / {second:.4f}".ljust(34))
+        lines.append(f"{dataset:<7} {tool:<7} " + "".join(cells))
+    return lines
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
     unknown = sorted(set(tools) - set(TOOLS))
@@ -597,7 +614,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"\n{a.dataset}, {a.budget_min:g} min per tool on {a.device} ({stamp['machine']['cpu']}):")
     for row in rows:
         print("  " + format_row(row))
-    print(f"{len(rows)} row(s) appended to {a.out}")
+    print(f"{len(rows)} row(s) appended to {a.out}; all of it:")
+    print("\n".join(table(a.out)))
     return 0
 
 
@@ -617,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=HERE / "results" / "peers.json", help="rows are appended here")
     r.add_argument("--useg-train-args", default="", help="extra `useg train` options, e.g. '--preset paper'")
     r.add_argument("--useg-predict-args", default="", help="extra `useg predict` options, e.g. '--tta'")
+    t = sub.add_parser("table", help="print the results file, one column per device and budget")
+    t.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     c = sub.add_parser("_monai")  # internal: the MONAI child process
     c.add_argument("--dataset", required=True)
     c.add_argument("--data", type=Path, required=True)
@@ -627,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "setup":
         return setup(a.cuda)
+    if a.cmd == "table":
+        print("\n".join(table(a.out)))
+        return 0
     if a.cmd == "_monai":
         return monai_child(a)
     return cmd_run(a)
