@@ -13,6 +13,12 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory, monkeypatch):
+    """Backend timings and on-the-fly exports (useg.autotune) go to a temporary cache, not ~/.cache."""
+    monkeypatch.setenv("USEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "useg-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny tensor ops on one thread.

@@ -50,8 +50,18 @@ def no_bf16(monkeypatch):
 
 @pytest.fixture
 def user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("USEG_CACHE_DIR", str(tmp_path / "user-cache" / "useg"))
     return tmp_path / "user-cache" / "useg"
+
+
+def _records(cache):
+    """The cached measurements: weights-hash file name -> its table of machines."""
+    files = sorted(cache.glob("inference-*.json"))
+    return {p.name: json.loads(p.read_text())[autotune.CACHE_KEY] for p in files}
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------ the decision rule
@@ -205,15 +215,24 @@ def test_a_second_load_reads_the_cache(tmp_path, monkeypatch, user_cache, no_bf1
     assert calls == [1] and not first["cached"] and first["chosen"] in autotune.candidates(CPU)
     assert [t["name"] for t in first["timings"]] == autotune.candidates(CPU)
     assert all(t["agreement"] >= 0.999 for t in first["timings"] if t["ms"] is not None)
-    record = json.loads((run / INFERENCE_RECORD).read_text())
-    (key, entry), = record[autotune.CACHE_KEY].items()
+    (table,) = _records(user_cache).values()
+    (key, entry), = table.items()
     assert key == autotune.machine_key(autotune.machine_facts(CPU)) and entry["tile"] == [1, 1, 32, 32]
     second = _choose(run)
     assert calls == [1] and second["cached"] and second["chosen"] == first["chosen"]
     assert autotune.load_segmenter(run, device="cpu").backend.name == first["chosen"]
     assert calls == [1]
     assert _choose(run, refresh=True)["cached"] is False and calls == [1, 1]
-    assert not user_cache.exists()  # the run folder was writable
+
+
+def test_measuring_never_writes_into_the_run_folder(tmp_path, user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    (run / INFERENCE_RECORD).write_text(json.dumps({"precision": "fp32", "agreement": 0.9}))
+    before = _tree(run)
+    _choose(run)
+    autotune.load_segmenter(run, device="cpu", budget_s=0.05)
+    assert _tree(run) == before  # predict changes no input: the cache is the user's
+    assert _records(user_cache)
 
 
 def test_another_machine_or_other_weights_measure_again(tmp_path, monkeypatch, user_cache, no_bf16):
@@ -223,38 +242,31 @@ def test_another_machine_or_other_weights_measure_again(tmp_path, monkeypatch, u
     facts = autotune.machine_facts
     monkeypatch.setattr(autotune, "machine_facts", lambda dev: {**facts(dev), "threads": "64"})
     assert not _choose(run)["cached"] and calls == [1, 1]
-    assert len(json.loads((run / INFERENCE_RECORD).read_text())[autotune.CACHE_KEY]) == 2  # both machines
+    (table,) = _records(user_cache).values()
+    assert len(table) == 2  # both machines, for the same weights
     assert _choose(run)["cached"]
     _run(run, seed=1)  # trained again: other weights
     assert not _choose(run)["cached"] and calls == [1, 1, 1]
-    table = json.loads((run / INFERENCE_RECORD).read_text())[autotune.CACHE_KEY]
-    assert len(table) == 1  # entries of the old weights are dropped
+    assert sorted(len(t) for t in _records(user_cache).values()) == [1, 2]  # a record per weights hash
 
 
-def test_a_read_only_run_caches_in_the_user_folder(tmp_path, monkeypatch, user_cache, no_bf16):
+def test_an_unwritable_cache_only_measures_again(tmp_path, monkeypatch, user_cache, no_bf16):
     run = _run(tmp_path / "run")
-    (run / INFERENCE_RECORD).mkdir()  # any write there fails, whoever runs the test (root too)
+    user_cache.parent.mkdir(parents=True)
+    user_cache.write_text("a file where the cache folder should be")  # any write there fails, root too
     calls = _count_measures(monkeypatch)
     assert not _choose(run)["cached"]
-    assert len(list(user_cache.glob("inference-*.json"))) == 1
-    assert _choose(run)["cached"] and calls == [1]
+    assert not _choose(run)["cached"] and calls == [1, 1]
 
 
 def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch, user_cache, no_bf16):
     run = _run(tmp_path / "run")
-    (run / INFERENCE_RECORD).write_text('{"precision": "fp32", "backends": [1, 2')
     calls = _count_measures(monkeypatch)
-    assert not _choose(run)["cached"] and calls == [1]
-    record = json.loads((run / INFERENCE_RECORD).read_text())
-    assert autotune.CACHE_KEY in record
-
-
-def test_the_precision_record_is_kept_beside_the_cache(tmp_path, user_cache, no_bf16):
-    run = _run(tmp_path / "run")
-    (run / INFERENCE_RECORD).write_text(json.dumps({"precision": "fp32", "agreement": 0.9}))
     _choose(run)
-    record = json.loads((run / INFERENCE_RECORD).read_text())
-    assert record["precision"] == "fp32" and record["agreement"] == 0.9 and autotune.CACHE_KEY in record
+    (record,) = user_cache.glob("inference-*.json")
+    record.write_text('{"backends": [1, 2')
+    assert not _choose(run)["cached"] and calls == [1, 1]
+    assert autotune.CACHE_KEY in json.loads(record.read_text())
 
 
 # ------------------------------------------------------------------------------ the agreement tile
@@ -297,7 +309,7 @@ def test_auto_predicts_like_fp32_and_caches_the_onnx_export(tmp_path, user_cache
     pytest.importorskip("onnxruntime")
     run = _run(tmp_path / "run")
     seg = autotune.load_segmenter(run, device="cpu", budget_s=0.05)
-    assert list(run.glob(".cache/model-*.onnx"))  # exported on the fly, beside its sidecar
+    assert list(user_cache.glob("onnx/model-*.onnx"))  # exported on the fly, beside its sidecar
     image = np.random.default_rng(2).integers(0, 255, (45, 61)).astype(np.uint8)
     fp32 = Segmenter.load(run, device="cpu", backend=REFERENCE).predict(image)
     assert (seg.predict(image) == fp32).mean() >= 0.999

@@ -74,7 +74,7 @@ def flag_of(action: argparse.Action) -> str:
 
 # Untyped string options say nothing in the parser about what they hold: each dest is named here (a new
 # option without a row fails test_every_option_has_values, so it cannot go unprobed).
-INPUT_PATHS = {"data", "inputs", "run", "pred", "truth", "roi"}
+INPUT_PATHS = {"data", "inputs", "run", "pred", "truth", "roi", "predictions"}
 OUTPUT_PATHS = {"out"}
 TEXTS = {
     "channels": ["", ",", "c0", "c0,c0", "images,masks", "é ü", "a,,b"],
@@ -92,7 +92,7 @@ NUMBERS = ["0", "-1", "1", "2", "1.5", "-0", "1e3", "nan", "inf", "-inf", "1e308
            "\u0663", "0x10", "1_0", "9" * 30]
 # Options whose value sets the length of a run: only values up to these bounds are tried.
 BOUNDED = {"epochs": 2, "iters": 3, "batch_size": 4, "workers": 2, "minutes": 0.05, "width": 64,
-           "memory_gb": 1e6, "time_budget": 0.1}
+           "memory_gb": 1e6, "time_budget": 0.1, "folds": 3, "fold": 3}
 
 
 def _beyond(text: str, bound: float) -> bool:

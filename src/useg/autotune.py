@@ -14,10 +14,11 @@ So, once per machine and run:
    the pixels, or it is ineligible (:func:`measure`);
 3. the eligible ones are timed for a bounded time (:data:`BUDGET_S` seconds in all, at most
    :data:`MAX_REPS` passes each, the median kept) and the fastest wins (:func:`decide`);
-4. the measurement is cached in ``RUN/inference.json`` under a key of the machine
+4. the measurement is cached in the user's cache folder (:func:`cache_dir`, one file per weights
+   hash; never in the run folder, which predict leaves unchanged) under a key of the machine
    (:func:`machine_key`: CPU model, ISA flags, threads, torch and runtime versions, device) with
-   the weights' hash and the tile shape; another machine, other weights or another tile measure
-   again. A run folder that is not writable caches in the user's cache folder, or nowhere.
+   the tile shape; another machine, other weights or another tile measure again. An unwritable
+   cache folder only means measuring again next time.
 
 ``useg info RUN`` shows the table (:func:`format_table`); ``--backend NAME`` skips all of this.
 """
@@ -55,7 +56,7 @@ from .checkpoint import weights_digest
 from .errors import UsegError
 from .files import atomic_path, atomic_write_text
 from .plan import Plan
-from .predict import AGREEMENT_MIN, INFERENCE_RECORD, Segmenter, label_agreement
+from .predict import AGREEMENT_MIN, Segmenter, label_agreement
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first pas
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
 CACHE_KEY = "backends"  # in inference.json: machine key -> measurement
 TILE_FILE = "agreement_tile.safetensors"  # in a run folder: a validation tile training leaves for the check
-CACHE_DIR = ".cache"  # in a run folder: the on-the-fly ONNX export
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 
 
@@ -218,14 +218,16 @@ def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, r
     return out
 
 
-def _cache_dirs(run: Path) -> list[Path]:
-    """Where caches go: the run folder, then the user's cache folder (a read-only run)."""
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "useg"
-    return [run, user]
+def cache_dir() -> Path:
+    """The user's cache folder for backend timings and on-the-fly exports: ``$USEG_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/useg`` (``~/.cache/useg``). Never the run folder: predict changes no input."""
+    given = os.environ.get("USEG_CACHE_DIR")
+    return Path(given) if given else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "useg"
 
 
 def _record_files(run: Path, digest: str) -> list[Path]:
-    return [run / INFERENCE_RECORD, _cache_dirs(run)[1] / f"inference-{digest[:16]}.json"]
+    """Where the measurements of these weights are kept: one file per weights hash in the user cache."""
+    return [cache_dir() / f"inference-{digest[:16]}.json"]
 
 
 def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict | None:
@@ -242,7 +244,7 @@ def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict |
 
 
 def write_cached(run: Path, key: str, entry: dict) -> Path | None:
-    """Store ``entry`` under ``key`` in the run's inference.json (other keys kept), else the user cache."""
+    """Store ``entry`` under ``key`` in the user cache's record of these weights (other machines kept)."""
     for path in _record_files(run, entry["weights_sha256"]):
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -278,7 +280,7 @@ def onnx_file(run: Path, digest: str) -> Path:
         except UsegError:
             pass  # stale or foreign: export our own
     name = f"model-{digest[:16]}.onnx"
-    folders = [run / CACHE_DIR, _cache_dirs(run)[1] / "onnx"]
+    folders = [cache_dir() / "onnx"]
     for path in (f / name for f in folders):
         if path.exists() and sidecar_path(path).exists():
             return path
@@ -290,8 +292,8 @@ def onnx_file(run: Path, digest: str) -> Path:
             return export_run(run, path, "onnx", dynamo=False)
         except OSError as e:
             logger.info("cannot write %s (%s)", path, e)
-    raise UsegError(f"cannot write an ONNX export of {run} into {folders[0]} or {folders[1]}; "
-                    "make one writable or pass --backend torch")
+    raise UsegError(f"cannot write an ONNX export of {run} into {folders[0]}; "
+                    "make it writable (or set USEG_CACHE_DIR) or pass --backend torch")
 
 
 def builders(run: Path, plan: Plan, device: torch.device, digest: str,

@@ -173,7 +173,7 @@ NEW_RUN_ONLY = ("preset", "labels", "patch", "width", "depth", "padding", "up", 
                 "deterministic", "tta", "memory_gb", "regions", "val", "exclude")
 # the options --resume applies: where the data is and how to read it again, this call's device and budget
 RESUME_APPLIES = ("data", "out", "resume", "overwrite", "time_budget", "device", "quiet", "channels", "label",
-                  "mask_pattern", "image_pattern", "roi")
+                  "mask_pattern", "image_pattern", "roi", "folds", "fold")
 
 
 def _refuse_resume_overrides(a: argparse.Namespace) -> None:

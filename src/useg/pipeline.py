@@ -102,7 +102,10 @@ def train_folder(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-    quiet: bool = False, folds: int | None = None, fold: int | None = None) -> TrainResult | CVResult:
+    quiet: bool = False,
+    folds: int | None = None,
+    fold: int | None = None,
+) -> TrainResult | CVResult:
     """Check a data folder, plan, split and train: what ``useg train`` does.
 
     Args:
@@ -152,17 +155,21 @@ def train_folder(
     if resume:
         return fit(plan, train_data, val_data, out, time_budget_min=time_budget_min, resume=True,
                    device=device, quiet=quiet)
-    # A new run is built beside ``out`` and swapped in only when training is complete: until then a
-    # run already at ``out`` stays whole and unchanged, and an error or Ctrl-C leaves nothing behind.
+    split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
+    return _built_beside(out, split, lambda staging: fit(plan, train_data, val_data, staging, device=device,
+                                                         time_budget_min=time_budget_min, quiet=quiet))
+
+
+def _built_beside(out: Path, split: dict, train) -> TrainResult:
+    """A new run built beside ``out`` by ``train(staging)`` and swapped in only when training is complete:
+    until then a run already at ``out`` stays whole and unchanged, and an error or Ctrl-C leaves nothing."""
     staging = _staging_folder(out)
     try:
         if runtime.main_process():  # under torchrun only rank 0 writes
             staging.mkdir()
             runlog.claim_staging(staging)  # so that a later train can tell it from a killed one's
-            split = {"train": [c.name for c in train_cases], "val": [c.name for c in val_cases]}
             atomic_write_text(staging / SPLIT_FILE, json.dumps(split, indent=1))
-        result = fit(plan, train_data, val_data, staging, time_budget_min=time_budget_min, device=device,
-                     quiet=quiet)
+        result = train(staging)
         if runtime.main_process():
             _swap_in(staging, out)
             runlog.write_summary(out, {**runlog.read_summary(out), "run": out})  # it named the staging folder
