@@ -210,7 +210,7 @@ def base_command(sub: str, dims: int, w: dict, work: Path) -> list[str]:
     """A valid, quick command line for ``sub`` whose outputs all land in ``work`` (the current folder)."""
     d = w[dims]
     data, run, pred = str(d["data"]), str(d["run"]), str(d["pred"])
-    if sub in ("export", "evaluate"):  # their defaults write into the run / the predictions: a copy in work
+    if sub in ("export", "evaluate", "postprocess"):  # they write into the run or predictions: copies
         run = str(shutil.copytree(d["run"], work / "runcopy"))
         pred = str(shutil.copytree(d["pred"], work / "predcopy"))
     return {
@@ -223,6 +223,8 @@ def base_command(sub: str, dims: int, w: dict, work: Path) -> list[str]:
         "evaluate": ["evaluate", pred, data, "--out", "metrics"],
         "demo": ["demo", "--out", "demo", "--minutes", "0.05", "--device", "cpu", "--quiet"],
         "info": ["info"],
+        "postprocess": ["postprocess", run, "--predictions", pred, "--truth", str(d["data"] / "masks"),
+                        "--quiet"],
     }[sub]
 
 
@@ -253,7 +255,10 @@ def mutate(argv: list[str], action: argparse.Action, value) -> list[str]:
     parser = subcommands()[argv[0]]
     rank = [a.dest for a in options(parser) if not a.option_strings].index(action.dest)
     argv = list(argv)
-    argv[1 + rank] = value
+    if 1 + rank < len(argv) and not argv[1 + rank].startswith("--"):
+        argv[1 + rank] = value
+    else:  # an optional positional the base command leaves out (useg info [RUN])
+        argv.insert(1 + rank, value)
     return argv
 
 
