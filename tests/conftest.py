@@ -36,6 +36,48 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def _write_squares(root):
+    """Six 24x24 PNGs with 0/255 square masks in ``root/images`` and ``root/masks``: the smallest
+    2D data folder that trains in a second."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        mask = np.zeros((24, 24), np.uint8)
+        mask[3 + i:13 + i, 5:15] = 255
+        image = (rng.normal(80, 10, mask.shape) + (mask > 0) * 80).clip(0, 255).astype(np.uint8)
+        for sub, arr in (("images", image), ("masks", mask)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(arr).save(root / sub / f"c{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_squares():
+    """:func:`_write_squares`, for module- and session-scoped fixtures that build their own data."""
+    return _write_squares
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """A tiny untrained 2-D run of 0/255 masks (width 4, depth 2): its random weights still make
+    input-dependent masks."""
+    from useg.checkpoint import save_model
+    from useg.labels import LabelMap
+    from useg.model import UNet
+    from useg.planner import make_plan
+    from useg.spec import Overrides
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)],
+                     overrides=Overrides(model={"width": 4, "depth": 2}))
+    plan.save(folder / "plan.json")
+    torch.manual_seed(0)
+    save_model(UNet.from_config(plan.model), folder / "model.safetensors")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cells_dir(tmp_path_factory):
     """A tiny synthetic cells dataset (images/, masks/ 0/255, instances/) of 64x64 images."""

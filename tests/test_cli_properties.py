@@ -37,7 +37,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from PIL import Image as PILImage
 
 from useg import cli
 
@@ -146,18 +145,6 @@ def cases() -> list[tuple[str, str | None]]:
 # ------------------------------------------------------------------------------------- the fixtures
 
 
-def _write_2d(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        mask = np.zeros((24, 24), np.uint8)
-        mask[3 + i:13 + i, 5:15] = 255
-        image = (rng.normal(80, 10, mask.shape) + (mask > 0) * 80).clip(0, 255).astype(np.uint8)
-        for sub, arr in (("images", image), ("masks", mask)):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            PILImage.fromarray(arr).save(root / sub / f"c{i}.png")
-    return root
-
-
 def _write_3d(root: Path) -> Path:
     rng = np.random.default_rng(1)
     for i in range(3):
@@ -177,7 +164,7 @@ def _tiny_demo(real):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, write_squares):
     """Tiny 2D and 3D datasets, a run trained on each and its predictions, under ``inputs/``."""
     import torch
 
@@ -193,7 +180,7 @@ def world(tmp_path_factory):
         mp.setattr(demo, "run_demo", _tiny_demo(demo.run_demo))
         # training takes every core; on a shared CPU their spin-waits make tiny convolutions 100x slower
         mp.setattr(runtime, "cpu_count", lambda: 1)
-        for dims, write in ((2, _write_2d), (3, _write_3d)):
+        for dims, write in ((2, write_squares), (3, _write_3d)):
             data = write(inputs / f"data{dims}d")
             run, pred = inputs / f"run{dims}d", inputs / f"pred{dims}d"
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image as PILImage
 
 import useg
 from useg.cli import main
@@ -51,17 +49,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("crash") / "data"
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        mask = np.zeros((24, 24), np.uint8)
-        mask[3 + i:13 + i, 5:15] = 255
-        image = (rng.normal(80, 10, mask.shape) + (mask > 0) * 80).clip(0, 255).astype(np.uint8)
-        for sub, arr in (("images", image), ("masks", mask)):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            PILImage.fromarray(arr).save(root / sub / f"c{i}.png")
-    return root
+def data(tmp_path_factory, write_squares) -> Path:
+    return write_squares(tmp_path_factory.mktemp("crash") / "data")
 
 
 def _train(data: Path, run: Path, *flags: str) -> None:

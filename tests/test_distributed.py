@@ -35,22 +35,8 @@ def test_torchrun_two_cpu_processes(cells_dir, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_torchrun_predict_splits_the_files_and_writes_each_once(cells_dir, tmp_path):
-    import torch
-
-    from useg.checkpoint import save_model
-    from useg.labels import LabelMap
-    from useg.model import UNet
-    from useg.planner import make_plan
-    from useg.spec import Overrides
-
-    run, out = tmp_path / "run", tmp_path / "out"
-    run.mkdir()
-    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)],
-                     overrides=Overrides(model={"width": 4, "depth": 2}))
-    plan.save(run / "plan.json")
-    torch.manual_seed(0)
-    save_model(UNet.from_config(plan.model), run / "model.safetensors")
+def test_torchrun_predict_splits_the_files_and_writes_each_once(cells_dir, tmp_path, untrained_run):
+    run, out = untrained_run, tmp_path / "out"
     images = sorted((cells_dir / "images").iterdir())
     out.mkdir()
     (out / images[3].name).write_bytes(b"old")  # rank 1's: refused on rank 1, so rank 0 writes nothing either

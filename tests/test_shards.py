@@ -7,30 +7,17 @@ import pytest
 import torch
 
 from useg import runtime, shards
-from useg.checkpoint import save_model
 from useg.cli import main
 from useg.errors import UsegError
 from useg.io import read_mask
-from useg.labels import LabelMap
-from useg.model import UNet
-from useg.planner import make_plan
 from useg.predict import Segmenter
-from useg.spec import Overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs on a loaded shared CPU
 
 
 @pytest.fixture
-def run(tmp_path):
-    """A tiny untrained 2-D run (its random weights still make input-dependent masks)."""
-    folder = tmp_path / "run"
-    folder.mkdir()
-    plan = make_plan(LabelMap((0, 255), "grey"), 1, [(64, 64)],
-                     overrides=Overrides(model={"width": 4, "depth": 2}))
-    plan.save(folder / "plan.json")
-    torch.manual_seed(0)
-    save_model(UNet.from_config(plan.model), folder / "model.safetensors")
-    return folder
+def run(untrained_run):
+    return untrained_run
 
 
 @pytest.fixture
