@@ -33,9 +33,13 @@ def _env() -> dict[str, str]:
 
 
 def _one_core() -> None:
-    """In the child: one core, as training takes every core it may use (spin-waits on a shared CPU)."""
+    """In the child: one core, as training takes every core it may use (spin-waits on a shared CPU), and
+    SIGINT as a terminal gives it: a test run before this one may have left it ignored or blocked in
+    pytest's process, and a child inherits both (an ignored SIGINT let the training run to its end)."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _useg(*args: str) -> subprocess.Popen:
@@ -96,7 +100,9 @@ def test_an_interrupted_overwrite_leaves_the_old_run_as_it_was(data, tmp_path):
         what = f"{sig.name} once {wait_for or 'the staging folder'} appeared"
         # Ctrl-C exits 130; a second SIGINT-raised interrupt while Python shuts down ends it by the signal
         ended = (-signal.SIGKILL, 130, -signal.SIGINT)
-        assert proc.returncode in ended, f"{what}: exit {proc.returncode}\n{err}"
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert proc.returncode in ended, (f"{what}: exit {proc.returncode}\n{err}\n(pytest: SIGINT handler "
+                                          f"{signal.getsignal(signal.SIGINT)}, blocked {sorted(mask)})")
         if sig == signal.SIGINT:  # Ctrl-C: said in one word, the staging folder removed
             assert "Traceback" not in err and "interrupted" in err, err
             assert not _staged(run, None, old), f"{what}: the staging folder was left behind"
