@@ -1628,3 +1628,22 @@ def test_folds_on_a_single_run_and_on_unfinished_folds_are_refused(cells_dir, tm
     assert main(["predict", str(cv), image, "--out", str(tmp_path / "p")]) == 2
     assert "fold_0 is not trained yet" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+# --- lead, review: cross-validated runs follow the single run's guards -------------------------------
+
+
+def test_a_cross_validated_run_is_never_written_among_the_inputs(cells_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cells_dir, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    assert main(["train", str(data), "--out", str(data), *TINY, "--folds", "2"]) == 2
+    assert "is or holds the data folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_fold_beyond_the_folds_leaves_nothing_behind(cells_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cells_dir), "--out", str(run), *TINY, "--folds", "2", "--fold", "5"]) == 2
+    assert "--fold 5 is not a fold of a 2-fold run (0 to 1)" in capsys.readouterr().err
+    assert not run.exists()

@@ -191,6 +191,10 @@ def train_folds(
         raise UsegError(f"case names {unknown[:5]} are not in {data}; use image file stems")
     by_name = {c.name: c for c in report.cases}
     names = [c.name for c in report.cases if c.name not in held]
+    planned = k or DEFAULT_FOLDS
+    if fold is not None and not (out / SPLITS_FILE).is_file() and fold >= planned:  # before any write
+        raise UsegError(f"--fold {fold} is not a fold of a {planned}-fold run (0 to {planned - 1}); "
+                        "choose one of those")
     if runtime.main_process():
         out.mkdir(parents=True, exist_ok=True)
     splits = folds_of(out, names, k, overrides.train.get("seed", 0))

@@ -219,6 +219,7 @@ def _cross_validated(data: str | Path, out: Path, spec: DataSpec | None, overrid
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
+    _refuse_out_among_inputs(out, data, report.cases)  # as for a single run: never among the inputs
     kw = dict(k=folds, fold=fold, exclude=parse_names(exclude), time_budget_min=time_budget_min,
               resume=resume, device=device, quiet=quiet, roi=spec.roi_dir if spec else None)
     if not replace:
