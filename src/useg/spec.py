@@ -44,6 +44,10 @@ class DataSpec:
         object.__setattr__(self, "channel_names", names or None)  # no prefixes means none were given
 
 
+# nnU-Net's configuration names: "2d" trains a 2D network (on the slices of volumes), "3d" a 3D network
+CONFIGURATIONS = ("2d", "3d")
+
+
 @dataclass(frozen=True)
 class Overrides:
     """The choices the user fixed; each wins over the preset and the planner.
@@ -59,6 +63,8 @@ class Overrides:
     patch_size: tuple[int, ...] | None = None  # the training patch (rounded up to a size the network accepts)
     memory_gb: float | None = None  # the planner's training memory budget; None: from the machine
     regions: Mapping[str, tuple[int, ...]] | None = None  # nested regions in mask values, outer to inner
+    # "2d" or "3d" (CONFIGURATIONS; volumes as 2D slices or 3D patches); None: the planner's choice
+    configuration: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "train", "infer", "data"):
@@ -68,6 +74,8 @@ class Overrides:
             object.__setattr__(self, "patch_size", patch)
         if self.regions is not None:
             object.__setattr__(self, "regions", {k: tuple(v) for k, v in dict(self.regions).items()})
+        if self.configuration is not None and self.configuration not in CONFIGURATIONS:
+            raise ValueError(f"configuration must be one of {CONFIGURATIONS}, got {self.configuration!r}")
 
 
 @dataclass(frozen=True)
