@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from useg.dataset import check_dataset, discover
+from useg.check import check_dataset
+from useg.dataset import discover
 from useg.io import read_image, write_mask
 from useg.layouts import read_case_image
 from useg.planner import pooled_intensities

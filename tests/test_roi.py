@@ -16,8 +16,9 @@ import torch
 from PIL import Image as PILImage
 
 from useg.augment import AugmentConfig, augment_sample
+from useg.check import check_dataset
 from useg.cli import main
-from useg.dataset import check_dataset, discover
+from useg.dataset import discover
 from useg.errors import UsegError
 from useg.evaluate import evaluate_folders
 from useg.labels import LabelMap
