@@ -225,14 +225,14 @@ def cache_dir() -> Path:
     return Path(given) if given else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "useg"
 
 
-def _record_files(run: Path, digest: str) -> list[Path]:
+def _record_files(digest: str) -> list[Path]:
     """Where the measurements of these weights are kept: one file per weights hash in the user cache."""
     return [cache_dir() / f"inference-{digest[:16]}.json"]
 
 
-def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict | None:
+def read_cached(key: str, digest: str, tile: Sequence[int]) -> dict | None:
     """The cached measurement of machine ``key`` for these weights and tile; None if stale or absent."""
-    for path in _record_files(run, digest):
+    for path in _record_files(digest):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))[CACHE_KEY][key]
         except (OSError, ValueError, KeyError, TypeError):
@@ -243,9 +243,9 @@ def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict |
     return None
 
 
-def write_cached(run: Path, key: str, entry: dict) -> Path | None:
+def write_cached(key: str, entry: dict) -> Path | None:
     """Store ``entry`` under ``key`` in the user cache's record of these weights (other machines kept)."""
-    for path in _record_files(run, entry["weights_sha256"]):
+    for path in _record_files(entry["weights_sha256"]):
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):
@@ -368,7 +368,7 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     facts = machine_facts(device)
     key, digest = machine_key(facts), weights_digest(run / WEIGHTS_FILE)
     tile = agreement_tile(run, plan)
-    cached = None if refresh else read_cached(run, key, digest, list(tile.shape))
+    cached = None if refresh else read_cached(key, digest, list(tile.shape))
     if cached is not None:
         return {**cached, "cached": True}
     t0 = time.perf_counter()
@@ -377,7 +377,7 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     record = {"machine": facts, "weights_sha256": digest, "tile": list(tile.shape),
               "timings": [dataclasses.asdict(t) for t in timings], "chosen": decide(timings),
               "seconds": round(time.perf_counter() - t0, 2)}
-    write_cached(run, key, record)
+    write_cached(key, record)
     logger.info("backend %s, measured on this machine in %.1f s:\n%s", record["chosen"], record["seconds"],
                 format_table(record))
     return {**record, "cached": False}
