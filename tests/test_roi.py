@@ -22,8 +22,8 @@ from useg.dataset import discover
 from useg.errors import UsegError
 from useg.evaluate import evaluate_folders
 from useg.labels import LabelMap
-from useg.layouts import read_dataset_json
 from useg.losses import KINDS, SegLoss
+from useg.nnunet_raw import read_dataset_json
 from useg.pairing import pair_stems
 from useg.patches import PatchDataset
 from useg.plan import Plan

@@ -2,11 +2,11 @@
 
 Layout: ``DATA/images/<stem>.<ext>`` with ``DATA/masks/<stem>.<ext>``, PNG, TIFF or NIfTI, paired
 by name as :mod:`useg.pairing` describes (equal stems, ``<stem>_mask``, shared prefixes and
-suffixes, one number per name, or the user's patterns); channels as separate ``<stem>_0000`` files,
-nnU-Net's raw layout and case folders through :mod:`useg.layouts`. :func:`discover` gives the
-cases of a training folder, :func:`prediction_inputs` what ``useg predict`` was given. Checking
-the cases is :mod:`useg.check`'s (:func:`pair_folder` hands it the pairing problems); reading
-them into arrays is :mod:`useg.preprocess`'s.
+suffixes, one number per name, or the user's patterns); channels as separate ``<stem>_0000`` files
+and case folders through :mod:`useg.layouts`, nnU-Net's raw layout through :mod:`useg.nnunet_raw`.
+:func:`discover` gives the cases of a training folder, :func:`prediction_inputs` what ``useg
+predict`` was given. Checking the cases is :mod:`useg.check`'s (:func:`pair_folder` hands it the
+pairing problems); reading them into arrays is :mod:`useg.preprocess`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layouts, volumes
+from . import layouts, nnunet_raw, volumes
 from .errors import UsegError
 from .files import is_special, refuse_special, stem_of, suffix_of
 from .io import IMAGE_SUFFIXES, MASK_SUFFIXES
@@ -69,7 +69,7 @@ def pair_folder(root: Path, spec: DataSpec) -> tuple[list[Case], list[str], list
     if not root.is_dir():
         return [], [f"{root} is not a folder; give a folder with images/ and masks/"], [], {}
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
-        cases, problems, info = layouts.nnunet_cases(root, Case)
+        cases, problems, info = nnunet_raw.nnunet_cases(root, Case)
         return cases, problems, [], info
     folders = layouts.plain_folders(root)
     if folders.problem:  # two image folders, or the data one level down (train/images)
