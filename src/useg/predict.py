@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from . import runlog, runtime, writing
-from .backends import BACKENDS, Backend, TorchBackend, ensemble, fold_runs
+from .backends import BACKENDS, Backend, TorchBackend, ensemble
 from .checkpoint import load_model
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
+from .folds import fold_runs
 from .labels import regions_to_labels
 from .memory import check_resample
 from .model import output_size, valid_input_size
