@@ -176,7 +176,7 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 def isbi_split(data: Path) -> tuple[list[str], list[str]]:
     """Training and validation slice names among 0-24: useg's own seeded 20% split."""
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.pipeline import split_cases
 
     report = check_dataset(data / "isbi2012")
@@ -424,7 +424,7 @@ def run_monai(a: argparse.Namespace, work: Path) -> dict:
 
 def _brats_arrays(data: Path, names) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """z-scored (2, D, H, W) images and (D, H, W) labels 0-4 of the named BraTS cases."""
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.preprocess import load_arrays
     from useg.spec import DataSpec
 

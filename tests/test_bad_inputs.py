@@ -980,7 +980,7 @@ LAYOUT_NAMES = {
 
 @pytest.mark.parametrize("name", sorted(LAYOUT_NAMES))
 def test_common_folder_names_are_the_images_masks_layout(name, cells_dir, tmp_path, capsys):
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
 
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)

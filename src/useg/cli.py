@@ -107,7 +107,7 @@ def _channels(report) -> str:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .dataset import check_dataset
+    from .check import check_dataset
 
     report = check_dataset(a.data, _spec(a))
     print(f"{a.data}: {len(report.cases)} cases, {_channels(report)}")
@@ -145,7 +145,7 @@ def _overrides(a: argparse.Namespace) -> Overrides:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from .dataset import check_dataset
+    from .check import check_dataset
     from .planner import explain, fingerprint, plan_dataset
     from .sizing import explain_sizing, size_for_budget
 
@@ -282,7 +282,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folders, format_table
+    from .evaluate import evaluate_folders
+    from .evaluate_summary import format_table
 
     summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
                                       regions=a.regions, instances=a.instances, roi=a.roi,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import runlog, runtime
-from .dataset import Case, CheckReport, check_dataset
+from .check import CheckReport, check_dataset
+from .dataset import Case
 from .errors import UsegError
 from .files import atomic_write_text
 from .plan import Plan

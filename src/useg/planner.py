@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from .augment import AugmentConfig
-from .dataset import CaseRecord, CheckReport, format_axes
+from .check import CaseRecord, CheckReport
+from .dataset import format_axes
 from .errors import UsegError
 from .labels import LabelMap, region_classes
 from .memory import check_cases

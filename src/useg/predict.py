@@ -17,20 +17,23 @@ import numpy as np
 import torch
 
 from . import runlog, runtime, writing
-from .backends import BACKENDS, Backend, TorchBackend, ensemble, fold_runs
+from .backends import BACKENDS, Backend, TorchBackend, ensemble
 from .checkpoint import load_model
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
+from .folds import fold_runs
 from .labels import regions_to_labels
 from .memory import check_resample
 from .model import output_size, valid_input_size
+from .overlap_tile import overlap_tile, overlap_tile_labels
 from .plan import Plan
 from .postprocess import Postprocessing, apply_postprocessing
 from .postprocess_run import RECORD as POSTPROCESSING_RECORD
 from .postprocess_run import read_postprocessing
 from .preprocess import normalize
-from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
+from .sliding_window import sliding_window, sliding_window_labels
+from .tiling import Progress, TileFn
 from .tta import symmetries, tta_average
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 
 from . import runlog, runtime
 from .augment import Augmenter
-from .autotune import save_agreement_tile
+from .autotune_cache import save_agreement_tile
 from .backends import TorchBackend
 from .checkpoint import check_against, expected_shapes, load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
