@@ -322,7 +322,7 @@ def cross_validate(run: str | Path, splits: Sequence[Mapping[str, list[str]]], c
         device: where to predict.
 
     Returns:
-        The summary (:func:`useg.evaluate.summarize` of every case's rows).
+        The summary (:func:`useg.evaluate_summary.summarize` of every case's rows).
     """
     from .predict import Segmenter
 

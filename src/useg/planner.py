@@ -134,7 +134,7 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     """Plan a training from the preset's rules and what a dataset check found.
 
     Args:
-        label_map: the masks' encoding (from :func:`useg.dataset.check_dataset`).
+        label_map: the masks' encoding (from :func:`useg.check.check_dataset`).
         num_channels: image channels.
         image_shapes: spatial shape of every training image.
         spacings: spacing of every image (the target spacing is kept in the plan).
@@ -390,7 +390,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     choices described in the module note.
 
     Args:
-        report: a :class:`useg.dataset.CheckReport` without problems.
+        report: a :class:`useg.check.CheckReport` without problems.
         overrides: the preset and the choices fixed by hand (they win over the planner), the
             memory budget (default :func:`default_memory_gb`) and nested ``regions`` in mask values,
             outer to inner (``{"WT": (1, 2, 3, 4), ...}``): the network then gets one sigmoid output

@@ -95,10 +95,10 @@ def predict_labels(backend: Backend, image: np.ndarray, plan: Plan,
                    progress: Progress | None = None) -> np.ndarray:
     """Class indices (*S) of a normalised image; same arguments as :func:`predict_proba`.
 
-    For same padding the sliding window is streamed (:func:`useg.tiling.sliding_window_labels`),
+    For same padding the sliding window is streamed (:func:`useg.sliding_window.sliding_window_labels`),
     so no (K, *S) float buffer is ever held: memory is bounded by one slab of tiles. For valid
     padding each overlap-tile output tile writes its argmax directly
-    (:func:`useg.tiling.overlap_tile_labels`). Region plans hold (R, *S) region probabilities.
+    (:func:`useg.overlap_tile.overlap_tile_labels`). Region plans hold (R, *S) region probabilities.
     """
     m = plan.model
     if plan.data.regions:  # region probabilities are thresholded, not arg-maxed: R channels held, R small
