@@ -1708,3 +1708,15 @@ def test_configuration_3d_on_2d_images_is_refused(cells_dir, tmp_path):
     with pytest.raises(UsegError, match="2D images have no 3D configuration"):
         train_folder(cells_dir, tmp_path / "run", overrides=Overrides(configuration="3d"), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_3d_patch_for_the_2d_configuration_is_refused(tmp_path, write_blob_volumes):
+    from useg.errors import UsegError
+    from useg.pipeline import train_folder
+    from useg.spec import Overrides
+
+    data = write_blob_volumes(tmp_path / "data", shape=(12, 10, 9), n=2)
+    with pytest.raises(UsegError, match="has 3 axes but configuration 2d trains on 2D slices"):
+        train_folder(data, tmp_path / "run", overrides=Overrides(configuration="2d", patch_size=(8, 8, 8)),
+                     quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -414,6 +414,9 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
         raise UsegError("configuration 3d asks for a 3D network, but 2D images have no 3D configuration; "
                         "drop it, or give 3D volumes")
     slicing = dims == 3 and ov.configuration == "2d"  # nnU-Net's 2d: a 2D network on the volumes' slices
+    if slicing and ov.patch_size is not None and len(ov.patch_size) != 2:
+        raise UsegError(f"--patch {','.join(map(str, ov.patch_size))} has {len(ov.patch_size)} axes but "
+                        "configuration 2d trains on 2D slices of volumes; give 2 sizes like --patch 64,64")
     if ov.patch_size is not None:  # before the 3D rules take its logarithm
         check_patch(ov.patch_size, 2 if slicing else dims)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
