@@ -118,7 +118,7 @@ def test_brats_conversion_keeps_channels_labels_and_geometry(shared: Path, tmp_p
 
 
 def test_useg_reads_the_converted_cases_as_nnunet_raw_data(shared: Path, tmp_path: Path):
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.preprocess import load_case
 
     raw = tmp_path / "raw"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -154,7 +155,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UsegError("\n".join(report.problems))
     overrides = _overrides(a)
     plan, reasons = plan_dataset(report, overrides, device=a.device)
-    plan = size_for_budget(plan, overrides, a.time_budget, a.device)
+    plan = size_for_budget(plan, overrides, a.time_budget, a.device, plan_config=lambda c: plan_dataset(
+        report, dataclasses.replace(overrides, configuration=c), device=a.device)[0])  # volumes: 2D on slices
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0

@@ -339,10 +339,12 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
         cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
         val_names=parse_names(val) or None,
     )
-    plan, reasons = plan_dataset(report.without(held), overrides, device=device)
+    kept = report.without(held)
+    plan, reasons = plan_dataset(kept, overrides, device=device)
     for reason in reasons:
         logger.info("plan: %s", reason)
-    plan = size_for_budget(plan, overrides, time_budget_min, device)
+    plan = size_for_budget(plan, overrides, time_budget_min, device, plan_config=lambda c: plan_dataset(
+        kept, dataclasses.replace(overrides, configuration=c), device=device)[0])  # volumes: 2D on slices too
     return plan, train_cases, val_cases
 
 
