@@ -8,9 +8,9 @@ import pytest
 
 from useg.check import check_dataset
 from useg.dataset import discover
+from useg.fingerprint import pooled_intensities
 from useg.io import read_image, write_mask
 from useg.layouts import read_case_image
-from useg.planner import pooled_intensities
 from useg.preprocess import load_case
 from useg.spec import DataSpec
 

@@ -1,4 +1,4 @@
-"""The planning rules: presets, patch, batch, spacing, and the fingerprint's plan."""
+"""The planning rules: presets, patch, batch, spacing, and the plan a fingerprint implies."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import pytest
 
 from useg.check import CaseRecord, CheckReport
 from useg.dataset import Case
+from useg.fingerprint import fingerprint
 from useg.labels import LabelMap
+from useg.memory import training_gib
 from useg.model import output_size
 from useg.plan import Plan
 from useg.planner import (
     batch_size,
     explain,
-    fingerprint,
     make_plan,
     plan_dataset,
-    pooled_intensities,
     target_spacing,
-    training_gib,
 )
 from useg.spec import Overrides
 
@@ -126,13 +125,3 @@ def test_2d_keeps_the_preset_rules():
     report = _report([(512, 512)] * 3, [(1.0, 1.0)] * 3)
     plan, _ = plan_dataset(report, device="cpu")
     assert plan.model.dims == 2 and plan.data.patch_size == (256, 256) and plan.data.normalization == "zscore"
-
-
-def test_fingerprint_comes_from_the_per_case_records():
-    report = _report([(10, 20, 30), (12, 22, 32)], [(1.0, 1.0, 2.0), (1.0, 1.0, 3.0)],
-                     channels=2, background=0.5)
-    fp = fingerprint(report)
-    assert fp["median_shape"] == [11, 21, 31] and fp["spacing_range"][2] == [2.0, 3.0]
-    assert fp["channels"] == 2 and fp["background_share"] == 0.5 and len(fp["intensity"]) == 2
-    assert [len(v) for v in pooled_intensities(report.records)] == [1000, 1000]
-    assert fingerprint(report.without({"c0"}))["intensity"] == []  # c0 held the only samples

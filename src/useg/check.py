@@ -56,7 +56,7 @@ class CheckReport:
         info: the layout ("plain", "nnunet", "folders") and what it names (channel names, labels,
             the pairing rule of a plain layout).
         records: one :class:`CaseRecord` per readable image, in case order (the planner's
-            fingerprint is computed from them: :func:`useg.planner.fingerprint`).
+            fingerprint is computed from them: :func:`useg.fingerprint.fingerprint`).
     """
 
     cases: list[Case]

@@ -147,7 +147,8 @@ def _overrides(a: argparse.Namespace) -> Overrides:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from .check import check_dataset
-    from .planner import explain, fingerprint, plan_dataset
+    from .fingerprint import fingerprint
+    from .planner import explain, plan_dataset
     from .sizing import explain_sizing, size_for_budget
 
     report = check_dataset(a.data, _spec(a))

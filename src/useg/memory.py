@@ -5,7 +5,9 @@ says 300 mm voxels is 4800^3 voxels at 1 mm (over a TiB with its probabilities),
 only refuse after minutes, with a traceback. :func:`check_resample` estimates the bytes first and
 refuses with the numbers and the fix; :func:`available_bytes` is what the machine has now. The
 estimate is a pure function of shapes and counts (the limit an argument), so tests need no large
-machine.
+machine. The planner's training estimates live here too (:func:`training_gib`, :func:`parameter_gib`,
+the budgets :func:`default_memory_gb` and :func:`machine_gib`), and :func:`refuse_beyond_machine`
+refuses a plan that could not fit in the whole machine before anything is allocated.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .dataset import format_axes
 from .errors import UsegError
+from .plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +137,73 @@ def check_cases(records: Sequence[Any], spacing_out: Sequence[float], limit: int
         check_resample(f"case {r.name!r}", r.shape, r.spacing, spacing_out, r.num_channels, 0, limit,
                        fix=f"check the voxel size in its header (the other cases' median is "
                            f"{_axes(spacing_out)} mm) or leave it out with --exclude {r.name}")
+
+
+def default_memory_gb(device: str = "auto") -> float:
+    """Half the machine's RAM (at most 16 GiB) on a CPU, 80% of the GPU's memory on CUDA."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram = 8.0
+    return min(16.0, 0.5 * ram)
+
+
+def training_gib(patch: tuple[int, ...], width: int, depth: int, channels: int, max_width: int | None,
+                 batch: int) -> float:
+    """Estimated training memory: about 14 fp32 activations per channel and voxel at every level
+    (convs, norms, ReLUs on both paths, the concatenation), kept for the backward pass, x1.5 for
+    gradients and workspace. An estimate for planning, within a factor of about 2 of the real peak."""
+    voxels, total = math.prod(patch), 0.0
+    for level in range(depth + 1):
+        c = min(width * 2**level, max_width or width * 2**level)
+        total += 14 * c * voxels / 2 ** (len(patch) * level)
+    total += 2 * channels * voxels
+    return 1.5 * 4 * batch * total / 2**30
+
+
+def parameter_gib(width: int, depth: int, dims: int, channels: int, max_width: int | None) -> float:
+    """Estimated memory of the network's weights while training: fp32 weights, gradients and the two
+    AdamW moments (16 bytes per weight); the 3^dims convolutions of both paths, biases and norms left out.
+
+    >>> round(parameter_gib(32, 4, 2, 1, None), 3)  # the default 2D network: about 7.8 M weights
+    0.116
+    """
+    widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
+    taps = 3**dims
+    weights = taps * (channels * widths[0] + widths[0] ** 2)  # the first double convolution
+    for low, high in zip(widths, widths[1:]):  # a level down (2 convs), and back up (2^dims + 2 convs)
+        weights += taps * (low * high + high**2) + 2**dims * high * low + taps * 3 * low**2
+    return 16 * weights / 2**30
+
+
+def machine_gib(device: str = "auto") -> float:
+    """The memory training can use at most: the GPU's on CUDA, else the machine's RAM (GiB)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")  # unknown: nothing is refused on a guess
+
+
+def refuse_beyond_machine(plan: Plan, have_gib: float) -> None:
+    """Refuse a plan whose training cannot fit in ``have_gib`` (``--width 100000`` would ask the
+    allocator for terabytes, or train for days on swap), with the numbers and the flags to lower.
+
+    The estimate (activations of :func:`training_gib` and weights of :func:`parameter_gib`) is within
+    a factor of about 2, so only plans beyond the whole machine are refused, never a plan that might fit.
+    """
+    m, t = plan.model, plan.train
+    need = (training_gib(plan.data.patch_size, m.width, m.depth, m.in_channels, m.max_width, t.batch_size)
+            + parameter_gib(m.width, m.depth, m.dims, m.in_channels, m.max_width))
+    if need > have_gib:
+        patch = format_axes(plan.data.patch_size)
+        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {patch} "
+                        f"and batch {t.batch_size} needs about {need:.3g} GiB but this machine has "
+                        f"{have_gib:.3g} GiB; lower --width, --depth, --patch or --batch-size")

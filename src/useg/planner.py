@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from .augment import AugmentConfig
-from .check import CaseRecord, CheckReport
+from .check import CheckReport
 from .dataset import format_axes
 from .errors import UsegError
+from .fingerprint import fingerprint
 from .labels import LabelMap, region_classes
-from .memory import check_cases
+from .memory import check_cases, default_memory_gb, machine_gib, refuse_beyond_machine, training_gib
 from .model import input_size_for_output, valid_input_size
 from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model, sizes_problem
 from .slices import describe, in_plane_shapes, reason, slice_axis_of, sliced
@@ -263,112 +263,6 @@ def explain(plan: Plan) -> str:
         + ([f"loss weights: the paper's border map, w0 {d.w0:g}, sigma {d.sigma:g} px"]
            if d.border_weights else [])
     )
-
-
-def pooled_intensities(records: Sequence[CaseRecord]) -> list[np.ndarray]:
-    """Per channel, the foreground intensity samples of every case that has them, concatenated."""
-    samples = [r.samples for r in records if r.samples is not None]
-    return [np.concatenate(c) for c in zip(*samples, strict=True)] if samples else []
-
-
-def fingerprint(report: CheckReport) -> dict[str, Any]:
-    """The dataset's fingerprint, computed from a check's per-case records.
-
-    Returns:
-        JSON-able dict: cases, dims, channels (a count), median shape, median and per-axis range of
-        spacings, per-channel foreground intensity percentiles (0.5, 50, 99.5), mean and std, the
-        share of each mask value, of constant background, modality names and the layout.
-    """
-    records = report.records
-    shapes = np.asarray([r.shape for r in records])
-    spacings = np.asarray([r.spacing for r in records], dtype=np.float64)
-    return {
-        "cases": len(report.cases), "dims": int(shapes.shape[1]) if shapes.size else 0,
-        "channels": report.num_channels, "layout": report.info.get("layout", "plain"),
-        "channel_names": list(report.info.get("channel_names", [])),
-        "median_shape": [int(v) for v in np.median(shapes, axis=0)] if shapes.size else [],
-        "median_spacing": [round(float(v), 4) for v in np.median(spacings, axis=0)] if spacings.size else [],
-        "spacing_range": [[round(float(a), 4), round(float(b), 4)]
-                          for a, b in zip(spacings.min(axis=0), spacings.max(axis=0), strict=True)]
-                         if spacings.size else [],
-        "class_share": report.stats.get("pixel share per mask value", {}),
-        "background_share": round(float(np.mean([r.background for r in records])) if records else 0.0, 4),
-        "intensity": [
-            {"p00_5": float(np.percentile(v, 0.5)), "p50": float(np.percentile(v, 50)),
-             "p99_5": float(np.percentile(v, 99.5)), "mean": float(v.mean()), "std": float(v.std())}
-            for v in pooled_intensities(records)
-        ],
-    }
-
-
-def default_memory_gb(device: str = "auto") -> float:
-    """Half the machine's RAM (at most 16 GiB) on a CPU, 80% of the GPU's memory on CUDA."""
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**30
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        ram = 8.0
-    return min(16.0, 0.5 * ram)
-
-
-def training_gib(patch: tuple[int, ...], width: int, depth: int, channels: int, max_width: int | None,
-                 batch: int) -> float:
-    """Estimated training memory: about 14 fp32 activations per channel and voxel at every level
-    (convs, norms, ReLUs on both paths, the concatenation), kept for the backward pass, x1.5 for
-    gradients and workspace. An estimate for planning, within a factor of about 2 of the real peak."""
-    voxels, total = math.prod(patch), 0.0
-    for level in range(depth + 1):
-        c = min(width * 2**level, max_width or width * 2**level)
-        total += 14 * c * voxels / 2 ** (len(patch) * level)
-    total += 2 * channels * voxels
-    return 1.5 * 4 * batch * total / 2**30
-
-
-def parameter_gib(width: int, depth: int, dims: int, channels: int, max_width: int | None) -> float:
-    """Estimated memory of the network's weights while training: fp32 weights, gradients and the two
-    AdamW moments (16 bytes per weight); the 3^dims convolutions of both paths, biases and norms left out.
-
-    >>> round(parameter_gib(32, 4, 2, 1, None), 3)  # the default 2D network: about 7.8 M weights
-    0.116
-    """
-    widths = [min(width * 2**i, max_width or width * 2**i) for i in range(depth + 1)]
-    taps = 3**dims
-    weights = taps * (channels * widths[0] + widths[0] ** 2)  # the first double convolution
-    for low, high in zip(widths, widths[1:]):  # a level down (2 convs), and back up (2^dims + 2 convs)
-        weights += taps * (low * high + high**2) + 2**dims * high * low + taps * 3 * low**2
-    return 16 * weights / 2**30
-
-
-def machine_gib(device: str = "auto") -> float:
-    """The memory training can use at most: the GPU's on CUDA, else the machine's RAM (GiB)."""
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return float("inf")  # unknown: nothing is refused on a guess
-
-
-def refuse_beyond_machine(plan: Plan, have_gib: float) -> None:
-    """Refuse a plan whose training cannot fit in ``have_gib`` (``--width 100000`` would ask the
-    allocator for terabytes, or train for days on swap), with the numbers and the flags to lower.
-
-    The estimate (activations of :func:`training_gib` and weights of :func:`parameter_gib`) is within
-    a factor of about 2, so only plans beyond the whole machine are refused, never a plan that might fit.
-    """
-    m, t = plan.model, plan.train
-    need = (training_gib(plan.data.patch_size, m.width, m.depth, m.in_channels, m.max_width, t.batch_size)
-            + parameter_gib(m.width, m.depth, m.dims, m.in_channels, m.max_width))
-    if need > have_gib:
-        patch = format_axes(plan.data.patch_size)
-        raise UsegError(f"training width {m.width}, depth {m.depth}, patch {patch} "
-                        f"and batch {t.batch_size} needs about {need:.3g} GiB but this machine has "
-                        f"{have_gib:.3g} GiB; lower --width, --depth, --patch or --batch-size")
 
 
 def _depth_for(patch: tuple[int, ...]) -> int:
