@@ -609,6 +609,8 @@ def _parse(argv):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median); default 5")
     ap.add_argument("--quick", action="store_true",
                     help="the matmul and the backends' forward rows alone (under 3 minutes on 2 cores)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="toy sizes in every section: checks the script runs, not a measurement")
     ap.add_argument("--size", type=int, default=512, help="image side of the backends' forward; default 512")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None,
@@ -630,24 +632,27 @@ def run_sections(dev, args, work: Path) -> tuple[list[dict], dict]:
     def stage(name):
         logger_line(f"[{time.perf_counter() - t_start:6.1f}s] {name}")
 
+    tiny = args.tiny  # every section at toy sizes: checks the script runs, measures nothing
     stage("matmul")
-    r, mm = bench_matmul(dev, 2048, reps)
+    r, mm = bench_matmul(dev, 256 if tiny else 2048, reps)
     rows += r
     stage("backends (every --backend auto candidate, MONAI; interleaved)")
-    r, figures = bench_backends(dev, work, args.size, reps, mm)
+    r, figures = bench_backends(dev, work, 64 if tiny else args.size, reps, mm)
     rows += r
     if not args.quick:
         stage("torch forward")
-        r, fwd = bench_forward(dev, 512, (64, 32), reps, mm["bf16"])
+        r, fwd = bench_forward(dev, 64 if tiny else 512, (16, 8) if tiny else (64, 32), reps, mm["bf16"])
         rows += r
         stage("end-to-end predict (subprocesses)")
-        r, pred = bench_predict(dev, work, 4096, 16, 512, heavy)
+        size, width, tile = (256, 8, 64) if tiny else (4096, 16, 512)
+        r, pred = bench_predict(dev, work, size, width, tile, heavy)
         rows += r
         stage("training step")
-        r, tr = bench_train(dev, 4, 256, 32, reps)
+        r, tr = bench_train(dev, 2 if tiny else 4, 64 if tiny else 256, 8 if tiny else 32, reps)
         rows += r
         stage("3-D predict")
-        r, p3 = bench_3d(dev, (128, 256, 256), (64, 128, 128), 16, 3, heavy)
+        vol, tile = ((16, 32, 32), (16, 16, 16)) if tiny else ((128, 256, 256), (64, 128, 128))
+        r, p3 = bench_3d(dev, vol, tile, 4 if tiny else 16, 3 if not tiny else 2, heavy)
         rows += r
         figures = {**figures, **fwd, **pred, **tr, **p3}
     stage("done")
@@ -673,7 +678,7 @@ def main(argv=None) -> dict:
     machine = machine_record(dev, threads, args.note)
     machine["load_average"] = {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]}
-    result = {"machine": machine, "quick": args.quick, **figures, "rows": rows}
+    result = {"machine": machine, "quick": args.quick, "tiny": args.tiny, **figures, "rows": rows}
     print_table(rows)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "auto")}, indent=1))
     from useg.files import atomic_path
