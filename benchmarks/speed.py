@@ -499,8 +499,7 @@ def bench_train(dev, batch, size, width, repeats):
     base = UNet(1, 2, width=width, depth=4)
 
     net = copy.deepcopy(base).to(dev, memory_format=fmt).train()
-    opt_kw = train.adamw_options(dev) if hasattr(train, "adamw_options") else {}
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **opt_kw)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)  # as train.make_optimizer: torch's default, foreach
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
     xf = x.contiguous(memory_format=fmt)
 

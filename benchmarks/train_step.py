@@ -125,9 +125,14 @@ def main() -> None:
           f"isa {runtime.isa_level()}, bf16 native: {runtime.cpu_has_bf16()}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"variant": name, "median_s": round(med, 4), "speedup": round(base / med, 3),
-                     "first_call_s": round(setup[name], 2), "times_s": [round(t, 4) for t in ts]})
-        print(f"  {name:40s} {med:7.3f} s  {base / med:5.2f}x  (first call {setup[name]:.1f} s)")
+        row = {"variant": name, "median_s": round(med, 4), "speedup": round(base / med, 3),
+               "first_call_s": round(setup[name], 2), "times_s": [round(t, 4) for t in ts]}
+        pair = name.replace("fused", "foreach")
+        if pair != name and pair in times:  # round by round against its foreach twin: robust to load swings
+            row["paired_vs_foreach"] = round(statistics.median(a / b for a, b in zip(times[pair], ts)), 3)
+        rows.append(row)
+        paired = f", paired vs foreach {row['paired_vs_foreach']:.2f}x" if "paired_vs_foreach" in row else ""
+        print(f"  {name:40s} {med:7.3f} s  {base / med:5.2f}x  (first call {setup[name]:.1f} s{paired})")
     print(f"  AdamW step alone: foreach {alone['foreach'] * 1e3:.1f} ms, fused {alone['fused'] * 1e3:.1f} ms "
           f"({alone['foreach'] / alone['fused']:.2f}x)")
     result = {"machine": platform.processor() or platform.machine(), "isa_level": runtime.isa_level(),
