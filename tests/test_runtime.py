@@ -117,3 +117,66 @@ def test_bf16_can_be_switched_off_like_an_avx2_cpu(monkeypatch, env, expect):
     finally:
         monkeypatch.undo()
         runtime.cpu_has_bf16.cache_clear()
+
+
+# --- the effective ISA level: the CPU's flags, capped by ONEDNN_MAX_CPU_ISA and USEG_CPU_BF16 (speed) ------
+
+_ZEN3 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi2"  # an AVX2-only EPYC
+_ZEN4 = _ZEN3 + " avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16"
+_SPR = _ZEN4 + " amx_bf16 amx_tile amx_int8"  # Sapphire Rapids
+
+
+@pytest.mark.parametrize("flags, cap, switch, expect", [
+    ("fpu sse sse2 sse4_2 avx", "", "", "baseline"),
+    ("sse4_2 avx avx2", "", "", "baseline"),  # AVX2 without FMA is not oneDNN's AVX2
+    (_ZEN3, "", "", "avx2"),
+    (_ZEN3 + " avx512f", "", "", "avx2"),  # avx512f alone (Knights Landing) is not AVX512_CORE
+    (_ZEN3 + " avx512f avx512bw avx512vl", "", "", "avx512"),
+    (_ZEN4, "", "", "avx512-bf16"),
+    (_SPR, "", "", "amx"),
+    (_SPR, "avx512_core_bf16", "", "avx512-bf16"),  # the cap is case-insensitive
+    (_SPR, "AVX512_CORE", "", "avx512"),
+    (_ZEN4, "AVX2", "0", "avx2"),  # the command: an AVX2-only CPU on this machine
+    (_ZEN4, "AVX2", "", "avx2"),
+    (_ZEN4, "", "0", "avx512"),  # no native bf16: AVX-512 without its bf16 instructions
+    (_SPR, "", "0", "avx512"),
+    (_ZEN4, "ALL", "", "avx512-bf16"),
+    (_ZEN4, "DEFAULT", "1", "avx512-bf16"),
+    (_ZEN4, "BOGUS", "", "avx512"),  # an unknown cap: no level here, and no bf16 as cpu_has_bf16 says
+    (_ZEN3, "", "1", "avx2"),  # USEG_CPU_BF16=1 never raises the level above the flags
+    (_ZEN3, "AVX512_CORE_AMX", "", "avx2"),  # nor does a cap above the CPU
+    ("", "", "", "baseline"),
+])
+def test_isa_of_flags_names_the_effective_level(flags, cap, switch, expect):
+    assert runtime.isa_of_flags(flags, cap, switch) == expect
+    assert expect in runtime.ISA_LEVELS
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({}, "avx512-bf16"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2", "USEG_CPU_BF16": "0"}, "avx2"),
+    ({"USEG_CPU_BF16": "0"}, "avx512"),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, "avx512-bf16"),
+])
+def test_isa_level_reads_the_cpu_and_the_environment_caps(monkeypatch, env, expect):
+    for key in ("USEG_CPU_BF16", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: _ZEN4)
+    assert runtime.isa_level() == expect
+    runtime.cpu_has_bf16.cache_clear()
+    try:  # where the level says no bf16 on this bf16 CPU, the precision rule says so too
+        if expect in ("avx2", "avx512"):
+            assert not runtime.cpu_has_bf16()
+    finally:
+        runtime.cpu_has_bf16.cache_clear()
+
+
+def test_isa_level_names_a_machine_without_x86_flags_by_its_architecture(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: None)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert runtime.isa_level() == "arm64"
+    assert runtime.info()["cpu isa"] == "arm64"  # `useg info` shows it

@@ -28,6 +28,86 @@ ONEDNN_BF16_ISAS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE
                               "AVX10_1_512_AMX_FP16"})
 
 
+# the effective instruction-set levels of an x86 CPU, lowest first: what `useg info` shows and the
+# name of the speed benchmark's results (benchmarks/results/speed-<level>.json)
+ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512-bf16", "amx")
+# the highest level each oneDNN cap (ONEDNN_MAX_CPU_ISA) lets oneDNN use; ALL and DEFAULT cap nothing
+ONEDNN_ISA_LEVELS = {"SSE41": "baseline", "AVX": "baseline", "AVX2": "avx2", "AVX2_VNNI": "avx2",
+                     "AVX2_VNNI_2": "avx2", "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512",
+                     "AVX512_CORE_BF16": "avx512-bf16", "AVX512_CORE_FP16": "avx512-bf16",
+                     "AVX10_1_512": "avx512-bf16", "AVX512_CORE_AMX": "amx", "AVX512_CORE_AMX_FP16": "amx",
+                     "AVX10_1_512_AMX": "amx", "AVX10_1_512_AMX_FP16": "amx"}
+
+
+def _bf16_forced(switch: str, cap: str) -> bool | None:
+    """What the environment says about native bf16: ``USEG_CPU_BF16`` (``switch``) 0 or 1 decides, an
+    ``ONEDNN_MAX_CPU_ISA`` cap below AVX512_CORE_BF16 means no; None: ask the CPU.
+
+    >>> _bf16_forced("0", ""), _bf16_forced("1", "AVX2"), _bf16_forced("", "avx2"), _bf16_forced("", "ALL")
+    (False, True, False, None)
+    """
+    switch = switch.strip()
+    if switch in ("0", "1"):
+        return switch == "1"
+    cap = cap.strip().upper()
+    if cap and cap not in ONEDNN_BF16_ISAS:
+        return False
+    return None
+
+
+def isa_of_flags(flags: str, cap: str = "", bf16_switch: str = "") -> str:
+    """The effective ISA level (one of :data:`ISA_LEVELS`) of a CPU with these ``/proc/cpuinfo`` flags.
+
+    The CPU's own level (AVX2 needs avx2 and fma; AVX-512 avx512f, avx512bw and avx512vl, oneDNN's
+    AVX512_CORE; then avx512_bf16, then amx_bf16) is lowered to a oneDNN cap ``cap`` (the value of
+    ``ONEDNN_MAX_CPU_ISA``; unknown values cap nothing here), and below the bf16 levels where the bf16
+    rule of :func:`cpu_has_bf16` says no (``bf16_switch``, the value of ``USEG_CPU_BF16``, is 0, or the
+    cap is below AVX512_CORE_BF16). Neither raises the level above what the flags say.
+
+    >>> flags = "fma avx2 avx512f avx512bw avx512vl avx512_bf16"
+    >>> isa_of_flags(flags), isa_of_flags(flags, cap="AVX2"), isa_of_flags(flags, bf16_switch="0")
+    ('avx512-bf16', 'avx2', 'avx512')
+    >>> isa_of_flags("sse4_2 avx fma avx2"), isa_of_flags("sse4_2 avx"), isa_of_flags("fma avx2", "ALL", "1")
+    ('avx2', 'baseline', 'avx2')
+    """
+    have = set(flags.split())
+    level = 0
+    if {"avx2", "fma"} <= have:
+        level = 1
+        if {"avx512f", "avx512bw", "avx512vl"} <= have:
+            level = 2 + ("avx512_bf16" in have) + ("avx512_bf16" in have and "amx_bf16" in have)
+    capped = ONEDNN_ISA_LEVELS.get(cap.strip().upper())
+    if capped is not None:
+        level = min(level, ISA_LEVELS.index(capped))
+    if _bf16_forced(bf16_switch, cap) is False:
+        level = min(level, ISA_LEVELS.index("avx512"))
+    return ISA_LEVELS[level]
+
+
+def _cpu_flags() -> str | None:
+    """The ``flags`` line of /proc/cpuinfo (x86 Linux); None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def isa_level() -> str:
+    """This machine's effective ISA level for oneDNN and useg (:func:`isa_of_flags` of this CPU under
+    this environment's ``ONEDNN_MAX_CPU_ISA`` and ``USEG_CPU_BF16``); a machine that is not x86 Linux
+    is named by its architecture (``aarch64``, ``arm64``)."""
+    import platform
+
+    flags = _cpu_flags()
+    if flags is None:
+        return (platform.machine() or "unknown").lower()
+    return isa_of_flags(flags, os.environ.get("ONEDNN_MAX_CPU_ISA", ""), os.environ.get("USEG_CPU_BF16", ""))
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU executes bf16 natively (AVX512-BF16 or AMX), where autocast pays off.
@@ -36,12 +116,9 @@ def cpu_has_bf16() -> bool:
     AVX512_CORE_BF16 means no: both let one machine behave like a CPU without bf16. The answer is
     cached; tests that change the environment call ``cpu_has_bf16.cache_clear()``.
     """
-    forced = os.environ.get("USEG_CPU_BF16", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if isa and isa not in ONEDNN_BF16_ISAS:
-        return False
+    forced = _bf16_forced(os.environ.get("USEG_CPU_BF16", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+    if forced is not None:
+        return forced
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
@@ -183,6 +260,7 @@ def info() -> dict[str, str]:
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "precision": f"{prec.name}{' + channels_last' if prec.channels_last else ''}",
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu isa": isa_level(),
         "cpu bf16": "yes" if cpu_has_bf16() else "no",
         "threads": str(torch.get_num_threads()),
         "cores": str(cpu_count()),
