@@ -53,6 +53,7 @@ from .backends import (
     sidecar_path,
 )
 from .checkpoint import weights_digest
+from .configrun import chosen_runs
 from .errors import UsegError
 from .files import atomic_path, atomic_write_text
 from .plan import Plan
@@ -385,12 +386,19 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
 
 def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
                    budget_s: float = BUDGET_S, postprocessing: bool = True,
-                   folds: Sequence[int] | None = None) -> Segmenter:
+                   folds: Sequence[int] | None = None, configuration: str | None = None) -> Segmenter:
     """:meth:`useg.predict.Segmenter.load` with ``backend="auto"``: the fastest agreeing backend here.
 
     Any other ``backend`` name (and ``postprocessing``) is passed through unchanged. A cross-validated
     run's fold ensemble (or ``folds``) runs on the run's PyTorch models: ``auto`` times single networks.
+    A multi-configuration run's one chosen configuration (or ``configuration``) is loaded as its own run;
+    the ensemble of two runs on PyTorch models too.
     """
+    chosen = chosen_runs(run, configuration)
+    if chosen is not None and len(chosen) > 1:
+        return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
+                              postprocessing=postprocessing, folds=folds, configuration=configuration)
+    run = chosen[0] if chosen else run
     if backend != AUTO or fold_runs(run, folds):
         return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
                               postprocessing=postprocessing, folds=folds)

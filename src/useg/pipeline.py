@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import runlog, runtime
+from .configrun import data_dims, refuse_unfit
 from .dataset import Case, CheckReport, check_dataset
 from .errors import UsegError
 from .files import atomic_write_text
@@ -143,6 +144,7 @@ def train_folder(
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
+    refuse_unfit(data_dims(report), [overrides.configuration], data)  # "3d" for 2D images
     if resume:
         plan, train_cases, val_cases = _resumed(out, data, report)
     else:
@@ -219,6 +221,7 @@ def _cross_validated(data: str | Path, out: Path, spec: DataSpec | None, overrid
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
+    refuse_unfit(data_dims(report), [overrides.configuration], data)  # "3d" for 2D images
     _refuse_out_among_inputs(out, data, report.cases)  # as for a single run: never among the inputs
     kw = dict(k=folds, fold=fold, exclude=parse_names(exclude), time_budget_min=time_budget_min,
               resume=resume, device=device, quiet=quiet, roi=spec.roi_dir if spec else None)
