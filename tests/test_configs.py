@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -51,10 +53,14 @@ def volumes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def multi_run(volumes, tmp_path_factory):
-    """A complete 2d,3d run on the volumes, without folds (one case validates both)."""
+    """A complete 2d,3d run on the volumes made by the command line, without folds (one case validates
+    both), and what the command printed."""
     run = tmp_path_factory.mktemp("multi") / "run"
-    result = train_configurations(volumes, run, overrides=_overrides(), val="v3", **KW)
-    return run, result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["train", str(volumes), "--out", str(run), "--configs", "2d,3d", "--val", "v3", *TINY])
+    assert code == 0
+    return run, printed.getvalue()
 
 
 @pytest.mark.parametrize("scores, chosen", [
@@ -73,16 +79,17 @@ def test_the_choice_rule(scores, chosen):
 
 
 def test_a_two_configuration_run_writes_both_runs_and_the_choice(multi_run, volumes):
-    run, result = multi_run
-    assert sorted(result.trained) == ["2d", "3d"]
+    run, printed = multi_run
     for name in ("2d", "3d"):
         assert json.loads((run / name / "split.json").read_text())["val"] == ["v3"]  # the same case
         assert run_state(run / name).kind == "complete"
         assert (run / "validation" / name / "v3.nii.gz").is_file()
         Segmenter.load(run / name, device="cpu")  # each configuration is a run of its own
     record = json.loads((run / "configuration.json").read_text())
-    assert record == result.record and record["cases"] == ["v3"] and record["folds"] is None
+    assert record["cases"] == ["v3"] and record["folds"] is None and record["rule"] == useg.configs.RULE
     assert set(record["candidates"]) == {"2d", "3d", ENSEMBLE}
+    assert f"chosen: {'+'.join(record['chosen'])}; run in {run}" in printed
+    assert f"{ENSEMBLE}: mean foreground dice {record['candidates'][ENSEMBLE]['dice']:.4f}" in printed
     scores = {n: c["dice"] for n, c in record["candidates"].items()}
     assert record["chosen"] == choose_configuration(scores)
     for c in record["candidates"].values():
@@ -183,14 +190,15 @@ def test_cross_validated_configurations_share_one_split(volumes, tmp_path):
     Segmenter.load(run, device="cpu")
 
 
-def test_the_cli_trains_two_configurations_and_plans_them(volumes, tmp_path, capsys):
+def test_the_cli_resumes_a_complete_run_and_plans_two_configurations(multi_run, volumes, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(volumes), "--out", str(run), "--configs", "2d,3d", "--val", "v2", *TINY]) == 0
-    out = capsys.readouterr().out
-    assert "chosen:" in out and f"{ENSEMBLE}: mean foreground dice" in out
-    assert (run / "configuration.json").is_file()
+    shutil.copytree(multi_run[0], run)
+    before = (run / "configuration.json").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in run.glob("*/model.safetensors")}
     assert main(["train", str(volumes), "--out", str(run), "--resume", "--device", "cpu", "--quiet"]) == 0
     assert "chosen:" in capsys.readouterr().out  # both complete: only the choice is made again
+    assert (run / "configuration.json").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/model.safetensors")} == mtimes
     assert main(["plan", str(volumes), "--configs", "2d,3d", "--json", "--width", "4"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert sorted(plans) == ["2d", "3d"] and plans["3d"]["model"]["width"] == 4
