@@ -72,7 +72,7 @@ def load_slice(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def train_useg(name: str, data: Path, run: Path, budget_min: float, device: str) -> dict:
     """Plan, split and fit as ``useg train --exclude 25-29`` does, with the variant's plan changes."""
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.pipeline import split_cases
     from useg.planner import make_plan
     from useg.preprocess import load_arrays

@@ -176,7 +176,7 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 def isbi_split(data: Path) -> tuple[list[str], list[str]]:
     """Training and validation slice names among 0-24: useg's own seeded 20% split."""
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.pipeline import split_cases
 
     report = check_dataset(data / "isbi2012")
@@ -359,6 +359,7 @@ def run_nnunet(a: argparse.Namespace, work: Path) -> dict:
         raise SystemExit(f"nnU-Net is not installed in {VENV}; run `python benchmarks/peers.py setup`")
     install_trainer()  # the benchmark's current trainer, even if the venv is older
     ident, name, config = NNUNET_IDS[a.dataset]
+    config = a.nnunet_config or config
     env, logs = nnunet_env(work, a.budget_min), work / "logs"
     raw = work / "nnUNet_raw" / name
     shutil.rmtree(raw, ignore_errors=True)
@@ -423,7 +424,7 @@ def run_monai(a: argparse.Namespace, work: Path) -> dict:
 
 def _brats_arrays(data: Path, names) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """z-scored (2, D, H, W) images and (D, H, W) labels 0-4 of the named BraTS cases."""
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.preprocess import load_arrays
     from useg.spec import DataSpec
 
@@ -550,7 +551,8 @@ def run_tool(tool: str, a: argparse.Namespace, true, spacing) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     print(f"[{a.dataset}/{tool}] {a.budget_min:g} min on {a.device} in {work}", flush=True)
     got = {"useg": run_useg, "nnunet": run_nnunet, "monai": run_monai}[tool](a, work)
-    row = {"dataset": a.dataset, "tool": tool, "device": a.device, "budget_min": a.budget_min,
+    label = a.label or tool  # e.g. "nnunet-2d": the table keeps one row per (dataset, label, device, budget)
+    row = {"dataset": a.dataset, "tool": label, "device": a.device, "budget_min": a.budget_min,
            **score(a.dataset, got["preds"], true, spacing),
            "train_minutes": round(got["train"]["seconds"] / 60.0, 2), "steps": got["steps"],
            "epochs": got["epochs"], "predict_seconds": round(got["predict"]["seconds"], 1),
@@ -599,6 +601,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     unknown = sorted(set(tools) - set(TOOLS))
     if unknown:
         raise SystemExit(f"unknown tools {unknown}; choose among {','.join(TOOLS)}")
+    if a.label and len(tools) != 1:
+        raise SystemExit("--label names the rows of one tool; give one tool in --tools")
     needed = "isbi2012" if a.dataset == "isbi" else "brats2013-mini"
     if not (a.data / needed).is_dir():
         raise SystemExit(f"{a.data} has no {needed}/; pass --data to the folder of the shared datasets")
@@ -635,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=HERE / "results" / "peers.json", help="rows are appended here")
     r.add_argument("--useg-train-args", default="", help="extra `useg train` options, e.g. '--preset paper'")
     r.add_argument("--useg-predict-args", default="", help="extra `useg predict` options, e.g. '--tta'")
+    r.add_argument("--nnunet-config", default=None, choices=("2d", "3d_fullres"),
+                   help="nnU-Net's configuration (default: 2d for ISBI, 3d_fullres for BraTS)")
+    r.add_argument("--label", default=None, help="the rows' tool name (default the tool), e.g. nnunet-2d "
+                   "for a second setting of one tool; give one tool with it")
     t = sub.add_parser("table", help="print the results file, one column per device and budget")
     t.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     c = sub.add_parser("_monai")  # internal: the MONAI child process

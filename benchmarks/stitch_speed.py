@@ -4,12 +4,13 @@
                                                                [--device cpu|cuda] [--threads N]
 
 The old ``useg/tiling.py`` is read from git at ``--ref`` (the last commit with host-side numpy
-accumulation) and imported beside the current one. Both blend the same tiles of a cheap tile
-function (a fixed 1x1 convolution to K=3 classes and a softmax, so stitching is a large share
-of the time, as it is with a fast network on a GPU) over a 96^3 volume (tile 64^3) and a
-1024^2 image (tile 256^2), overlap 0.5, 4 tiles a batch: ``sliding_window`` (probabilities) and
-``sliding_window_labels`` (streamed argmax). Prints the median seconds of each and the ratio
-new / old (< 1 is faster), and checks that both agree (allclose, labels identical).
+accumulation) and imported beside the current ``useg/sliding_window.py``. Both blend the same
+tiles of a cheap tile function (a fixed 1x1 convolution to K=3 classes and a softmax, so
+stitching is a large share of the time, as it is with a fast network on a GPU) over a 96^3
+volume (tile 64^3) and a 1024^2 image (tile 256^2), overlap 0.5, 4 tiles a batch:
+``sliding_window`` (probabilities) and ``sliding_window_labels`` (streamed argmax). Prints the
+median seconds of each and the ratio new / old (< 1 is faster), and checks that both agree
+(allclose, labels identical).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from useg import tiling  # noqa: E402
+from useg import sliding_window  # noqa: E402
 
 
 def old_tiling(ref: str):
@@ -93,12 +94,12 @@ def main(argv=None) -> list[dict]:
         for kind in ("sliding_window", "sliding_window_labels"):
             args = (fn, image, tile, 3)
             kw = {"overlap": 0.5, "batch_size": 4, "device": dev}
-            new_out = getattr(tiling, kind)(*args, **kw)
+            new_out = getattr(sliding_window, kind)(*args, **kw)
             old_out = getattr(old, kind)(*args, **kw)
             same = (np.array_equal(new_out, old_out) if kind.endswith("labels")
                     else bool(np.allclose(new_out, old_out, atol=1e-6)))
             t_old, t_new = paired(partial(getattr(old, kind), *args, **kw),
-                                  partial(getattr(tiling, kind), *args, **kw), a.repeats, dev)
+                                  partial(getattr(sliding_window, kind), *args, **kw), a.repeats, dev)
             rows.append({"case": label, "function": kind, "old_s": round(t_old, 4), "new_s": round(t_new, 4),
                          "new_over_old": round(t_new / t_old, 3), "agree": same})
             print(f"{label:10s} {kind:22s} old {t_old:7.3f} s  new {t_new:7.3f} s  new/old "

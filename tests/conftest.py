@@ -84,3 +84,26 @@ def cells_dir(tmp_path_factory):
     from useg.synthetic import write_cells_dataset
 
     return write_cells_dataset(tmp_path_factory.mktemp("cells"), n_images=6, shape=(64, 64), seed=3)
+
+
+def _write_blob_volumes(root, shape=(20, 18, 9), zooms=(1.0, 1.0, 2.0), n=4):
+    """``n`` synthetic blob volumes as NIfTI (images/ and masks/ 0/1, RAS affine of ``zooms``): the
+    smallest 3D data folder that trains in a second."""
+    import nibabel as nib
+
+    from useg.synthetic import make_blobs_3d
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([*zooms, 1.0])
+    for k in range(n):
+        image, inst = make_blobs_3d(shape, n_blobs=2, rng=rng)
+        for folder, arr in (("images", image), ("masks", (inst > 0).astype(np.uint8))):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, affine), str(root / folder / f"v{k}.nii.gz"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_blob_volumes():
+    """:func:`_write_blob_volumes`: NIfTI blob volumes of a given shape and voxel size."""
+    return _write_blob_volumes

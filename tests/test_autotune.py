@@ -1,4 +1,4 @@
-"""The measured backend choice: the decision rule, the machine key, the cache, the agreement tile."""
+"""The measured backend choice: the decision rule, the machine key, the cached choice, end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from useg import autotune, runtime
+from useg import autotune, autotune_cache, runtime
 from useg.autotune import REFERENCE, Timing, decide, measure
 from useg.checkpoint import save_model
 from useg.cli import main
@@ -57,7 +57,7 @@ def user_cache(tmp_path, monkeypatch):
 def _records(cache):
     """The cached measurements: weights-hash file name -> its table of machines."""
     files = sorted(cache.glob("inference-*.json"))
-    return {p.name: json.loads(p.read_text())[autotune.CACHE_KEY] for p in files}
+    return {p.name: json.loads(p.read_text())[autotune_cache.CACHE_KEY] for p in files}
 
 
 def _tree(folder):
@@ -266,40 +266,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch, user_cache, no
     (record,) = user_cache.glob("inference-*.json")
     record.write_text('{"backends": [1, 2')
     assert not _choose(run)["cached"] and calls == [1, 1]
-    assert autotune.CACHE_KEY in json.loads(record.read_text())
-
-
-# ------------------------------------------------------------------------------ the agreement tile
-
-
-@pytest.mark.parametrize("shape", [(50, 70), (20, 33), (40, 40, 9)])
-def test_the_agreement_tile_round_trips(tmp_path, shape):
-    tile = (32, 32) if len(shape) == 2 else (16, 16, 16)
-    plan = make_plan(LabelMap((0, 255)), 1, [tile], overrides=Overrides(
-        model={"width": 4, "depth": 2}, patch_size=tile))
-    assert tuple(plan.infer.tile) == tile
-    image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    run = tmp_path / "run"
-    run.mkdir()
-    random = autotune.agreement_tile(run, plan)
-    assert random.shape == (1, 1, *tile)
-    autotune.save_agreement_tile(run, plan, [image])
-    got = autotune.agreement_tile(run, plan)[0, 0].numpy()
-    assert got.shape == tile and not np.array_equal(got, random[0, 0].numpy())
-    if all(s >= t for s, t in zip(shape, tile)):  # the centre crop
-        starts = [(s - t) // 2 for s, t in zip(shape, tile)]
-        want = image[0][tuple(slice(a, a + t) for a, t in zip(starts, tile))]
-        np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
-    else:  # mirrored where the image is smaller
-        assert np.isfinite(got).all() and np.abs(got).max() > 0
-
-
-def test_a_damaged_agreement_tile_falls_back_to_a_random_one(tmp_path):
-    plan = _plan()
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / autotune.TILE_FILE).write_bytes(b"not safetensors")
-    assert autotune.agreement_tile(run, plan).shape == (1, 1, 32, 32)
+    assert autotune_cache.CACHE_KEY in json.loads(record.read_text())
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -980,7 +980,7 @@ LAYOUT_NAMES = {
 
 @pytest.mark.parametrize("name", sorted(LAYOUT_NAMES))
 def test_common_folder_names_are_the_images_masks_layout(name, cells_dir, tmp_path, capsys):
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
 
     data = tmp_path / "data"
     shutil.copytree(cells_dir, data)
@@ -1649,6 +1649,79 @@ def test_a_fold_beyond_the_folds_leaves_nothing_behind(cells_dir, tmp_path, caps
     assert not run.exists()
 
 
+# --- slices: nnU-Net's 2d configuration on the slices of volumes ----------------------------------------
+
+
+def _slice_run(folder):
+    """An untrained run of a 2D network (width 4, depth 2) on the axial slices of volumes."""
+    import torch
+
+    from useg.checkpoint import save_model
+    from useg.labels import LabelMap
+    from useg.model import UNet
+    from useg.planner import make_plan
+    from useg.slices import sliced
+    from useg.spec import Overrides
+
+    folder.mkdir()
+    plan = sliced(make_plan(LabelMap((0, 255), "grey"), 1, [(32, 32)],
+                            overrides=Overrides(model={"width": 4, "depth": 2})), 2, (1.0, 1.0, 2.0))
+    plan.save(folder / "plan.json")
+    torch.manual_seed(0)
+    save_model(UNet.from_config(plan.model), folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["data"].update(slice_axis=3), "slice_axis must be 0, 1 or 2"),
+    (lambda d: d["data"].update(slice_axis=True), "slice_axis must be 0, 1 or 2"),
+    (lambda d: d["model"].update(dims=3), "has a 2D network, not a 3D one"),
+    (lambda d: d["data"].update(spacing=[1.0, 1.0]), "must hold 3 positive finite numbers"),
+])
+def test_an_impossible_slice_plan_json_is_refused(edit, words, tmp_path, capsys):
+    import json
+
+    run = _slice_run(tmp_path / "run")
+    d = json.loads((run / "plan.json").read_text())
+    edit(d)
+    (run / "plan.json").write_text(json.dumps(d))
+    _png(tmp_path / "x.png", np.zeros((16, 16), np.uint8))
+    assert main(["predict", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path / "p")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_2d_image_given_to_a_slice_run_is_refused_in_one_sentence(tmp_path, capsys):
+    run = _slice_run(tmp_path / "run")
+    _png(tmp_path / "x.png", np.zeros((16, 16), np.uint8))
+    assert main(["predict", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "x.png is a 2D image (16x16) but this run was trained on the 2D slices of 3D volumes" in err
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_configuration_3d_on_2d_images_is_refused(cells_dir, tmp_path):
+    from useg.errors import UsegError
+    from useg.pipeline import train_folder
+    from useg.spec import Overrides
+
+    with pytest.raises(UsegError, match="2D images have no 3D configuration"):
+        train_folder(cells_dir, tmp_path / "run", overrides=Overrides(configuration="3d"), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_3d_patch_for_the_2d_configuration_is_refused(tmp_path, write_blob_volumes):
+    from useg.errors import UsegError
+    from useg.pipeline import train_folder
+    from useg.spec import Overrides
+
+    data = write_blob_volumes(tmp_path / "data", shape=(12, 10, 9), n=2)
+    with pytest.raises(UsegError, match="has 3 axes but configuration 2d trains on 2D slices"):
+        train_folder(data, tmp_path / "run", overrides=Overrides(configuration="2d", patch_size=(8, 8, 8)),
+                     quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 # --- configs: --configs 2d,3d and multi-configuration runs ------------------------------------------
 
 
@@ -1666,13 +1739,15 @@ def test_configs_that_name_no_configuration_are_refused_by_the_parser(command, v
     assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("configs", ["3d", "2d,3d"])
+@pytest.mark.parametrize("configs, words", [
+    ("3d", "2D images have no 3D configuration"),  # the planner's sentence
+    ("2d,3d", "holds 2D images, for which there is no 3D configuration; drop 3d from --configs"),  # before
+])                                                # the multi-configuration run writes its configs.json
 @pytest.mark.parametrize("command", ["train", "plan"])
-def test_a_3d_configuration_of_2d_images_is_refused(command, configs, cells_dir, tmp_path, capsys):
+def test_a_3d_configuration_of_2d_images_is_refused(command, configs, words, cells_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "run")] if command == "train" else []
     assert main([command, str(cells_dir), *out, "--configs", configs, *TINY]) == 2
-    assert "holds 2D images, for which there is no 3D configuration; drop 3d from --configs" in (
-        capsys.readouterr().err)
+    assert words in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

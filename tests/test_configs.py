@@ -17,6 +17,7 @@ from useg.configrun import ENSEMBLE, ConfigEnsemble
 from useg.configs import choose_configuration, train_configurations
 from useg.errors import UsegError
 from useg.io import read_image
+from useg.plan import Plan
 from useg.predict import Segmenter
 from useg.runlog import run_state
 from useg.spec import Overrides
@@ -34,7 +35,7 @@ def _overrides():
         "epochs": 1, "iters_per_epoch": 2, "batch_size": 1, "precision": "fp32", "workers": 0})
 
 
-def write_volumes(root, n=4, shape=(16, 16, 16)):
+def write_volumes(root, n=4, shape=(12, 12, 12)):
     """``n`` NIfTI volumes of blobs with 0/1 masks in ``root/images`` and ``root/masks``."""
     for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,9 @@ def test_a_two_configuration_run_writes_both_runs_and_the_choice(multi_run, volu
         assert run_state(run / name).kind == "complete"
         assert (run / "validation" / name / "v3.nii.gz").is_file()
         Segmenter.load(run / name, device="cpu")  # each configuration is a run of its own
+    plans = {name: Plan.load(run / name / "plan.json") for name in ("2d", "3d")}
+    assert plans["2d"].model.dims == 2 and plans["2d"].data.slice_axis is not None  # a 2D network on slices
+    assert plans["3d"].model.dims == 3 and plans["3d"].data.slice_axis is None
     record = json.loads((run / "configuration.json").read_text())
     assert record["cases"] == ["v3"] and record["folds"] is None and record["rule"] == useg.configs.RULE
     assert set(record["candidates"]) == {"2d", "3d", ENSEMBLE}
@@ -202,3 +206,4 @@ def test_the_cli_resumes_a_complete_run_and_plans_two_configurations(multi_run, 
     assert main(["plan", str(volumes), "--configs", "2d,3d", "--json", "--width", "4"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert sorted(plans) == ["2d", "3d"] and plans["3d"]["model"]["width"] == 4
+    assert plans["2d"]["model"]["dims"] == 2 and plans["3d"]["model"]["dims"] == 3

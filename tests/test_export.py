@@ -18,8 +18,8 @@ from useg.model import UNet
 from useg.planner import make_plan
 from useg.predict import Segmenter, tile_fn
 from useg.runtime import pick_precision
+from useg.sliding_window import sliding_window
 from useg.spec import Overrides
-from useg.tiling import sliding_window
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")

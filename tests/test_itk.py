@@ -170,7 +170,7 @@ def test_predictions_of_itk_inputs_keep_format_and_affine(tmp_path, rng):
 
 
 def test_header_spacing_checks_masks_and_scales_surface_distances(tmp_path):
-    from useg.dataset import check_dataset
+    from useg.check import check_dataset
     from useg.evaluate import evaluate_folders
     from useg.io import file_spacing
 

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
+from useg.check import check_dataset
 from useg.cli import main
-from useg.dataset import check_dataset, discover
+from useg.dataset import discover
 from useg.errors import UsegError
 from useg.pairing import MASK_STEM_SUFFIXES, Ambiguity, Pairing, compile_pattern, mask_stem, pair_stems
 from useg.spec import DataSpec

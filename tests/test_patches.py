@@ -90,3 +90,31 @@ def test_augment_sees_full_patches_and_its_output_is_cropped():
 def test_patch_dataset_validates_arguments(kwargs):
     with pytest.raises(ValueError):
         PatchDataset([np.zeros((1, 9, 9), np.float32)], [np.zeros((9, 9), np.int64)], **kwargs)
+
+
+@pytest.mark.parametrize("axis, shape, patch, out", [(2, (15, 13, 9), (8, 8), None),
+                                                     (0, (7, 17, 15), (12, 10), (4, 6)),
+                                                     (1, (11, 5, 13), (16, 16), None)])
+def test_slice_patches_lie_in_one_slice_centred_on_foreground_at_the_share(axis, shape, patch, out):
+    index = np.indices(shape)[axis].astype(np.float32)  # each voxel holds its slice's index
+    label = np.zeros(shape, np.int64)
+    fg = [1, shape[axis] - 2]  # two slices hold a little foreground
+    for s in fg:
+        where = [slice(2, 4)] * 3
+        where[axis] = slice(s, s + 1)
+        label[tuple(where)] = 1
+    out = tuple(out or patch)
+    ds = PatchDataset([np.stack([index, -index])], [label], patch, out_size=out, length=400, fg_fraction=0.5,
+                      slice_axis=axis, seed=1)
+    centred = 0
+    for i in range(400):
+        item = ds[i]
+        image, lab = item["image"].numpy(), item["label"].numpy()
+        assert image.shape == (2, *patch) and lab.shape == out
+        assert np.unique(image[0]).size == 1 and np.array_equal(image[1], -image[0])  # one slice, 2D
+        centred += int(lab[out[0] // 2, out[1] // 2] > 0)
+        if lab.any():
+            assert image[0, 0, 0] in fg
+    assert 0.4 < centred / 400 < 0.6  # the planned share, 0.5 (uniform patches almost never hit it)
+    with pytest.raises(ValueError, match="2D patch"):
+        PatchDataset([np.stack([index])], [label], (8, 8, 8), slice_axis=axis)

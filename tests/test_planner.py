@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from useg.dataset import Case, CaseRecord, CheckReport
+from useg.check import CaseRecord, CheckReport
+from useg.dataset import Case
 from useg.labels import LabelMap
 from useg.model import output_size
 from useg.plan import Plan

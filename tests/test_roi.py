@@ -16,13 +16,14 @@ import torch
 from PIL import Image as PILImage
 
 from useg.augment import AugmentConfig, augment_sample
+from useg.check import check_dataset
 from useg.cli import main
-from useg.dataset import check_dataset, discover
+from useg.dataset import discover
 from useg.errors import UsegError
 from useg.evaluate import evaluate_folders
 from useg.labels import LabelMap
-from useg.layouts import read_dataset_json
 from useg.losses import KINDS, SegLoss
+from useg.nnunet_raw import read_dataset_json
 from useg.pairing import pair_stems
 from useg.patches import PatchDataset
 from useg.plan import Plan

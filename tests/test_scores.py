@@ -179,7 +179,8 @@ def test_evaluate_folders_scores_probability_maps(tmp_path, rng, dtype):
     import csv
     import json
 
-    from useg.evaluate import COLUMNS, evaluate_folders, format_table
+    from useg.evaluate import evaluate_folders
+    from useg.evaluate_summary import COLUMNS, format_table
     from useg.scores import SCORE_METRICS
 
     pred, truth = _prob_folder(tmp_path, rng, dtype)
@@ -235,7 +236,8 @@ def test_masks_are_scored_as_before_beside_probability_maps(tmp_path, rng):
 
     from PIL import Image as PILImage
 
-    from useg.evaluate import COLUMNS, evaluate_folders
+    from useg.evaluate import evaluate_folders
+    from useg.evaluate_summary import COLUMNS
 
     pred, truth = _prob_folder(tmp_path, rng, "uint8")
     for t in truth.glob("*.png"):

@@ -165,3 +165,75 @@ def test_apply_keeps_every_other_field():
     assert (out.model.width, out.train.batch_size) == (16, 2)
     assert dataclasses.replace(out.model, width=plan.model.width) == plan.model
     assert out.data == plan.data and out.train.lr == plan.train.lr
+
+
+# --- slices: the 2D configuration on slices as a candidate for volumes ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory, write_blob_volumes):
+    from useg.check import check_dataset
+
+    return check_dataset(write_blob_volumes(tmp_path_factory.mktemp("vol"), shape=(24, 20, 12), n=3))
+
+
+def _configured(report, calls=None):
+    from useg.planner import plan_dataset
+
+    def plan_config(configuration):
+        if calls is not None:
+            calls.append(configuration)
+        return plan_dataset(report, Overrides(configuration=configuration), device="cpu")[0]
+    return plan_config
+
+
+def _slow_3d(monkeypatch, seconds_3d):
+    """measure_step replaced: a 3D step takes ``seconds_3d`` (scaled by compute), a 2D one 0.05 s."""
+    first = {}
+
+    def measure(plan, device):
+        c = sizing.candidate_of(plan)
+        if plan.model.dims == 2:
+            return 0.05
+        first.setdefault("work", c.work())
+        return seconds_3d * c.work() / first["work"]
+    monkeypatch.setattr(sizing, "measure_step", measure)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_a_slow_3d_step_makes_the_2d_configuration_on_slices_the_choice(volumes, monkeypatch, tmp_path):
+    _slow_3d(monkeypatch, 5.0)  # 18 steps in 2 minutes
+    plan_config = _configured(volumes)
+    deep = plan_config(None)
+    sized = sizing.size_for_budget(deep, Overrides(), 2.0, "cpu", plan_config=plan_config)
+    assert sized.model.dims == 2 and sized.data.slice_axis == 2
+    rows, chosen = sized.sizing["candidates"], sized.sizing["chosen"]
+    assert rows[0]["configuration"] == "3d" and rows[0]["steps_in_budget"] == 18
+    assert chosen >= 1 and rows[chosen]["configuration"] == "2d" and rows[chosen]["measured"]
+    assert "3D would make 18 steps" in sized.sizing["reason"] and "2D on axial slices makes 1800" in \
+        sized.sizing["reason"]
+    assert any(" 2d " in line for line in sizing.explain_sizing(sized.sizing))
+    assert Plan.load(sized.save(tmp_path / "plan.json")) == sized
+
+
+def test_a_fast_3d_step_keeps_3d_without_planning_2d(volumes, monkeypatch):
+    _slow_3d(monkeypatch, 0.1)  # 900 steps
+    calls = []
+    deep = _configured(volumes)(None)
+    sized = sizing.size_for_budget(deep, Overrides(), 2.0, "cpu", plan_config=_configured(volumes, calls))
+    assert not calls and sized.model == deep.model and sized.data == deep.data
+    assert [r["configuration"] for r in sized.sizing["candidates"]] == ["3d"]
+    assert "3D kept" in sized.sizing["reason"]
+
+
+@pytest.mark.parametrize("configuration", ["3d", "2d"])
+def test_a_fixed_configuration_walks_its_own_ladder(configuration, volumes, monkeypatch):
+    _slow_3d(monkeypatch, 5.0)
+    calls = []
+    plan = _configured(volumes)(configuration)
+    sized = sizing.size_for_budget(plan, Overrides(configuration=configuration), 2.0, "cpu",
+                                   plan_config=_configured(volumes, calls))
+    assert not calls and sized.model.dims == int(configuration[0])
+    assert {r["configuration"] for r in sized.sizing["candidates"]} == {configuration}
+    if configuration == "3d":  # the 3D ladder: a narrower network or a smaller patch
+        assert sizing.candidate_of(sized).work() < sizing.candidate_of(plan).work()

@@ -7,14 +7,14 @@ So, once per machine and run:
 
 1. the candidates (:func:`candidates`): torch fp32 NCHW (the reference), torch fp32 channels_last,
    bf16 autocast (only where the CPU runs it natively, :func:`useg.runtime.cpu_has_bf16`), ONNX
-   Runtime and OpenVINO (exported on the fly into a cache, :func:`onnx_file`); on CUDA fp32, bf16
-   and fp16 autocast with channels_last;
+   Runtime and OpenVINO (exported on the fly into a cache, :func:`useg.autotune_cache.onnx_file`);
+   on CUDA fp32, bf16 and fp16 autocast with channels_last;
 2. each runs one tile of the plan's shape (the validation tile training left in the run, else a
    seeded random one); its labels must agree with fp32's on :data:`useg.predict.AGREEMENT_MIN` of
    the pixels, or it is ineligible (:func:`measure`);
 3. the eligible ones are timed for a bounded time (:data:`BUDGET_S` seconds in all, at most
    :data:`MAX_REPS` passes each, the median kept) and the fastest wins (:func:`decide`);
-4. the measurement is cached in the user's cache folder (:func:`cache_dir`, one file per weights
+4. the measurement is cached in the user's cache folder (:mod:`useg.autotune_cache`, one file per weights
    hash; never in the run folder, which predict leaves unchanged) under a key of the machine
    (:func:`machine_key`: CPU model, ISA flags, threads, torch and runtime versions, device) with
    the tile shape; another machine, other weights or another tile measure again. An unwritable
@@ -41,21 +41,11 @@ import numpy as np
 import torch
 
 from . import runtime
-from .backends import (
-    BACKENDS,
-    WEIGHTS_FILE,
-    Backend,
-    OnnxBackend,
-    OpenVinoBackend,
-    fold_runs,
-    onnx_session,
-    read_sidecar,
-    sidecar_path,
-)
+from .autotune_cache import agreement_tile, onnx_file, read_cached, write_cached
+from .backends import BACKENDS, WEIGHTS_FILE, Backend, OnnxBackend, OpenVinoBackend, onnx_session
 from .checkpoint import weights_digest
 from .configrun import chosen_runs
-from .errors import UsegError
-from .files import atomic_path, atomic_write_text
+from .folds import fold_runs
 from .plan import Plan
 from .predict import AGREEMENT_MIN, Segmenter, label_agreement
 
@@ -66,8 +56,6 @@ REFERENCE = "torch-fp32"  # plain fp32 PyTorch (NCHW on the CPU): what every can
 REFERENCE_ENSEMBLE = "torch"  # a fold ensemble's members: each in the precision its training checked
 BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first passes and exports not counted)
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
-CACHE_KEY = "backends"  # in inference.json: machine key -> measurement
-TILE_FILE = "agreement_tile.safetensors"  # in a run folder: a validation tile training leaves for the check
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 
 
@@ -219,84 +207,6 @@ def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, r
     return out
 
 
-def cache_dir() -> Path:
-    """The user's cache folder for backend timings and on-the-fly exports: ``$USEG_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/useg`` (``~/.cache/useg``). Never the run folder: predict changes no input."""
-    given = os.environ.get("USEG_CACHE_DIR")
-    return Path(given) if given else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "useg"
-
-
-def _record_files(run: Path, digest: str) -> list[Path]:
-    """Where the measurements of these weights are kept: one file per weights hash in the user cache."""
-    return [cache_dir() / f"inference-{digest[:16]}.json"]
-
-
-def read_cached(run: Path, key: str, digest: str, tile: Sequence[int]) -> dict | None:
-    """The cached measurement of machine ``key`` for these weights and tile; None if stale or absent."""
-    for path in _record_files(run, digest):
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))[CACHE_KEY][key]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if (isinstance(entry, dict) and entry.get("weights_sha256") == digest
-                and entry.get("tile") == list(tile) and entry.get("chosen") in BACKENDS):
-            return entry
-    return None
-
-
-def write_cached(run: Path, key: str, entry: dict) -> Path | None:
-    """Store ``entry`` under ``key`` in the user cache's record of these weights (other machines kept)."""
-    for path in _record_files(run, entry["weights_sha256"]):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except (OSError, ValueError):
-            data = {}
-        data = data if isinstance(data, dict) else {}
-        table = data.get(CACHE_KEY) if isinstance(data.get(CACHE_KEY), dict) else {}
-        # entries of other weights can never be used again: keep only this run's current ones
-        table = {k: v for k, v in table.items() if isinstance(v, dict)
-                 and v.get("weights_sha256") == entry["weights_sha256"]}
-        data[CACHE_KEY] = {**table, key: entry}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-            return path
-        except OSError as e:
-            logger.info("cannot cache the backend choice in %s (%s)", path, e)
-    return None
-
-
-def onnx_file(run: Path, digest: str) -> Path:
-    """An ONNX export of the run's current weights: ``RUN/model.onnx`` when it is one, else one
-    exported now (legacy exporter, verified by :func:`useg.export.export_run`) into a cache folder.
-
-    Raises:
-        UsegError: no cache folder is writable.
-    """
-    exported = run / "model.onnx"
-    if exported.exists():
-        try:
-            if read_sidecar(exported)[1]["format"] == "onnx":
-                return exported
-        except UsegError:
-            pass  # stale or foreign: export our own
-    name = f"model-{digest[:16]}.onnx"
-    folders = [cache_dir() / "onnx"]
-    for path in (f / name for f in folders):
-        if path.exists() and sidecar_path(path).exists():
-            return path
-    from .export import export_run  # imports onnx and the exporter: only when an export is needed
-
-    for path in (f / name for f in folders):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return export_run(run, path, "onnx", dynamo=False)
-        except OSError as e:
-            logger.info("cannot write %s (%s)", path, e)
-    raise UsegError(f"cannot write an ONNX export of {run} into {folders[0]}; "
-                    "make it writable (or set USEG_CACHE_DIR) or pass --backend torch")
-
-
 def builders(run: Path, plan: Plan, device: torch.device, digest: str,
              reference: Backend | None = None) -> dict[str, Callable[[], Backend]]:
     """name -> a function building that candidate (:func:`candidates`) for ``run`` on ``device``."""
@@ -319,37 +229,6 @@ def builders(run: Path, plan: Plan, device: torch.device, digest: str,
     return {name: build(name) for name in candidates(device)}
 
 
-def agreement_tile(run: Path, plan: Plan) -> torch.Tensor:
-    """(1, C, *tile) float32: the validation tile training saved (:func:`save_agreement_tile`), or, for
-    an older run, a seeded standard-normal tile (a harder test: no image structure to be sure about)."""
-    shape = (plan.model.in_channels, *plan.infer.tile)
-    try:
-        from safetensors.torch import load_file
-
-        tile = load_file(str(run / TILE_FILE))["tile"].float()
-        if tuple(tile.shape) == shape and bool(torch.isfinite(tile).all()):
-            return tile[None].contiguous()
-    except Exception:  # noqa: BLE001 - absent or damaged (safetensors' own error): the random tile will do
-        pass
-    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-
-
-def save_agreement_tile(run: Path, plan: Plan, images: Sequence[np.ndarray]) -> None:
-    """Keep a tile of the plan's shape from the first image (its centre, mirrored where smaller) for
-    the agreement check of later predictions (float16, ``RUN/agreement_tile.safetensors``)."""
-    if not images:
-        return
-    from safetensors.torch import save_file
-
-    image, tile = np.asarray(images[0], np.float32), plan.infer.tile
-    pads = [(0, 0)] + [(0, max(0, t - s)) for s, t in zip(image.shape[1:], tile)]
-    image = np.pad(image, pads, mode="symmetric")
-    starts = [(s - t) // 2 for s, t in zip(image.shape[1:], tile)]
-    crop = image[(slice(None), *(slice(a, a + t) for a, t in zip(starts, tile)))]
-    with atomic_path(run / TILE_FILE) as tmp:
-        save_file({"tile": torch.from_numpy(np.ascontiguousarray(crop)).half()}, str(tmp))
-
-
 def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S,
            refresh: bool = False, keep: dict | None = None) -> dict:
     """The measurement of ``run`` on this machine: cached, or measured now and cached.
@@ -369,7 +248,7 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     facts = machine_facts(device)
     key, digest = machine_key(facts), weights_digest(run / WEIGHTS_FILE)
     tile = agreement_tile(run, plan)
-    cached = None if refresh else read_cached(run, key, digest, list(tile.shape))
+    cached = None if refresh else read_cached(key, digest, list(tile.shape))
     if cached is not None:
         return {**cached, "cached": True}
     t0 = time.perf_counter()
@@ -378,7 +257,7 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     record = {"machine": facts, "weights_sha256": digest, "tile": list(tile.shape),
               "timings": [dataclasses.asdict(t) for t in timings], "chosen": decide(timings),
               "seconds": round(time.perf_counter() - t0, 2)}
-    write_cached(run, key, record)
+    write_cached(key, record)
     logger.info("backend %s, measured on this machine in %.1f s:\n%s", record["chosen"], record["seconds"],
                 format_table(record))
     return {**record, "cached": False}

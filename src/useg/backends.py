@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # export format -> model file suffix
 WEIGHTS_FILE = "model.safetensors"  # a run's weights, beside plan.json (and beside its exports)
-SPLITS_FILE = "splits.json"  # in a cross-validated run: its folds, each trained in fold_K/
-FOLD_DONE = "summary.json"  # written last by training: a fold folder holding it is complete
 CPU = torch.device("cpu")
 
 
@@ -240,47 +238,6 @@ def ensemble(loaded: Sequence[tuple[Plan, Backend]], where: str | Path) -> tuple
     if any(p != plan for p, _ in loaded[1:]):
         raise UsegError(f"the members of {where} have different plans; train (or export) them from one run")
     return plan, EnsembleBackend([b for _, b in loaded])
-
-
-def fold_folder(run: str | Path, fold: int) -> Path:
-    """Fold ``fold``'s run folder in a cross-validated run: ``run/fold_K``."""
-    return Path(run) / f"fold_{fold}"
-
-
-def fold_complete(folder: Path) -> bool:
-    """Whether a fold's training finished (its summary.json, written last, and its weights exist)."""
-    return (folder / FOLD_DONE).is_file() and (folder / WEIGHTS_FILE).is_file()
-
-
-def fold_runs(run: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
-    """The complete fold folders of a cross-validated run (``splits.json``, ``fold_K/``); [] for one run.
-
-    Args:
-        run: a run folder.
-        folds: the folds to take (default all).
-
-    Raises:
-        UsegError: ``folds`` given for a single run, a fold not in splits.json, or one not complete.
-    """
-    run = Path(run)
-    splits = run / SPLITS_FILE
-    if not splits.is_file() or (run / WEIGHTS_FILE).is_file():
-        if folds:
-            raise UsegError(f"{run} is not a cross-validated run (it has no {SPLITS_FILE}); drop --folds")
-        return []
-    try:
-        k = len(json.loads(splits.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise UsegError(f"{splits} cannot be read ({e}); restore it or train the run again") from None
-    chosen = list(range(k)) if folds is None else list(dict.fromkeys(folds))
-    if not chosen or any(not 0 <= f < k for f in chosen):
-        raise UsegError(f"--folds {','.join(map(str, chosen))} is not a choice of {run}'s folds 0 to "
-                        f"{k - 1}; choose among those")
-    unfinished = [fold_folder(run, f) for f in chosen if not fold_complete(fold_folder(run, f))]
-    if unfinished:
-        raise UsegError(f"{unfinished[0]} is not trained yet; finish it with 'useg train DATA --out {run} "
-                        "--resume' or choose the trained folds with --folds")
-    return [fold_folder(run, f) for f in chosen]
 
 
 Loader = Callable[[Path, str, str], tuple[Plan, Backend]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -118,7 +119,7 @@ def _channels(report) -> str:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .dataset import check_dataset
+    from .check import check_dataset
 
     report = check_dataset(a.data, _spec(a))
     print(f"{a.data}: {len(report.cases)} cases, {_channels(report)}")
@@ -158,7 +159,7 @@ def _overrides(a: argparse.Namespace) -> Overrides:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from .dataset import check_dataset
+    from .check import check_dataset
     from .planner import explain, fingerprint, plan_dataset
     from .sizing import explain_sizing, size_for_budget
 
@@ -167,13 +168,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UsegError("\n".join(report.problems))
     if a.configs and len(a.configs) > 1:
         return _plan_configurations(a, report)
-    overrides = _overrides(a)
-    if a.configs:
-        from .configrun import data_dims, refuse_unfit
-
-        refuse_unfit(data_dims(report), a.configs, a.data)
+    overrides = _overrides(a)  # one --configs: the planner's configuration (it refuses 3d for 2D images)
     plan, reasons = plan_dataset(report, overrides, device=a.device)
-    plan = size_for_budget(plan, overrides, a.time_budget, a.device)
+    plan = size_for_budget(plan, overrides, a.time_budget, a.device, plan_config=lambda c: plan_dataset(
+        report, dataclasses.replace(overrides, configuration=c), device=a.device)[0])  # volumes: 2D on slices
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -199,6 +197,7 @@ def _plan_configurations(a: argparse.Namespace, report) -> int:
     for name in a.configs:
         overrides = dataclasses.replace(_overrides(a), configuration=name)
         plan, reasons = plan_dataset(report, overrides, device=a.device)
+        # the configuration is fixed, so sizing keeps it (no plan_config)
         plans[name] = (size_for_budget(plan, overrides, a.time_budget, a.device), reasons)
     if a.json:
         print(json.dumps({name: plan.to_dict() for name, (plan, _) in plans.items()}, indent=2))
@@ -349,7 +348,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folders, format_table
+    from .evaluate import evaluate_folders
+    from .evaluate_summary import format_table
 
     summary, paths = evaluate_folders(a.pred, a.truth, out_dir=a.out, run=a.run, labels=a.labels,
                                       regions=a.regions, instances=a.instances, roi=a.roi,

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runlog
+from .check import check_dataset
 from .configrun import ENSEMBLE, ConfigEnsemble, data_dims, refuse_unfit
 from .crossval import CV_FILE, kfold_splits, score_case
-from .dataset import Case, check_dataset
+from .dataset import Case
 from .errors import UsegError
-from .evaluate import summarize
+from .evaluate_summary import summarize
 from .files import atomic_write_text, strict_json
 from .pipeline import parse_names, split_cases, train_folder
 from .plan import Plan

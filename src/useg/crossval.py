@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from . import runlog, runtime
-from .backends import SPLITS_FILE, fold_complete, fold_folder
-from .dataset import Case, CheckReport
+from .check import CheckReport
+from .dataset import Case
 from .errors import UsegError
-from .evaluate import summarize
+from .evaluate_summary import summarize
 from .files import atomic_path, atomic_write_text, strict_json
+from .folds import SPLITS_FILE, fold_complete, fold_folder
 from .io import read_mask
 from .metrics import evaluate_case
 from .plan import Plan
@@ -321,7 +322,7 @@ def cross_validate(run: str | Path, splits: Sequence[Mapping[str, list[str]]], c
         device: where to predict.
 
     Returns:
-        The summary (:func:`useg.evaluate.summarize` of every case's rows).
+        The summary (:func:`useg.evaluate_summary.summarize` of every case's rows).
     """
     from .predict import Segmenter
 

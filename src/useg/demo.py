@@ -33,7 +33,8 @@ def run_demo(out: str | Path = "demo-out", minutes: float = 2.0, quiet: bool = F
         shape: synthetic image size.
         train, model: plan overrides (the tests use a tiny network).
     """
-    from .evaluate import evaluate_folders, format_table
+    from .evaluate import evaluate_folders
+    from .evaluate_summary import format_table
     from .io import read_image, read_mask
     from .pipeline import train_folder
     from .predict import Segmenter

@@ -29,7 +29,6 @@ from .backends import (
     FORMATS,
     WEIGHTS_FILE,
     exported_backend,
-    fold_runs,
     import_onnxruntime,
     onnx_session,
     sidecar_path,
@@ -37,6 +36,7 @@ from .backends import (
 from .checkpoint import weights_digest
 from .errors import UsegError
 from .files import atomic_path, atomic_write_text
+from .folds import fold_runs
 from .model import output_size
 from .plan import Plan
 from .predict import Segmenter

@@ -4,11 +4,11 @@ The contract every format keeps: :func:`read_image` returns an :class:`useg.file
 ``(C, *spatial)`` as stored, spacing, affine, what writing back needs), and :func:`write_mask`
 writes class labels with that image's geometry, to a temporary name renamed when complete.
 Files that cannot be read raise :class:`UsegError` naming the file. Each suffix maps to one
-:class:`Format` whose callables do the format's part (PNG/JPEG/BMP/GIF/WebP through Pillow here,
-TIFF in :mod:`useg.tiff`, NIfTI and DICOM series in :mod:`useg.volumes`, NRRD and MetaImage in
-:mod:`useg.itk`); the public functions check the inputs, dispatch, and finish what all formats
-share. Adding a format is one entry in the table. Lossy formats (JPEG, WebP, JPEG-compressed TIFF)
-are read as images and refused as masks.
+:class:`Format` whose callables do the format's part (PNG/JPEG/BMP/GIF/WebP through Pillow in
+:mod:`useg.raster`, TIFF in :mod:`useg.tiff`, NIfTI and DICOM series in :mod:`useg.volumes`, NRRD
+and MetaImage in :mod:`useg.itk`); the public functions check the inputs, dispatch, and finish
+what all formats share. Adding a format is one entry in the table. Lossy formats (JPEG, WebP,
+JPEG-compressed TIFF) are read as images and refused as masks.
 
 Spacing is in millimetres per pixel when the file states a physical unit (PNG/JPEG dpi, TIFF
 inch or centimetre resolution, ImageJ's micron/nm/mm unit) and in the file's own unit when it
@@ -17,38 +17,27 @@ states none (``meta["spacing_unit"] == ""``); it is 1.0 where the file says noth
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
 
 from . import itk, tiff, volumes
 from .errors import UsegError
-from .files import (
-    MAX_PIXELS,
-    NIFTI_SUFFIXES,
-    Image,
-    MaskHolds,
-    atomic_path,
-    is_special,
-    lossy_mask,
-    refuse_special,
-    suffix_of,
-    unreadable,
-)
+from .files import NIFTI_SUFFIXES, Image, MaskHolds, is_special, refuse_special, suffix_of
 from .labels import LabelMap, pack_rgb
-
-logger = logging.getLogger(__name__)
-
-_PIL_DEFAULT_LIMIT = 89_478_485
-if PILImage.MAX_IMAGE_PIXELS == _PIL_DEFAULT_LIMIT:  # raise Pillow's 89 Mpx default, keep a user's own choice
-    PILImage.MAX_IMAGE_PIXELS = MAX_PIXELS
+from .raster import (
+    PIL_FORMATS,
+    pil_channels,
+    read_pil_image,
+    read_pil_mask,
+    refuse_lossy_mask,
+    write_pil_image,
+    write_png_mask,
+)
 
 MaskValues = tuple[np.ndarray, str, "tuple[int, ...] | None"]
 
@@ -91,101 +80,6 @@ class Format:
     mask_holds: MaskHolds | None = None  # what write_mask holds (dims, value range, modes); None: no writer
 
 
-def _read_pil(path: Path) -> PILImage.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(path) as im:
-                im.load()  # the first frame of an animated GIF or WebP
-                if getattr(im, "n_frames", 1) > 1:
-                    logger.info("%s has %d frames; reading the first", path, im.n_frames)
-                return im.copy()
-    except FileNotFoundError:
-        raise UsegError(f"{path} does not exist; check the path") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise unreadable(path, e) from None
-
-
-def _pil_array(im: PILImage.Image) -> np.ndarray:
-    """A Pillow image -> (H, W) or (H, W, 3) array, dtype as stored; alpha dropped, palette as RGB."""
-    if im.mode == "1":
-        return np.asarray(im.convert("L"))
-    if im.mode in ("L", "I", "F") or im.mode.startswith("I;16"):
-        arr = np.asarray(im)
-        return arr.astype(arr.dtype.newbyteorder("="), copy=False)  # I;16B is big-endian
-    if im.mode in ("LA", "La"):
-        return np.asarray(im.getchannel(0))
-    if im.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
-        return np.asarray(im)[..., :3]
-    return np.asarray(im.convert("RGB"))  # P, PA, CMYK, YCbCr, LAB, HSV
-
-
-def _read_pil_image(path: Path, name: str) -> Image:
-    """Grey (L, I;16, I, F) -> 1 channel keeping the dtype, RGB -> 3, RGBA -> 3, LA -> 1, palette -> RGB."""
-    im = _read_pil(path)
-    arr = _pil_array(im)
-    arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-    meta, spacing = {}, ()
-    dpi = im.info.get("dpi")
-    if dpi and float(dpi[0]) > 0 and float(dpi[1]) > 0:
-        meta["dpi"] = (float(dpi[0]), float(dpi[1]))
-        spacing = (25.4 / float(dpi[1]), 25.4 / float(dpi[0]))
-        meta["spacing_unit"] = "mm"
-    return Image(np.ascontiguousarray(arr), spacing, None, path, name, meta)
-
-
-def _read_pil_mask(path: Path) -> MaskValues:
-    im = _read_pil(path)
-    if im.mode in ("P", "PA"):
-        arr = np.asarray(im.getchannel(0) if im.mode == "PA" else im)
-        pal = list(im.getpalette() or [])[:768]
-        return arr, "palette", tuple(pal + [0] * (768 - len(pal)))
-    arr = _pil_array(im)
-    return arr, "rgb" if arr.ndim == 3 else "grey", None
-
-
-def _refuse_lossy_mask(path: Path, codec: str) -> MaskValues:
-    raise lossy_mask(path, codec, codec)
-
-
-def _write_png_mask(path: Path, stored: np.ndarray, like: Image, label_map: LabelMap | None) -> Path:
-    if like.dims != 2:
-        raise ValueError(f"PNG holds 2D masks; write the {like.dims}D labels as .tif")
-    if stored.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"PNG holds values up to 65535; write masks with larger values as .tif ({path})")
-    with atomic_path(path) as tmp:
-        im = PILImage.fromarray(stored)
-        if label_map is not None and label_map.mode == "palette":
-            im.putpalette(list(label_map.palette or _grey_palette()))  # an L image becomes P
-        kw = {"dpi": like.meta["dpi"]} if "dpi" in like.meta else {}
-        im.save(tmp, format="PNG", **kw)
-    return path
-
-
-def _grey_palette() -> list[int]:
-    return [v for i in range(256) for v in (i, i, i)]
-
-
-def _write_pil_image(path: Path, arr: np.ndarray, like: Image, pil_format: str) -> Path:
-    """2D, 1 or 3 channels (4 as RGBA), uint8 (or uint16 grey PNG); JPEG at quality 95."""
-    suffix = path.suffix.lower()
-    if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
-        raise ValueError(f"{suffix} holds 2D images with 1, 3 or 4 channels, got {arr.shape}; "
-                         "write it as .tif")
-    if arr.dtype != np.uint8 and not (arr.dtype == np.uint16 and arr.shape[0] == 1 and pil_format == "PNG"):
-        raise ValueError(f"{suffix} holds uint8 (or 16-bit grey PNG) images, got {arr.dtype}; "
-                         "write it as .tif")
-    out = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
-    kw = {"dpi": like.meta["dpi"]} if "dpi" in like.meta else {}
-    if pil_format == "JPEG":
-        kw["quality"] = 95
-    with atomic_path(path) as tmp:
-        PILImage.fromarray(np.ascontiguousarray(out)).save(tmp, format=pil_format, **kw)
-    return path
-
-
 def _read_nifti_mask(path: Path) -> MaskValues:
     return volumes.read_nifti_labels(path), "grey", None
 
@@ -195,14 +89,14 @@ def _write_nifti_mask(path: Path, stored: np.ndarray, like: Image, label_map: La
 
 
 INT32 = (-(2**31), 2**31 - 1)
-_PNG = Format("png", partial(_read_pil_image, name="png"), _read_pil_mask, _write_png_mask,
-              partial(_write_pil_image, pil_format="PNG"), mask_holds=MaskHolds("PNG", (2,), 0, 65535))
-_JPEG = Format("jpeg", partial(_read_pil_image, name="jpeg"), partial(_refuse_lossy_mask, codec="JPEG"), None,
-               partial(_write_pil_image, pil_format="JPEG"))
-_BMP = Format("bmp", partial(_read_pil_image, name="bmp"), _read_pil_mask, None,
-              partial(_write_pil_image, pil_format="BMP"))
-_GIF = Format("gif", partial(_read_pil_image, name="gif"), _read_pil_mask)  # first frame; palette masks
-_WEBP = Format("webp", partial(_read_pil_image, name="webp"), partial(_refuse_lossy_mask, codec="WebP"))
+_PNG = Format("png", partial(read_pil_image, name="png"), read_pil_mask, write_png_mask,
+              partial(write_pil_image, pil_format="PNG"), mask_holds=MaskHolds("PNG", (2,), 0, 65535))
+_JPEG = Format("jpeg", partial(read_pil_image, name="jpeg"), partial(refuse_lossy_mask, codec="JPEG"), None,
+               partial(write_pil_image, pil_format="JPEG"))
+_BMP = Format("bmp", partial(read_pil_image, name="bmp"), read_pil_mask, None,
+              partial(write_pil_image, pil_format="BMP"))
+_GIF = Format("gif", partial(read_pil_image, name="gif"), read_pil_mask)  # first frame; palette masks
+_WEBP = Format("webp", partial(read_pil_image, name="webp"), partial(refuse_lossy_mask, codec="WebP"))
 _TIFF = Format("tiff", tiff.read_tiff_image, tiff.read_tiff_mask, tiff.write_tiff_mask, tiff.write_tiff_image,
                mask_holds=MaskHolds("TIFF", (2, 3), INT32[0], 2**32 - 1))  # int32 or uint32 objects
 _NIFTI = Format("nifti", volumes.read_nifti, _read_nifti_mask, _write_nifti_mask,
@@ -410,11 +304,6 @@ def file_affine(path: str | Path) -> np.ndarray | None:
     return fmt.read_affine(Path(path)) if fmt is not None and fmt.read_affine is not None else None
 
 
-_PIL_FORMATS = frozenset({"png", "jpeg", "bmp", "gif", "webp"})
-# the channels read_image gives each Pillow mode (palettes as RGB); other modes are colour
-_PIL_CHANNELS = {"1": 1, "L": 1, "LA": 1, "La": 1, "I": 1, "F": 1, "P": 3, "PA": 3}
-
-
 def channel_count(path: str | Path) -> int | None:
     """The channels :func:`read_image` gives ``path``, from the header where the format allows.
 
@@ -428,9 +317,8 @@ def channel_count(path: str | Path) -> int | None:
     try:
         if fmt is not None and fmt.name == "tiff":
             return tiff.tiff_channels(path)
-        if fmt is not None and fmt.name in _PIL_FORMATS:
-            with PILImage.open(path) as im:  # lazy: the header only
-                return _PIL_CHANNELS.get(im.mode, 1 if im.mode.startswith("I;16") else 3)
+        if fmt is not None and fmt.name in PIL_FORMATS:
+            return pil_channels(path)
         return read_image(path).channels
     except (UsegError, OSError, ValueError):
         return None

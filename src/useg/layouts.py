@@ -1,17 +1,14 @@
-"""Data-folder layouts beyond ``images/`` + ``masks/``: multi-channel cases, nnU-Net's raw layout,
-case folders.
+"""Data-folder layouts beyond ``images/`` + ``masks/``: multi-channel cases, case folders, folder names.
 
 * Channels as separate files, nnU-Net's naming: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz`` ...
-  (in ``images/`` or ``imagesTr/``), the mask named ``<case>.nii.gz``.
-* nnU-Net's raw layout, read as it is (Isensee et al. 2021, nnU-Net v2 ``dataset.json``):
-  ``dataset.json`` (``channel_names`` or v1 ``modality``, ``labels``, ``file_ending``),
-  ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, with the conventions of nnU-Net's readers: one
-  ``case_0000.png`` (or .bmp, .tif) holding all the channels ``channel_names`` names (an RGB image,
-  its NaturalImage2DIO); a TIFF's spacing from the sidecar ``case.json`` ``{"spacing": [z, y, x]}``
-  beside it (its Tiff3DIO); NRRD and MetaImage files through SimpleITK (its SimpleITKIO).
+  (in ``images/`` or ``imagesTr/``), the mask named ``<case>.nii.gz``; a TIFF's spacing from the
+  sidecar ``case.json`` ``{"spacing": [z, y, x]}`` beside it (nnU-Net's Tiff3DIO).
+* nnU-Net's raw layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``) is :mod:`useg.nnunet_raw`'s.
 * One folder per case holding named channel files and a label file (BraTS-style):
   ``case/Flair.nii.gz``, ``case/T1c.nii.gz``, ``case/seg.nii.gz``; the channels and the label are
   named by file-name prefix (``--channels Flair,T1c --label seg``).
+* The common names of a plain layout's folders (:func:`plain_folders`) and the mask folder an image
+  pairs with (:func:`paired_mask_folders`).
 
 Each layout yields :class:`useg.dataset.Case` objects whose ``extra`` holds the channel files after
 the first; :func:`read_case_image` stacks them into one :class:`useg.files.Image`.
@@ -28,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsegError
-from .files import Image, refuse_special, stem_of, suffix_of
-from .io import IMAGE_SUFFIXES, channel_count, read_image
+from .files import Image, stem_of, suffix_of
+from .io import IMAGE_SUFFIXES, read_image
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000
 
@@ -124,172 +121,10 @@ def sidecar_spacing(image: Image, path: Path) -> Image:
     return Image(image.array, spacing, image.affine, image.path, image.format, meta)
 
 
-def _volume_files(folder: Path) -> list[Path]:
+def volume_files(folder: Path) -> list[Path]:
+    """The visible image files of a folder (any suffix :mod:`useg.io` reads), sorted."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES)
-
-
-def read_dataset_json(root: Path) -> dict:
-    """nnU-Net's dataset.json, v1 or v2, as {channel_names, labels {value: name}, file_ending, layout,
-    ignore, num_training}.
-
-    nnU-Net v2's ``"ignore"`` label (``"labels": {"background": 0, "vessel": 1, "ignore": 2}``)
-    marks unannotated pixels: it is no class, so it is left out of ``labels`` and returned as
-    ``ignore`` (None without one); training then skips its pixels (:data:`useg.roi.IGNORE`).
-
-    Raises:
-        UsegError: unreadable JSON, or a field nnU-Net would refuse (:func:`dataset_json_problem`),
-            naming the file and the field.
-    """
-    path = root / "dataset.json"
-    refuse_special(path, "a regular dataset.json")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsegError(f"cannot read {path} ({e}); "
-                        "fix the JSON or remove it to use images/ and masks/") from None
-    problem = dataset_json_problem(d)
-    if problem:
-        raise UsegError(f"{path}: {problem}")
-    names = d.get("channel_names") or d.get("modality")
-    channel_names = [str(names[k]) for k in sorted(names, key=int)]
-    labels = d["labels"]
-    if _v1_labels(labels):  # v1: {"0": "background", ...}
-        values = {int(k): str(v) for k, v in labels.items()}
-    else:  # v2: {"background": 0, "tumour": 1}; region entries (lists) are nnU-Net's training choice
-        values = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
-    ignore = next((v for v, name in values.items() if name.lower() == "ignore"), None)
-    values.pop(ignore, None)
-    return {"channel_names": channel_names, "labels": dict(sorted(values.items())),
-            "file_ending": d["file_ending"], "layout": "nnunet", "ignore": ignore,
-            "num_training": d.get("numTraining")}
-
-
-def _v1_labels(labels: dict) -> bool:
-    return all(str(k).lstrip("-").isdigit() for k in labels)
-
-
-def _whole(value: object, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def dataset_json_problem(d: object) -> str | None:
-    """What nnU-Net's dataset.json ``d`` gets wrong, naming the field and the fix; None when it is usable.
-
-    >>> dataset_json_problem({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
-    ...                       "numTraining": 3, "file_ending": ".nii.gz"}) is None
-    True
-    >>> dataset_json_problem({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1.5},
-    ...                       "file_ending": ".nii.gz"})
-    "labels: the value of 'liver' must be a whole number (a mask value) or a list of them, not 1.5"
-    """
-    if not isinstance(d, dict):
-        return ("it must hold a JSON object with channel_names, labels and file_ending, "
-                f"not a {type(d).__name__}")
-    return (_channels_problem(d) or _labels_problem(d.get("labels")) or _ending_problem(d.get("file_ending"))
-            or _count_problem(d) or _regions_problem(d))
-
-
-def _channels_problem(d: dict) -> str | None:
-    key = "channel_names" if "channel_names" in d else "modality" if "modality" in d else None
-    if key is None:
-        return 'channel_names is missing; add e.g. "channel_names": {"0": "CT"}, one entry per image channel'
-    names = d[key]
-    if not isinstance(names, dict) or not names:
-        return f'{key} must map channel numbers to names, e.g. {{"0": "CT"}}, not {names!r}'
-    keys = [str(k) for k in names]
-    if sorted(keys, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(keys))]:
-        numbers = "0" if len(keys) == 1 else f"0 .. {len(keys) - 1}"
-        return f"{key} must be numbered {numbers} (one per _000X file), not {keys}"
-    return None
-
-
-def _labels_problem(labels: object) -> str | None:
-    if labels is None:
-        return 'labels is missing; add e.g. "labels": {"background": 0, "tumour": 1}'
-    if not isinstance(labels, dict) or not labels:
-        return f'labels must map names to mask values, e.g. {{"background": 0, "tumour": 1}}, not {labels!r}'
-    if _v1_labels(labels):
-        return None  # v1 maps values to names; the names can be anything
-    for name, value in labels.items():
-        ok = _whole(value) or (isinstance(value, list) and value and all(_whole(v) for v in value))
-        if not ok:
-            return (f"labels: the value of {name!r} must be a whole number (a mask value) or a list of "
-                    f"them, not {value!r}")
-    return None
-
-
-def _ending_problem(ending: object) -> str | None:
-    if ending is None:
-        return 'file_ending is missing; add e.g. "file_ending": ".nii.gz", the suffix of every image'
-    if not isinstance(ending, str) or suffix_of(Path("x" + ending)) not in IMAGE_SUFFIXES:
-        known = ", ".join(sorted(IMAGE_SUFFIXES))
-        return f"file_ending {ending!r} is no image format useg reads; use one of {known}"
-    return None
-
-
-def _count_problem(d: dict) -> str | None:
-    if "numTraining" in d and not _whole(d["numTraining"], 1):
-        return ("numTraining must be the number of training cases (a whole number >= 1), "
-                f"not {d['numTraining']!r}")
-    return None
-
-
-def _regions_problem(d: dict) -> str | None:
-    """nnU-Net's region training: list labels need ``regions_class_order``, one class per foreground label."""
-    labels = d["labels"]
-    regions = not _v1_labels(labels) and any(isinstance(v, list) for v in labels.values())
-    order = d.get("regions_class_order")
-    if order is None:
-        return ("labels holds regions (lists) but regions_class_order is missing; add one class per "
-                "non-background label") if regions else None
-    n = len(labels) - 1  # background is no region
-    if not isinstance(order, list) or len(order) != n or not all(_whole(v, 1) for v in order):
-        return (f"regions_class_order must list {n} whole numbers >= 1 (one per non-background label), "
-                f"not {order!r}")
-    return None
-
-
-def nnunet_cases(root: Path, case_type):
-    """Cases of an nnU-Net raw dataset folder (imagesTr + labelsTr).
-
-    Returns:
-        (cases, problems, info) with info from :func:`read_dataset_json`.
-    """
-    info = read_dataset_json(root)
-    problems: list[str] = []
-    files = [p for p in _volume_files(root / "imagesTr") if str(p).endswith(info["file_ending"])]
-    if not files:
-        return [], [f"{root / 'imagesTr'} holds no {info['file_ending']} images; "
-                    "put the training images there"], info
-    groups, problems = group_channels(files)
-    if info["num_training"] is not None and info["num_training"] != len(groups):
-        problems.append(f"{root / 'dataset.json'} says numTraining {info['num_training']} but "
-                        f"{root / 'imagesTr'} holds {len(groups)} cases; correct numTraining or add the "
-                        "missing cases")
-    n = len(info["channel_names"])
-    for case, chans in groups.items():
-        if len(chans) == n:
-            continue
-        held = channel_count(chans[0]) if len(chans) == 1 else None  # one RGB file: NaturalImage2DIO
-        if held == n:
-            continue
-        holding = f" holding {held} channel(s)" if held is not None and len(chans) == 1 else ""
-        problems.append(f"case {case!r} in {root / 'imagesTr'} has {len(chans)} channel file(s){holding} "
-                        f"but dataset.json names {n}; add {case}_0000 .. {case}_{n - 1:04d}"
-                        + (" or one file holding all of them" if len(chans) == 1 else ""))
-    label_dir = root / "labelsTr"
-    labels = {stem_of(p): p for p in _volume_files(label_dir)} if label_dir.is_dir() else {}
-    cases = []
-    for case, chans in groups.items():
-        if case not in labels:
-            problems.append(f"{chans[0]} has no label {case}{info['file_ending']} in {label_dir}; "
-                            "add it or move the case out")
-        cases.append(case_type(case, chans[0], labels.get(case), tuple(chans[1:])))
-    problems.extend(f"{p} has no image {name}_0000{info['file_ending']} in {root / 'imagesTr'}; "
-                    "add it or remove the label"
-                    for name, p in labels.items() if name not in groups)
-    return cases, problems, info
 
 
 # names a data folder's image and mask folders go by (any case); images/ and masks/ win where both are
@@ -332,7 +167,7 @@ def plain_folders(root: Path) -> PlainFolders:
     masks, mask_problem = _named(root, MASK_FOLDERS, "mask")
     if problem or mask_problem:
         return PlainFolders(None, None, problem or mask_problem)
-    if images is None and masks is not None and _volume_files(root):
+    if images is None and masks is not None and volume_files(root):
         images = root  # images at the top level, their masks in a folder beside them
     if images is None and masks is None:
         return PlainFolders(None, None, _split_problem(root))
@@ -341,7 +176,7 @@ def plain_folders(root: Path) -> PlainFolders:
 
 def _split_problem(root: Path) -> str | None:
     """"DATA holds no images, but train/ holds images/ and masks/: give DATA/train" (or None)."""
-    if _volume_files(root):
+    if volume_files(root):
         return None
     splits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS)
     inner = [p for p in splits if (f := plain_folders(p)).images is not None and f.masks is not None]
@@ -371,7 +206,7 @@ def is_case_folders(root: Path) -> bool:
     if not root.is_dir() or plain_folders(root).images is not None:
         return False
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return bool(subdirs) and all(_volume_files(d) for d in subdirs[:4])
+    return bool(subdirs) and all(volume_files(d) for d in subdirs[:4])
 
 
 def _pick(files: list[Path], prefix: str) -> list[Path]:
@@ -380,7 +215,7 @@ def _pick(files: list[Path], prefix: str) -> list[Path]:
 
 def case_folder_files(folder: Path, channel_names: Sequence[str]) -> list[Path] | None:
     """The channel files of one case folder, in ``channel_names`` order; None when it is not one."""
-    files = _volume_files(folder) if channel_names else []
+    files = volume_files(folder) if channel_names else []
     picked = [_pick(files, n) for n in channel_names]
     return [p[0] for p in picked] if files and all(len(p) == 1 for p in picked) else None
 
@@ -394,7 +229,7 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
     info = {"channel_names": list(channel_names or []), "label_name": label_name, "layout": "folders"}
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not channel_names:
-        example = ", ".join(stem_of(p) for p in _volume_files(subdirs[0])[:4]) if subdirs else ""
+        example = ", ".join(stem_of(p) for p in volume_files(subdirs[0])[:4]) if subdirs else ""
         return [], [f"{root} holds one folder per case; name the channel files with --channels "
                     f"(file-name prefixes, e.g. from {example}) and the mask with --label"], info
     lower = [n.lower() for n in channel_names]  # prefixes match case-insensitively (_pick)
@@ -407,7 +242,7 @@ def folder_cases(root: Path, channel_names: Sequence[str] | None, label_name: st
                     "name each file once"], info
     cases, problems = [], []
     for d in subdirs:
-        files = _volume_files(d)
+        files = volume_files(d)
         chans = []
         for prefix in channel_names:
             found = _pick(files, prefix)

@@ -21,7 +21,7 @@ import numpy as np
 from .errors import UsegError
 from .files import MaskHolds, suffix_of
 from .io import FORMATS
-from .plan import Plan
+from .plan import Plan, data_dims
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def mask_suffix(default: str, plan: Plan, mask_format: str | None, instances: bo
     Raises:
         UsegError: ``mask_format`` cannot hold the masks (or is unknown), or no format can.
     """
-    dims = plan.model.dims
+    dims = data_dims(plan)  # the masks': 3 for a 2D network on the slices of volumes
     low, high, mode = stored_range(plan, instances)
     if mask_format is not None:
         if mask_format not in MASK_FORMATS:

@@ -120,7 +120,7 @@ def check_cases(records: Sequence[Any], spacing_out: Sequence[float], limit: int
     """Refuse the first case that the target spacing makes too large (planning, before any is read).
 
     Args:
-        records: :class:`useg.dataset.CaseRecord` values (name, shape, spacing, num_channels).
+        records: :class:`useg.check.CaseRecord` values (name, shape, spacing, num_channels).
         spacing_out: the plan's target spacing (the median of the cases').
         limit: bytes allowed per case; None: :func:`available_bytes`.
     """

@@ -13,7 +13,7 @@ Empty-mask rule (used by every function here):
   non-empty prediction (only false positives).
 
 Dice and IoU are never 0/0 with one side non-empty, so only precision and recall use the second
-case. Summaries (:func:`useg.evaluate.summarize`) average per-case values (macro over cases), so a
+case. Summaries (:func:`useg.evaluate_summary.summarize`) average per-case values (macro over cases), so a
 case with an absent class that the model also left empty counts as a success for that class.
 """
 

@@ -47,6 +47,10 @@ class PatchDataset(torch.utils.data.Dataset):
             patch (weight may be None), sizes unchanged.
         weights: optional (*S) float32 per-pixel loss weights, one per image.
         fg_fraction: share of patches centred on a foreground (label > 0) pixel.
+        slice_axis: for a 2D network on volumes (``useg.slices``): the spatial axis of the (C, X, Y, Z)
+            images that patches are one voxel thick across; ``patch_size`` and ``out_size`` are then
+            in-plane (two sizes). The window is drawn as above with extent 1 on that axis (so a
+            foreground patch lies in a slice holding its class) and squeezed before augmentation.
 
     Items are dicts of tensors: ``image`` (C, *patch) float32, ``label`` (*out) int64 and, when
     weights are given, ``weight`` (*out) float32.
@@ -55,7 +59,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], patch_size: Sequence[int],
                  out_size: Sequence[int] | None = None, length: int = 250, seed: int = 0,
                  augment: Callable | None = None, weights: list[np.ndarray] | None = None,
-                 fg_fraction: float = 0.33):
+                 fg_fraction: float = 0.33, slice_axis: int | None = None):
         if not images or len(images) != len(labels):
             raise ValueError(f"images and labels must be non-empty lists of one length, "
                              f"got {len(images)} and {len(labels)}")
@@ -69,6 +73,16 @@ class PatchDataset(torch.utils.data.Dataset):
                 f"patch_size and out_size must be 2 or 3 positive sizes, got {patch_size}, {out_size}")
         if any(o > p for o, p in zip(self.out_size, self.patch_size)):
             raise ValueError(f"out_size {self.out_size} must not exceed patch_size {self.patch_size}")
+        self.slice_axis = slice_axis
+        # the window drawn from the images: one voxel thick across the slice axis for a 2D network on volumes
+        self._window, self._out = self.patch_size, self.out_size
+        if slice_axis is not None:
+            if nd != 2 or slice_axis not in (0, 1, 2):
+                raise ValueError(f"slices need a 2D patch and a slice_axis of 0, 1 or 2, got {patch_size}, "
+                                 f"{slice_axis!r}")
+            self._window, self._out = (tuple(np.insert(size, slice_axis, 1).tolist())
+                                       for size in (self.patch_size, self.out_size))
+            nd = 3
         for k, (img, lab) in enumerate(zip(images, labels)):
             if img.ndim != nd + 1 or lab.shape != img.shape[1:]:
                 raise ValueError(
@@ -104,18 +118,23 @@ class PatchDataset(torch.utils.data.Dataset):
         if fg and rng.random() < self.fg_fraction:
             locations = fg[int(rng.integers(len(fg)))]
             centre = np.unravel_index(locations[rng.integers(locations.size)], shape)
-            out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
+            out_start = [int(c) - o // 2 for c, o in zip(centre, self._out)]
         elif (inside := self._inside[k]) is not None:  # centred on a labelled pixel inside the ROI
             centre = np.unravel_index(inside[rng.integers(inside.size)], shape)
-            out_start = [int(c) - o // 2 for c, o in zip(centre, self.out_size)]
+            out_start = [int(c) - o // 2 for c, o in zip(centre, self._out)]
         else:  # uniform inside the image; an image smaller than the output is centred and mirrored
             out_start = [int(rng.integers(d - o + 1)) if d >= o else (d - o) // 2
-                         for d, o in zip(shape, self.out_size)]
-        margin = [(p - o) // 2 for p, o in zip(self.patch_size, self.out_size)]
+                         for d, o in zip(shape, self._out)]
+        margin = [(p - o) // 2 for p, o in zip(self._window, self._out)]
         start = [s - m for s, m in zip(out_start, margin)]
-        img = _window(image, start, self.patch_size)
-        lab = _window(label, start, self.patch_size)
-        w = _window(self.weights[k], start, self.patch_size) if self.weights is not None else None
+        img = _window(image, start, self._window)
+        lab = _window(label, start, self._window)
+        w = _window(self.weights[k], start, self._window) if self.weights is not None else None
+        if self.slice_axis is not None:  # the slice the window lies in, as a 2D patch
+            a = self.slice_axis
+            img, lab = img[(slice(None),) * (1 + a) + (0,)], lab[(slice(None),) * a + (0,)]
+            w = None if w is None else w[(slice(None),) * a + (0,)]
+            margin = [m for i, m in enumerate(margin) if i != a]
         if self.augment is not None:
             img, lab, w = self.augment(img, lab, w, rng)
         crop = tuple(slice(m, m + o) for m, o in zip(margin, self.out_size))

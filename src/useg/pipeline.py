@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import runlog, runtime
-from .configrun import data_dims, refuse_unfit
-from .dataset import Case, CheckReport, check_dataset
+from .check import CheckReport, check_dataset
+from .dataset import Case
 from .errors import UsegError
 from .files import atomic_write_text
 from .plan import Plan
@@ -144,7 +144,6 @@ def train_folder(
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    refuse_unfit(data_dims(report), [overrides.configuration], data)  # "3d" for 2D images
     if resume:
         plan, train_cases, val_cases = _resumed(out, data, report)
     else:
@@ -221,7 +220,6 @@ def _cross_validated(data: str | Path, out: Path, spec: DataSpec | None, overrid
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    refuse_unfit(data_dims(report), [overrides.configuration], data)  # "3d" for 2D images
     _refuse_out_among_inputs(out, data, report.cases)  # as for a single run: never among the inputs
     kw = dict(k=folds, fold=fold, exclude=parse_names(exclude), time_budget_min=time_budget_min,
               resume=resume, device=device, quiet=quiet, roi=spec.roi_dir if spec else None)
@@ -341,10 +339,12 @@ def _started(out: Path, data: str | Path, report: CheckReport, overrides: Overri
         cases, val_fraction=overrides.train.get("val_fraction", 0.2), seed=overrides.train.get("seed", 0),
         val_names=parse_names(val) or None,
     )
-    plan, reasons = plan_dataset(report.without(held), overrides, device=device)
+    kept = report.without(held)
+    plan, reasons = plan_dataset(kept, overrides, device=device)
     for reason in reasons:
         logger.info("plan: %s", reason)
-    plan = size_for_budget(plan, overrides, time_budget_min, device)
+    plan = size_for_budget(plan, overrides, time_budget_min, device, plan_config=lambda c: plan_dataset(
+        kept, dataclasses.replace(overrides, configuration=c), device=device)[0])  # volumes: 2D on slices too
     return plan, train_cases, val_cases
 
 

@@ -53,6 +53,7 @@ class DataConfig:
     regions: tuple[tuple[int, ...], ...] = ()
     fg_fraction: float = 0.33  # share of patches centred on a foreground pixel (nnU-Net: 1/3)
     spacing: tuple[float, ...] = (1.0, 1.0)  # target spacing: median of the training images (nnU-Net's rule)
+    slice_axis: int | None = None  # the axis of (X, Y, Z) across which volumes are cut into 2D slices
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # joint image/label transforms
     border_weights: bool = False  # weight the loss by the paper's eq. 2 map (separates touching objects)
     w0: float = 10.0  # eq. 2 border weight (the paper: 10)
@@ -212,6 +213,24 @@ def sizes_problem(what: str, size: Any, dims: int, flag: str | None = None) -> s
     return None
 
 
+def data_dims(plan: Plan) -> int:
+    """The spatial dimensions of the data the plan reads: 3 for a plan on 2D slices of volumes
+    (``data.slice_axis`` set, a 2D network), else the network's (``model.dims``)."""
+    return 3 if plan.data.slice_axis is not None else plan.model.dims
+
+
+def _slices_problem(plan: Plan) -> str | None:
+    """Why ``slice_axis`` is impossible (a slice plan has a 2D network on 3D data); None if it is fine."""
+    axis = plan.data.slice_axis
+    if axis is None:
+        return None
+    if not (_whole(axis, 0) and axis <= 2):
+        return f"slice_axis must be 0, 1 or 2 (an axis of X, Y, Z) or null, not {axis!r}"
+    if plan.model.dims != 2:
+        return f"a plan on slices (slice_axis {axis}) has a 2D network, not a {plan.model.dims}D one"
+    return None
+
+
 def _problem(plan: Plan) -> str | None:
     """The first value of ``plan`` that no training or prediction could use, as a sentence; None if none.
 
@@ -219,13 +238,15 @@ def _problem(plan: Plan) -> str | None:
     The epochs, steps per epoch and batch size are checked where the run starts (useg.pipeline).
     """
     m, d, i = plan.model, plan.data, plan.infer
-    found = (_model_problem(m) or sizes_problem("patch size (--patch)", d.patch_size, m.dims)
+    found = (_model_problem(m) or _slices_problem(plan)
+             or sizes_problem("patch size (--patch)", d.patch_size, m.dims)
              or sizes_problem("tile", i.tile, m.dims))
     if found:
         return found
-    if len(d.spacing) != m.dims or not all(isinstance(s, (int, float)) and 0 < s < float("inf")
-                                           for s in d.spacing):
-        return f"the spacing {d.spacing!r} must hold {m.dims} positive finite numbers"
+    dims = data_dims(plan)  # a slice plan keeps the volumes' 3D spacing: resampling stays 3D
+    if len(d.spacing) != dims or not all(isinstance(s, (int, float)) and 0 < s < float("inf")
+                                         for s in d.spacing):
+        return f"the spacing {d.spacing!r} must hold {dims} positive finite numbers"
     if not (isinstance(i.overlap, (int, float)) and 0 <= i.overlap < 1):
         return f"the tile overlap must lie in [0, 1), not {i.overlap!r}"
     if not _whole(i.batch_size, 1):

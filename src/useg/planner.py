@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from .augment import AugmentConfig
-from .dataset import CaseRecord, CheckReport, format_axes
+from .check import CaseRecord, CheckReport
+from .dataset import format_axes
 from .errors import UsegError
 from .labels import LabelMap, region_classes
 from .memory import check_cases
 from .model import input_size_for_output, valid_input_size
 from .plan import DataConfig, InferConfig, ModelConfig, Plan, TrainConfig, check_model, sizes_problem
+from .slices import describe, in_plane_shapes, reason, slice_axis_of, sliced
 from .spec import Overrides
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ def make_plan(label_map: LabelMap, num_channels: int, image_shapes: Sequence[tup
     """Plan a training from the preset's rules and what a dataset check found.
 
     Args:
-        label_map: the masks' encoding (from :func:`useg.dataset.check_dataset`).
+        label_map: the masks' encoding (from :func:`useg.check.check_dataset`).
         num_channels: image channels.
         image_shapes: spatial shape of every training image.
         spacings: spacing of every image (the target spacing is kept in the plan).
@@ -248,7 +250,7 @@ def explain(plan: Plan) -> str:
     m, d, t = plan.model, plan.data, plan.train
     return "\n".join(
         [
-            f"network: {m.dims}D U-Net, width {m.width}, depth {m.depth}, {m.padding} padding, "
+            f"network: {describe(plan)}, width {m.width}, depth {m.depth}, {m.padding} padding, "
             f"{m.up} up-sampling, norm {m.norm}, dropout {m.dropout} (preset {plan.preset})",
             f"classes: {m.num_classes} (mask values {list(d.label_map.values)} as {d.label_map.mode})",
             f"patch: {format_axes(d.patch_size)} (median image size capped for speed), "
@@ -389,7 +391,7 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     choices described in the module note.
 
     Args:
-        report: a :class:`useg.dataset.CheckReport` without problems.
+        report: a :class:`useg.check.CheckReport` without problems.
         overrides: the preset and the choices fixed by hand (they win over the planner), the
             memory budget (default :func:`default_memory_gb`) and nested ``regions`` in mask values,
             outer to inner (``{"WT": (1, 2, 3, 4), ...}``): the network then gets one sigmoid output
@@ -409,8 +411,15 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
         check_model(dataclasses.replace(PRESETS[ov.preset].model, **ov.model))
     fp = fingerprint(report)
     dims = fp["dims"]
+    if ov.configuration == "3d" and dims == 2:
+        raise UsegError("configuration 3d asks for a 3D network, but 2D images have no 3D configuration; "
+                        "drop it, or give 3D volumes")
+    slicing = dims == 3 and ov.configuration == "2d"  # nnU-Net's 2d: a 2D network on the volumes' slices
+    if slicing and ov.patch_size is not None and len(ov.patch_size) != 2:
+        raise UsegError(f"--patch {','.join(map(str, ov.patch_size))} has {len(ov.patch_size)} axes but "
+                        "configuration 2d trains on 2D slices of volumes; give 2 sizes like --patch 64,64")
     if ov.patch_size is not None:  # before the 3D rules take its logarithm
-        check_patch(ov.patch_size, dims)
+        check_patch(ov.patch_size, 2 if slicing else dims)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     data, reasons = _normalization(fp)
     if ov.regions:
@@ -421,15 +430,18 @@ def plan_dataset(report: CheckReport, overrides: Overrides | None = None, device
     data.update({k: report.info[k] for k in ("pairing", "image_pattern", "mask_pattern") if k in report.info})
     spacings = [r.spacing for r in report.records] or [(1.0,) * dims]
     model, patch_size = dict(ov.model), ov.patch_size
-    if dims == 3:
+    if slicing:
+        plan = _plan_slices(report, spacings, dataclasses.replace(ov, data={**data, **ov.data}), reasons)
+    elif dims == 3:
         budget = float(ov.memory_gb) if ov.memory_gb else default_memory_gb("cpu" if cpu else device)
         model, patch_size, resample = _plan_3d(fp, spacings, ov, cpu, budget, reasons)
         data.update(resample)
     else:
         reasons.append("2D: the preset's patch (median image size, capped) and width")
-    chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
-    plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
-                     spacings=spacings, overrides=chosen)
+    if not slicing:
+        chosen = dataclasses.replace(ov, model=model, data={**data, **ov.data}, patch_size=patch_size)
+        plan = make_plan(report.label_map, report.num_channels, [r.shape for r in report.records],
+                         spacings=spacings, overrides=chosen)
     if plan.data.resample:  # a case whose header says absurd voxels would not fit once resampled
         check_cases(report.records, plan.data.spacing)
     refuse_beyond_machine(plan, machine_gib("cpu" if cpu else device))
@@ -489,14 +501,7 @@ def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Over
     Returns:
         (ModelConfig fields, the patch, DataConfig fields); the user's fields are kept.
     """
-    data: dict[str, Any] = {}
-    target = target_spacing(spacings)
-    if any(not np.allclose(s, target, rtol=1e-3) for s in spacings):
-        data["resample"] = True
-        reasons.append(f"spacing: cases differ, so every case is resampled to {format_axes(target)} (median; "
-                       "10th percentile on a thick-slice axis)")
-    else:
-        reasons.append(f"spacing: every case is {format_axes(target)}, no resampling")
+    target, data = _resampling(spacings, reasons)
     shape = [int(round(m * s / t)) for m, s, t in
              zip(fp["median_shape"], np.median(np.asarray(spacings), axis=0), target, strict=True)]
     halved = cpu and "width" not in ov.model
@@ -518,3 +523,30 @@ def _plan_3d(fp: dict[str, Any], spacings: Sequence[tuple[float, ...]], ov: Over
                    f"{width}{' (halved on a CPU)' if halved else ''}, capped at "
                    f"{max_width} channels, instance norm")
     return model, patch_size, data
+
+
+def _resampling(spacings: Sequence[tuple[float, ...]], reasons: list[str]) -> tuple[tuple[float, ...], dict]:
+    """The volumes' target spacing and the DataConfig fields of resampling to it (when cases differ)."""
+    target = target_spacing(spacings)
+    if any(not np.allclose(s, target, rtol=1e-3) for s in spacings):
+        reasons.append(f"spacing: cases differ, so every case is resampled to {format_axes(target)} (median; "
+                       "10th percentile on a thick-slice axis)")
+        return target, {"resample": True}
+    reasons.append(f"spacing: every case is {format_axes(target)}, no resampling")
+    return target, {}
+
+
+def _plan_slices(report: CheckReport, spacings: Sequence[tuple[float, ...]], ov: Overrides,
+                 reasons: list[str]) -> Plan:
+    """nnU-Net's 2d configuration of volumes (:mod:`useg.slices`): the 2D rules (patch from the slices'
+    median shape at the target spacing, capped; the 2D batch and width) on the slices across the
+    coarsest axis, the 3D normalisation (in ``ov.data``) and resampling kept."""
+    target, resample = _resampling(spacings, reasons)
+    axis = slice_axis_of(target)
+    shapes = in_plane_shapes([r.shape for r in report.records], spacings, target, axis)
+    flat = [tuple(s for i, s in enumerate(target) if i != axis)] * len(shapes)  # shapes are at the target
+    chosen = dataclasses.replace(ov, data={**resample, **ov.data})
+    plan = sliced(make_plan(report.label_map, report.num_channels, shapes, spacings=flat, overrides=chosen),
+                  axis, target)
+    reasons.append(reason(plan))
+    return plan

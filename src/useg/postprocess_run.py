@@ -52,8 +52,8 @@ def determine_postprocessing(run: str | Path, predictions_dir: str | Path, truth
         UsegError: no run folder, no foreground class, and whatever ``useg evaluate`` refuses in
             the two folders (no pairs, unknown values, shape mismatches).
     """
-    # evaluation's pairing pulls in every metric, which reading a record (predict) does not need
-    from .evaluate import decoded_pairs
+    # evaluation's pairing reads masks and probability maps, which reading a record (predict) does not need
+    from .evaluate_pairs import decoded_pairs
 
     run = Path(run)
     if not 0 <= percentile <= 100:

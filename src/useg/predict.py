@@ -16,22 +16,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runlog, runtime, writing
-from .backends import BACKENDS, Backend, TorchBackend, ensemble, fold_runs
+from . import runlog, runtime, slices, writing
+from .backends import BACKENDS, Backend, TorchBackend, ensemble
 from .checkpoint import load_model
 from .configrun import ConfigEnsemble, chosen_runs
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
+from .folds import fold_runs
 from .labels import regions_to_labels
 from .memory import check_resample
 from .model import output_size, valid_input_size
-from .plan import Plan
+from .overlap_tile import overlap_tile, overlap_tile_labels
+from .plan import Plan, data_dims
 from .postprocess import Postprocessing, apply_postprocessing
 from .postprocess_run import RECORD as POSTPROCESSING_RECORD
 from .postprocess_run import read_postprocessing
 from .preprocess import normalize
-from .tiling import Progress, TileFn, overlap_tile, overlap_tile_labels, sliding_window, sliding_window_labels
+from .sliding_window import sliding_window, sliding_window_labels
+from .tiling import Progress, TileFn
 from .tta import symmetries, tta_average
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ def predict_proba(backend: Backend, image: np.ndarray, plan: Plan,
         (K, *S) float32 probabilities.
     """
     m, fn = plan.model, tile_fn(backend, plan)
+    if plan.data.slice_axis is not None:  # a 2D network on the slices of a volume (useg.slices)
+        return slices.predict_volume(fn, image, plan, backend.device, labels=False, progress=progress)
     if m.padding == "same":
         # tile starts on the pooling grid, so every tile sees the same max-pooling phase
         return sliding_window(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
@@ -93,15 +98,18 @@ def predict_labels(backend: Backend, image: np.ndarray, plan: Plan,
                    progress: Progress | None = None) -> np.ndarray:
     """Class indices (*S) of a normalised image; same arguments as :func:`predict_proba`.
 
-    For same padding the sliding window is streamed (:func:`useg.tiling.sliding_window_labels`),
+    For same padding the sliding window is streamed (:func:`useg.sliding_window.sliding_window_labels`),
     so no (K, *S) float buffer is ever held: memory is bounded by one slab of tiles. For valid
     padding each overlap-tile output tile writes its argmax directly
-    (:func:`useg.tiling.overlap_tile_labels`). Region plans hold (R, *S) region probabilities.
+    (:func:`useg.overlap_tile.overlap_tile_labels`). Region plans hold (R, *S) region probabilities.
+    A slice plan predicts a volume slice by slice (:func:`useg.slices.predict_volume`).
     """
     m = plan.model
     if plan.data.regions:  # region probabilities are thresholded, not arg-maxed: R channels held, R small
         return regions_to_labels(predict_proba(backend, image, plan, progress), plan.data.regions)
     fn = tile_fn(backend, plan)
+    if plan.data.slice_axis is not None:
+        return slices.predict_volume(fn, image, plan, backend.device, labels=True, progress=progress)
     if m.padding == "same":
         return sliding_window_labels(fn, image, _same_tile(plan, image.shape[1:]), m.num_classes,
                                      overlap=plan.infer.overlap, batch_size=plan.infer.batch_size,
@@ -118,15 +126,18 @@ def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarra
     Raises:
         UsegError: wrong dimensions or channel count, NaN or infinite values.
     """
-    m, d = plan.model, plan.data
+    m, d, dims = plan.model, plan.data, data_dims(plan)  # a slice plan reads volumes
     array = np.asarray(array)
-    if array.ndim == m.dims and m.in_channels == 1:
+    if array.ndim == dims and m.in_channels == 1:
         array = array[None]
-    if array.ndim != m.dims + 1:
-        axes = f"(C, {'D, ' if m.dims == 3 else ''}H, W) with C={m.in_channels}"
-        if array.ndim in (3, 4) and array.ndim - 1 != m.dims and array.shape[0] == m.in_channels:
+    if d.slice_axis is not None and array.ndim == 2:
+        raise UsegError(_dims_sentence(name, 2, array.shape, 2, slices=True))
+    if array.ndim != dims + 1:
+        axes = f"(C, {'D, ' if dims == 3 else ''}H, W) with C={m.in_channels}"
+        if array.ndim in (3, 4) and array.ndim - 1 != dims and array.shape[0] == m.in_channels:
             # channels first already: the dimensions differ, not the axis order
-            raise UsegError(_dims_sentence(name, array.ndim - 1, array.shape[1:], m.dims))
+            raise UsegError(_dims_sentence(name, array.ndim - 1, array.shape[1:], dims,
+                                           slices=d.slice_axis is not None))
         raise UsegError(f"{name} has shape {array.shape}, but the model expects {axes}; give channels first")
     if array.shape[0] != m.in_channels:
         raise UsegError(
@@ -138,8 +149,11 @@ def prepare(plan: Plan, array: np.ndarray, name: str = "the array") -> np.ndarra
     return normalize(array, d.normalization, d.intensity)  # float32 copy, the input is untouched
 
 
-def _dims_sentence(name: str, dims: int, shape: Sequence[int], run_dims: int) -> str:
+def _dims_sentence(name: str, dims: int, shape: Sequence[int], run_dims: int, slices: bool = False) -> str:
     """"X is a 3D volume (16x16x16) but this run is 2D ...": the real cause, not the axis order."""
+    if slices and dims == 2:  # a 2D network, but trained on volumes: a 2D image is not what it learned
+        return (f"{name} is a 2D image ({'x'.join(map(str, shape))}) but this run was trained on the 2D "
+                "slices of 3D volumes; predict 3D volumes with it, or train a run on 2D images")
     what = {2: "a 2D image", 3: "a 3D volume"}
     trained = {2: "2D images", 3: "3D volumes"}
     fix = ("predict it with a run trained on 3D volumes, or save its slices as 2D images" if dims == 3
@@ -172,7 +186,7 @@ def check_low_precision(plan: Plan, run: Path, images: Sequence[np.ndarray], dev
         return {}
     model = load_model(plan.model, run / "model.safetensors")
     # at most two tiles per axis: enough pixels to judge, cheap even for large volumes
-    crops = [im[(slice(None), *(slice(0, 2 * t) for t in plan.infer.tile))] for im in images[:max_images]]
+    crops = [slices.tile_crop(im, plan) for im in images[:max_images]]
     labels = {}
     for prec in (runtime.pick_precision(device, "fp32"), fast):  # one weight layout change per precision
         net = model.to(device, memory_format=runtime.memory_format(plan.model.dims, prec)).eval()
@@ -306,9 +320,9 @@ class Segmenter:
         """The network input (C, *S') of an image at the plan's spacing, and whether it was resampled."""
         d = self.plan.data
         array = image.array
-        if image.dims != self.plan.model.dims:  # before resampling: a 3D volume is no 2D image
+        if image.dims != data_dims(self.plan):  # before resampling: a 3D volume is no 2D image
             raise UsegError(_dims_sentence(str(image.path or "the image"), image.dims, image.spatial_shape,
-                                           self.plan.model.dims))
+                                           data_dims(self.plan), slices=d.slice_axis is not None))
         resample = d.resample and not np.allclose(image.spacing, d.spacing, rtol=1e-3)
         if resample:
             from .resample import resample_image

@@ -12,6 +12,15 @@ compute (batch x voxels x width^2, the convolutions' share), and the rung chosen
 before it is kept. The measurements, the rule and the reason are kept in ``plan.json``
 (``Plan.sizing``) and printed by ``useg plan``.
 
+For volumes the configuration is a candidate too (nnU-Net's ``2d`` against ``3d``, issue 11). With
+the configuration left to useg (``Overrides.configuration`` None) the planned 3D network is measured
+first; when it holds :data:`MIN_STEPS` steps it is kept. Otherwise the 3D ladder is not walked: the
+2D configuration on slices (:mod:`useg.slices`, planned by the planner) and its cheaper rungs (batch,
+then width) are the next candidates, measured as above, since a 2D network on slices makes many
+times the steps of a 3D one and, in nnU-Net's results, does nearly as well on such data. With
+``configuration="3d"`` the 3D ladder (width, then patch) is walked as before; with ``"2d"`` the 2D
+ladder. Every rung of the record names its configuration.
+
 What the user fixes (``--width``, ``--batch-size``, ``--patch``) is never changed; a
 deterministic run and a run under ``torchrun`` are not sized (a timing would make the plan differ
 between runs or ranks).
@@ -191,22 +200,80 @@ def size_plan(plan: Plan, budget_min: float, fixed: Collection[str] = (), device
     measure = measure or measure_step
     budget_s = budget_min * 60.0
     limit = max(MEASURE_MIN_S, MEASURE_SHARE * budget_s)
-    rungs, seconds, started = ladder(plan, fixed), {}, time.perf_counter()
-    seconds[0] = measure(plan, device)
-    chosen = choose(rungs, seconds, budget_s)
-    # Verify the choice by measuring it; a slower than predicted rung moves the choice down.
-    while chosen not in seconds and time.perf_counter() - started < limit:
-        seconds[chosen] = measure(apply(plan, rungs[chosen]), device)
-        chosen = choose(rungs, seconds, budget_s)
-    record = _record(rungs, seconds, chosen, budget_s, time.perf_counter() - started)
+    rungs, started = ladder(plan, fixed), time.perf_counter()
+    seconds, chosen = _walk(plan, rungs, budget_s, measure, device, started + limit)
+    record = _record(rungs, seconds, chosen, budget_s, time.perf_counter() - started, _configuration(plan))
     logger.info("sizing: %s", record["reason"])
     return dataclasses.replace(apply(plan, rungs[chosen]), sizing=record)
 
 
-def size_for_budget(plan: Plan, overrides: Overrides, budget_min: float | None, device: str = "auto") -> Plan:
+def _walk(plan: Plan, rungs: Sequence[Candidate], budget_s: float, measure: Callable[[Plan, str], float],
+          device: str, deadline: float) -> tuple[dict[int, float], int]:
+    """Measure the plan, choose a rung, and verify the choice by measuring it (a slower than predicted
+    rung moves the choice down) until ``deadline`` (a ``perf_counter`` time); (seconds, chosen)."""
+    seconds = {0: measure(plan, device)}
+    chosen = choose(rungs, seconds, budget_s)
+    while chosen not in seconds and time.perf_counter() < deadline:
+        seconds[chosen] = measure(apply(plan, rungs[chosen]), device)
+        chosen = choose(rungs, seconds, budget_s)
+    return seconds, chosen
+
+
+def _configuration(plan: Plan) -> str:
+    """The plan's configuration name (:data:`useg.spec.CONFIGURATIONS`): "2d" for a 2D network."""
+    return f"{plan.model.dims}d"
+
+
+def size_configuration(plan: Plan, plan_config: Callable[[str], Plan], budget_min: float,
+                       fixed: Collection[str] = (), device: str = "auto",
+                       measure: Callable[[Plan, str], float] | None = None) -> Plan:
+    """A planned 3D plan if it holds :data:`MIN_STEPS` steps in the budget, else the sized 2D configuration.
+
+    Args:
+        plan: the planner's 3D plan of volumes.
+        plan_config: ``configuration -> plan`` (the planner's), called with "2d" only if 3D is too slow.
+        budget_min, fixed, device, measure: as :func:`size_plan`.
+
+    Returns:
+        The 3D plan, or the 2D plan on slices at its chosen rung; ``sizing`` records every rung with its
+        configuration and the reason ("3D would make N steps in the budget; 2D on axial slices makes M").
+    """
+    from .slices import describe
+
+    measure = measure or measure_step
+    budget_s, started = budget_min * 60.0, time.perf_counter()
+    deep = [candidate_of(plan)]
+    first = {0: measure(plan, device)}
+    steps = steps_in(budget_s, first[0])
+    if steps >= MIN_STEPS:
+        record = _record(deep, first, 0, budget_s, time.perf_counter() - started, "3d")
+        record["reason"] = (f"3D makes about {steps} steps in the {budget_min:g}-minute budget "
+                            f"({deep[0].describe()}, {first[0]:.2f} s a step), at least {MIN_STEPS}: 3D kept")
+        logger.info("sizing: %s", record["reason"])
+        return dataclasses.replace(plan, sizing=record)
+    flat = plan_config("2d")
+    rungs = ladder(flat, fixed)
+    limit = max(MEASURE_MIN_S, MEASURE_SHARE * budget_s)
+    seconds, chosen = _walk(flat, rungs, budget_s, measure, device, started + limit)
+    record = _record(rungs, seconds, chosen, budget_s, time.perf_counter() - started, "2d")
+    rows = _record(deep, first, 0, budget_s, 0.0, "3d")["candidates"] + record["candidates"]
+    got = rows[1 + chosen]["steps_in_budget"]
+    record.update(candidates=rows, chosen=1 + chosen, reason=(
+        f"3D would make {steps} steps in the {budget_min:g}-minute budget ({deep[0].describe()}, "
+        f"{first[0]:.2f} s a step; wanted {MIN_STEPS}); {describe(flat).replace('2D U-Net ', '2D ')} makes "
+        f"{got}: training the {describe(flat)}, {rungs[chosen].describe()}, "
+        f"{rows[1 + chosen]['seconds_per_step']:.2f} s a step"))
+    logger.info("sizing: %s", record["reason"])
+    return dataclasses.replace(apply(flat, rungs[chosen]), sizing=record)
+
+
+def size_for_budget(plan: Plan, overrides: Overrides, budget_min: float | None, device: str = "auto",
+                    plan_config: Callable[[str], Plan] | None = None) -> Plan:
     """:func:`size_plan` where it applies: a time budget, the default preset, not deterministic, one process.
 
-    The paper's preset keeps its recipe; the knobs the user fixed in ``overrides`` stay.
+    The paper's preset keeps its recipe; the knobs the user fixed in ``overrides`` stay. A 3D plan whose
+    configuration the user left open (and whose patch they did not fix) is sized by
+    :func:`size_configuration` when ``plan_config`` (``configuration -> plan``, the planner's) is given.
     """
     if not budget_min:
         return plan
@@ -217,13 +284,17 @@ def size_for_budget(plan: Plan, overrides: Overrides, budget_min: float | None, 
     fixed = ({k for k in ("width", "depth") if k in overrides.model}
              | ({"batch_size"} if "batch_size" in overrides.train else set())
              | ({"patch"} if overrides.patch_size else set()))
+    if overrides.configuration is None and plan_config is not None and plan.model.dims == 3 \
+            and "patch" not in fixed:
+        return size_configuration(plan, plan_config, budget_min, fixed, device)
     return size_plan(plan, budget_min, fixed, device)
 
 
 def _record(rungs: Sequence[Candidate], seconds: dict[int, float], chosen: int, budget_s: float,
-            spent_s: float) -> dict[str, Any]:
+            spent_s: float, configuration: str) -> dict[str, Any]:
     """What ``plan.json`` keeps of the sizing: the rule, the rungs with their times, the reason."""
-    rows = [{"config": r.describe(), "seconds_per_step": round(predicted(rungs, seconds, i), 4),
+    rows = [{"configuration": configuration, "config": r.describe(),
+             "seconds_per_step": round(predicted(rungs, seconds, i), 4),
              "measured": i in seconds, "steps_in_budget": steps_in(budget_s, predicted(rungs, seconds, i))}
             for i, r in enumerate(rungs)]
     steps, minutes = rows[chosen]["steps_in_budget"], f"{budget_s / 60:g}-minute budget"
@@ -284,10 +355,11 @@ def explain_sizing(sizing: dict[str, Any] | None) -> list[str]:
     for i, row in enumerate(sizing["candidates"]):
         mark = "*" if i == sizing["chosen"] else " "
         how = "measured" if row["measured"] else "predicted"
-        lines.append(f"  {mark} {row['config']}: {row['seconds_per_step']:.3f} s/step ({how}), "
+        config = f"{row['configuration']} {row['config']}" if "configuration" in row else row["config"]
+        lines.append(f"  {mark} {config}: {row['seconds_per_step']:.3f} s/step ({how}), "
                      f"{row['steps_in_budget']} steps")
     return lines
 
 
 __all__ = ["MIN_STEPS", "Candidate", "apply", "candidate_of", "choose", "explain_sizing", "ladder",
-           "measure_step", "size_for_budget", "size_plan", "steps_in"]
+           "measure_step", "size_configuration", "size_for_budget", "size_plan", "steps_in"]

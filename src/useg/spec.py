@@ -1,7 +1,7 @@
 """What the user says about a data folder and a plan: one :class:`DataSpec`, one :class:`Overrides`.
 
 Both travel unchanged from the command line (or :func:`useg.pipeline.train_folder`) through the
-check (:func:`useg.dataset.check_dataset`) and the planner (:func:`useg.planner.plan_dataset`), so
+check (:func:`useg.check.check_dataset`) and the planner (:func:`useg.planner.plan_dataset`), so
 no layer in between repeats their fields as keyword arguments. A leaf: it imports no useg module.
 """
 

@@ -22,7 +22,7 @@ import torch
 
 from . import runlog, runtime
 from .augment import Augmenter
-from .autotune import save_agreement_tile
+from .autotune_cache import save_agreement_tile
 from .backends import TorchBackend
 from .checkpoint import check_against, expected_shapes, load_checkpoint, save_checkpoint, save_model
 from .errors import UsegError
@@ -34,6 +34,7 @@ from .patches import PatchDataset
 from .plan import Plan
 from .predict import check_low_precision, predict_proba
 from .roi import IGNORE
+from .slices import network_images
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ def _setup(plan: Plan, train_data: tuple[list[np.ndarray], list[np.ndarray]], ru
         images, labels, plan.data.patch_size, out_size=model.output_size(plan.data.patch_size),
         weights=weights, length=t.iters_per_epoch * t.batch_size * dist.world, seed=t.seed,
         augment=Augmenter(plan.data.augment), fg_fraction=plan.data.fg_fraction,
+        slice_axis=plan.data.slice_axis,  # a 2D network on volumes: patches one slice thick
     )
     # Under DDP each rank takes its own share of the epoch's (already random) patches.
     sampler = (torch.utils.data.DistributedSampler(patches, dist.world, dist.rank, shuffle=True, seed=t.seed,
@@ -453,7 +455,8 @@ def _finish(s: _Setup, state: LoopState, val_data: tuple[list, list]) -> TrainRe
     if s.dist.main:
         runlog.write_curves(s.run)
         check_low_precision(s.plan, s.run, val_data[0] or s.images, s.dev)
-        save_agreement_tile(s.run, s.plan, val_data[0] or s.images)  # for predict --backend auto
+        # for predict --backend auto: a tile the network reads (a slice plan's: of a middle slice)
+        save_agreement_tile(s.run, s.plan, network_images(s.plan, (val_data[0] or s.images)[:1]))
         runlog.write_summary(s.run, {**result.__dict__, "world_size": s.dist.world, "ranks_in_sync": in_sync})
     return result
 
