@@ -1720,3 +1720,90 @@ def test_a_3d_patch_for_the_2d_configuration_is_refused(tmp_path, write_blob_vol
         train_folder(data, tmp_path / "run", overrides=Overrides(configuration="2d", patch_size=(8, 8, 8)),
                      quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+# --- configs: --configs 2d,3d and multi-configuration runs ------------------------------------------
+
+
+@pytest.mark.parametrize("value, words", [("4d", "unknown '4d'"), ("2d,2d", "a name given twice"),
+                                          (",", "no name"), ("2d,3d,2d", "a name given twice")])
+@pytest.mark.parametrize("command", ["train", "plan", "predict"])
+def test_configs_that_name_no_configuration_are_refused_by_the_parser(command, value, words, tmp_path,
+                                                                      capsys):
+    args = {"train": ["train", "data", "--out", str(tmp_path / "run")], "plan": ["plan", "data"],
+            "predict": ["predict", "run", "x.png", "--out", str(tmp_path / "p")]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--configs", value])
+    assert exit_.value.code == 2
+    assert f"expected configurations among 2d, 3d such as 2d,3d ({words})" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("configs, words", [
+    ("3d", "2D images have no 3D configuration"),  # the planner's sentence
+    ("2d,3d", "holds 2D images, for which there is no 3D configuration; drop 3d from --configs"),  # before
+])                                                # the multi-configuration run writes its configs.json
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_3d_configuration_of_2d_images_is_refused(command, configs, words, cells_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run")] if command == "train" else []
+    assert main([command, str(cells_dir), *out, "--configs", configs, *TINY]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_multi(tmp_path, untrained_run, chosen=None):
+    run = tmp_path / "multi"
+    run.mkdir()
+    (run / "configs.json").write_text('{"configurations": ["2d", "3d"], "folds": null, "val": ["c0"]}')
+    for name in ("2d", "3d"):
+        shutil.copytree(untrained_run, run / name)
+    if chosen is not None:
+        (run / "configuration.json").write_text(__import__("json").dumps({"chosen": chosen}))
+    return run
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--configs", "2d,3d", "--resume"], "--configs cannot change a run on --resume"),
+    (["--configs", "2d,3d", "--overwrite"], "--overwrite does not apply to a multi-configuration run"),
+    (["--configs", "2d,3d", "--folds", "2", "--fold", "0"], "--fold does not apply to a multi-configuration"),
+    (["--configs", "2d,3d"], "already holds a multi-configuration run; pass --resume"),
+])
+def test_multi_configuration_training_options_that_cannot_work_are_refused(args, words, tmp_path,
+                                                                           untrained_run, write_squares,
+                                                                           capsys):
+    data = write_squares(tmp_path / "data")
+    run = _fake_multi(tmp_path, untrained_run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["train", str(data), "--out", str(run), *args, "--device", "cpu", "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_a_damaged_configs_json_is_refused_on_resume(tmp_path, untrained_run, write_squares, capsys):
+    data = write_squares(tmp_path / "data")
+    run = _fake_multi(tmp_path, untrained_run)
+    (run / "configs.json").write_text("{not json")
+    assert main(["train", str(data), "--out", str(run), "--resume", "--device", "cpu", "--quiet"]) == 2
+    assert "configs.json is not the record of 'useg train --configs'" in capsys.readouterr().err
+
+
+def test_predict_and_export_of_a_multi_configuration_run_are_refused_where_they_cannot_work(
+        tmp_path, untrained_run, write_squares, capsys):
+    data = write_squares(tmp_path / "data")
+    image = str(data / "images" / "c0.png")
+    run = _fake_multi(tmp_path, untrained_run)
+    out = ["--out", str(tmp_path / "p"), "--device", "cpu", "--quiet"]
+    assert main(["predict", str(run), image, *out]) == 2
+    assert "is a multi-configuration run whose training is not complete (no configuration.json)" in (
+        capsys.readouterr().err)
+    assert main(["predict", str(run), image, *out, "--configs", "2d,3d"]) == 2
+    assert "predict --configs takes one configuration" in capsys.readouterr().err
+    assert main(["predict", str(untrained_run), image, *out, "--configs", "2d"]) == 2
+    assert "is not a multi-configuration run" in capsys.readouterr().err
+    (run / "configuration.json").write_text('{"chosen": ["5d"]}')
+    assert main(["predict", str(run), image, *out]) == 2
+    assert "configuration.json is not a configuration record" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    assert main(["export", str(run)]) == 2
+    assert f"export one of its configurations instead: 'useg export {run / '2d'}'" in capsys.readouterr().err
+    assert not list(run.rglob("*.onnx"))

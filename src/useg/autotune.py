@@ -44,6 +44,7 @@ from . import runtime
 from .autotune_cache import agreement_tile, onnx_file, read_cached, write_cached
 from .backends import BACKENDS, WEIGHTS_FILE, Backend, OnnxBackend, OpenVinoBackend, onnx_session
 from .checkpoint import weights_digest
+from .configrun import chosen_runs
 from .folds import fold_runs
 from .plan import Plan
 from .predict import AGREEMENT_MIN, Segmenter, label_agreement
@@ -264,12 +265,19 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
 
 def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
                    budget_s: float = BUDGET_S, postprocessing: bool = True,
-                   folds: Sequence[int] | None = None) -> Segmenter:
+                   folds: Sequence[int] | None = None, configuration: str | None = None) -> Segmenter:
     """:meth:`useg.predict.Segmenter.load` with ``backend="auto"``: the fastest agreeing backend here.
 
     Any other ``backend`` name (and ``postprocessing``) is passed through unchanged. A cross-validated
     run's fold ensemble (or ``folds``) runs on the run's PyTorch models: ``auto`` times single networks.
+    A multi-configuration run's one chosen configuration (or ``configuration``) is loaded as its own run;
+    the ensemble of two runs on PyTorch models too.
     """
+    chosen = chosen_runs(run, configuration)
+    if chosen is not None and len(chosen) > 1:
+        return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
+                              postprocessing=postprocessing, folds=folds, configuration=configuration)
+    run = chosen[0] if chosen else run
     if backend != AUTO or fold_runs(run, folds):
         return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
                               postprocessing=postprocessing, folds=folds)

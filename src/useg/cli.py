@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsegError
-from .spec import BOUNDS, DataSpec, Overrides
+from .spec import BOUNDS, CONFIGURATIONS, DataSpec, Overrides
 
 logger = logging.getLogger("useg")
 
@@ -45,6 +45,17 @@ def _number(kind, low: float, low_ok: bool, what: str, high: float = float("inf"
 
 
 _POSITIVE = _number(float, 0.0, False, "a positive number")
+
+
+def _configs(text: str) -> tuple[str, ...]:
+    """--configs: configurations among :data:`useg.spec.CONFIGURATIONS`, comma-separated, none twice."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in CONFIGURATIONS]
+    if not names or unknown or len(set(names)) != len(names):
+        why = f"unknown {unknown[0]!r}" if unknown else "a name given twice" if names else "no name"
+        raise argparse.ArgumentTypeError(f"expected configurations among {', '.join(CONFIGURATIONS)} such as "
+                                         f"2d,3d ({why}), got {text!r}")
+    return names
 
 
 def _field(name: str):
@@ -141,8 +152,10 @@ def _overrides(a: argparse.Namespace) -> Overrides:
     if getattr(a, "deterministic", False):
         train["deterministic"] = True
     infer = {"tta": True} if getattr(a, "tta", False) else {}
+    configs = getattr(a, "configs", None)  # one: that configuration; two: useg.configs trains each
     return Overrides(preset=a.preset or "default", model=model, train=train, infer=infer, patch_size=a.patch,
-                     memory_gb=a.memory_gb, regions=_regions(a.regions))
+                     memory_gb=a.memory_gb, regions=_regions(a.regions),
+                     configuration=configs[0] if configs and len(configs) == 1 else None)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -154,7 +167,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
     report = check_dataset(a.data, _spec(a))
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    overrides = _overrides(a)
+    if a.configs and len(a.configs) > 1:
+        return _plan_configurations(a, report)
+    overrides = _overrides(a)  # one --configs: the planner's configuration (it refuses 3d for 2D images)
     plan, reasons = plan_dataset(report, overrides, device=a.device)
     plan = size_for_budget(plan, overrides, a.time_budget, a.device, plan_config=lambda c: plan_dataset(
         report, dataclasses.replace(overrides, configuration=c), device=a.device)[0])  # volumes: 2D on slices
@@ -170,10 +185,35 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_configurations(a: argparse.Namespace, report) -> int:
+    """`useg plan --configs 2d,3d`: the plan of each configuration (with --json, {name: plan.json})."""
+    import dataclasses
+
+    from .configrun import data_dims, refuse_unfit
+    from .planner import explain, plan_dataset
+    from .sizing import explain_sizing, size_for_budget
+
+    refuse_unfit(data_dims(report), a.configs, a.data)
+    plans = {}
+    for name in a.configs:
+        overrides = dataclasses.replace(_overrides(a), configuration=name)
+        plan, reasons = plan_dataset(report, overrides, device=a.device)
+        # the configuration is fixed, so sizing keeps it (no plan_config)
+        plans[name] = (size_for_budget(plan, overrides, a.time_budget, a.device), reasons)
+    if a.json:
+        print(json.dumps({name: plan.to_dict() for name, (plan, _) in plans.items()}, indent=2))
+        return 0
+    for name, (plan, reasons) in plans.items():
+        print(f"configuration {name}:")
+        for line in reasons + explain_sizing(plan.sizing) + explain(plan).splitlines():
+            print(f"  {line}")
+    return 0
+
+
 # `useg train` options that shape a new run only: --resume continues the run's own plan.json and split
 NEW_RUN_ONLY = ("preset", "labels", "patch", "width", "depth", "padding", "up", "norm", "dropout", "epochs",
                 "iters", "batch_size", "lr", "optimizer", "loss", "seed", "precision", "workers",
-                "deterministic", "tta", "memory_gb", "regions", "val", "exclude")
+                "deterministic", "tta", "memory_gb", "regions", "val", "exclude", "configs")
 # the options --resume applies: where the data is and how to read it again, this call's device and budget
 RESUME_APPLIES = ("data", "out", "resume", "overwrite", "time_budget", "device", "quiet", "channels", "label",
                   "mask_pattern", "image_pattern", "roi", "folds", "fold")
@@ -197,8 +237,11 @@ def _refuse_resume_overrides(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from . import runtime
     from .pipeline import train_folder
+    from .runlog import is_multi_configuration
 
     _refuse_resume_overrides(a)
+    if (a.configs and len(a.configs) > 1) or (a.resume and is_multi_configuration(a.out)):
+        return _train_configurations(a)
     result = train_folder(
         a.data, a.out, spec=_spec(a), overrides=_overrides(a), val=a.val, exclude=a.exclude,
         time_budget_min=a.time_budget, resume=a.resume, overwrite=a.overwrite, device=a.device, quiet=a.quiet,
@@ -211,6 +254,24 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.minutes:.1f} min; "
           f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch}; run in {result.run}")
+    return 0
+
+
+def _train_configurations(a: argparse.Namespace) -> int:
+    """`useg train --configs 2d,3d` (or --resume of such a run): :func:`useg.configs.train_configurations`."""
+    from .configs import train_configurations
+
+    if a.overwrite or a.fold is not None:
+        flag = "--overwrite" if a.overwrite else "--fold"
+        raise UsegError(f"{flag} does not apply to a multi-configuration run (--configs 2d,3d); drop it "
+                        f"(delete {a.out} to train it again)")
+    result = train_configurations(
+        a.data, a.out, configurations=a.configs or (), spec=_spec(a), overrides=_overrides(a), val=a.val,
+        exclude=a.exclude, folds=a.folds, time_budget_min=a.time_budget, resume=a.resume, device=a.device,
+        quiet=a.quiet)
+    for name, score in result.record["candidates"].items():
+        print(f"{name}: mean foreground dice {score['dice']:.4f} on {result.record['scored_on']}")
+    print(f"chosen: {'+'.join(result.record['chosen'])}; run in {result.run} (configuration.json)")
     return 0
 
 
@@ -242,7 +303,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     _refuse_idle_predict_options(a)
     with shards.joined(a.device) as device:  # under torchrun: this rank's GPU or CPU share, its inputs
         seg = load_segmenter(a.run, device=device, backend=a.backend, postprocessing=not a.no_postprocessing,
-                             folds=a.folds)
+                             folds=a.folds, configuration=a.configs[0] if a.configs else None)
         changes = {k: True for k in ("tta", "largest_component") if getattr(a, k)}
         if changes:
             seg.plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, **changes))
@@ -268,6 +329,9 @@ def _refuse_idle_predict_options(a: argparse.Namespace) -> None:
     if a.overwrite and a.skip_existing:
         raise UsegError("--overwrite replaces the masks already in --out and --continue keeps them, not "
                         "both; choose one")
+    if a.configs and len(a.configs) > 1:
+        raise UsegError("predict --configs takes one configuration, 2d or 3d; without it a "
+                        "multi-configuration run predicts with the one(s) its configuration.json chose")
     if a.instances and a.probabilities:
         raise UsegError("--instances writes object ids and --probabilities writes class probabilities, "
                         "not both; choose one (run predict twice into two --out folders for both)")
@@ -321,10 +385,15 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     if a.run is not None:  # its post-processing, and its backends timed here (measured now unless cached)
         from .autotune import info_table
+        from .configrun import chosen_runs, describe_choice
         from .postprocess_run import describe_run
 
-        print("\n".join(describe_run(a.run)))
-        print(info_table(a.run))
+        runs = chosen_runs(a.run)  # a multi-configuration run: its choice, then each chosen configuration
+        if runs is not None:
+            print("\n".join(describe_choice(a.run)))
+        for run in runs or [a.run]:
+            print("\n".join(describe_run(run)))
+            print(info_table(run))
     return 0
 
 
@@ -400,6 +469,9 @@ def _plan_options(t: argparse.ArgumentParser) -> None:
                    help="training memory budget for planning (default: from the machine)")
     t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
                    "WT=1,2,3,4;TC=1,3,4;ET=4")
+    t.add_argument("--configs", type=_configs, help="2d (a 2D network, on the slices of volumes), 3d, or "
+                   "2d,3d: train both, each in --out/2d and --out/3d, and choose the best or their ensemble "
+                   "by the validation Dice (--out/configuration.json)")
     _layout_args(t)
 
 
@@ -463,6 +535,8 @@ def _add_predict(sub) -> None:
                     help="ignore RUN/postprocessing.json (made by 'useg postprocess'): write the raw masks")
     pr.add_argument("--folds", type=_ints, help="of a cross-validated run: the folds to ensemble, e.g. 0,2 "
                     "(default: all; their probabilities are averaged)")
+    pr.add_argument("--configs", type=_configs, help="of a multi-configuration run (train --configs 2d,3d): "
+                    "predict with this configuration only, 2d or 3d (default: the one(s) it chose)")
     _roi_arg(pr, "pixels outside it are written as background")
     _common(pr)
     pr.set_defaults(fn=cmd_predict)

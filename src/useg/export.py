@@ -40,6 +40,7 @@ from .folds import fold_runs
 from .model import output_size
 from .plan import Plan
 from .predict import Segmenter
+from .runlog import is_multi_configuration
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ def export_run(run: str | Path, out: str | Path | None = None, format: str = "on
     if format not in FORMATS:
         raise UsegError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
+    if is_multi_configuration(run):  # two networks with different tiles: no one export combines them
+        raise UsegError(f"{run} is a multi-configuration run (useg train --configs); export one of its "
+                        f"configurations instead: 'useg export {run / '2d'}' or 'useg export {run / '3d'}'")
     members = fold_runs(run)
     if members:
         return _export_folds(run, members, out, format, opset, dynamo)

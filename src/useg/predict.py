@@ -19,6 +19,7 @@ import torch
 from . import runlog, runtime, slices, writing
 from .backends import BACKENDS, Backend, TorchBackend, ensemble
 from .checkpoint import load_model
+from .configrun import ConfigEnsemble, chosen_runs
 from .dataset import Case
 from .errors import UsegError
 from .files import Image, atomic_write_text
@@ -245,7 +246,7 @@ class Segmenter:
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", precision: str = "auto",
              backend: str = "torch", postprocessing: bool = True,
-             folds: Sequence[int] | None = None) -> Segmenter:
+             folds: Sequence[int] | None = None, configuration: str | None = None) -> Segmenter:
         """Load ``run/plan.json`` and ``run/model.safetensors`` (no pickle is ever read).
 
         ``backend="onnxruntime"`` runs ``run/model.onnx`` from ``useg export`` instead (CPU);
@@ -255,9 +256,16 @@ class Segmenter:
         it exists, are applied to every label output; a damaged record is refused.
         A cross-validated run (``useg train --folds``) loads as the ensemble of its folds
         (:class:`useg.backends.EnsembleBackend`, the mean of their probabilities), or of ``folds``.
+        A multi-configuration run (``useg train --configs 2d,3d``) loads its chosen configuration, or
+        ``configuration``; when two are chosen, a :class:`useg.configrun.ConfigEnsemble` of them.
         """
         run = Path(run)
         runlog.refuse_unloadable(run)  # no folder, no run, or one stopped before its first checkpoint
+        chosen = chosen_runs(run, configuration)  # None: not a multi-configuration run
+        if chosen is not None:  # the ensemble of two applies no post-processing (configrun.ConfigEnsemble)
+            members = [cls.load(r, device, precision, backend, postprocessing and len(chosen) == 1, folds)
+                       for r in chosen]
+            return members[0] if len(members) == 1 else ConfigEnsemble(members)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto, through "
                              f"useg.autotune.load_segmenter), not {backend!r}")

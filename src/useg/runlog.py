@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import UsegError
 from .files import atomic_write_text, refuse_special, strict_json
+from .spec import CONFIGURATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,12 @@ def run_state(run: str | Path) -> RunState:
     """
     run = Path(run)
     has_model = (run / "model.safetensors").is_file()
+    if is_multi_configuration(run):  # useg.configs: complete once configuration.json is written
+        subs = [run_state(run / c) for c in CONFIGURATIONS if (run / c).is_dir()]
+        chosen = (run / CHOICE_FILE).is_file()
+        trained = any(s.kind in ("resumable", "complete") for s in subs)
+        kind = "complete" if chosen else "resumable" if trained else "started"
+        return RunState(kind, 0, None, chosen)
     if not (run / "plan.json").is_file():
         return RunState("empty", 0, None, has_model)
     planned = _planned_epochs(run / "plan.json")
@@ -167,6 +174,17 @@ def run_state(run: str | Path) -> RunState:
     done = _checkpoint_epochs(last)
     complete = planned is not None and done is not None and done >= planned
     return RunState("complete" if complete else "resumable", done or 0, planned, has_model)
+
+
+CONFIGS_FILE = "configs.json"  # in a multi-configuration run (useg.configs): the configurations asked for
+CHOICE_FILE = "configuration.json"  # in a multi-configuration run: the scores and the chosen configuration(s)
+
+
+def is_multi_configuration(run: str | Path) -> bool:
+    """Whether ``run`` is a multi-configuration run (``useg train --configs 2d,3d``): RUN/configs.json and
+    no plan of its own (its configurations' runs are in RUN/2d and RUN/3d)."""
+    run = Path(run)
+    return (run / CONFIGS_FILE).is_file() and not (run / "plan.json").exists()
 
 
 def _planned_epochs(path: Path) -> int | None:
@@ -219,7 +237,7 @@ def refuse_unloadable(run: str | Path) -> None:
     state = run_state(run)
     if state.kind == "empty":
         raise UsegError(f"{run} holds no run (no plan.json); pass the --out folder of 'useg train'")
-    if state.kind == "started":
+    if state.kind == "started" and not is_multi_configuration(run):  # that one names --resume (configrun)
         raise UsegError(_started_sentence(run, "DATA"))
 
 
@@ -250,6 +268,9 @@ def refuse_occupied(run: str | Path, data: str | Path) -> None:
         UsegError: naming what the folder holds and the flag that fits it.
     """
     run = Path(run)
+    if is_multi_configuration(run):
+        raise UsegError(f"{run} holds a multi-configuration run (useg train --configs); pass --resume to "
+                        "continue it, or choose another --out")
     state = run_state(run)
     if state.kind == "started":
         raise UsegError(f"{run} holds no trained model, only the plan of a training interrupted before its "
@@ -345,7 +366,7 @@ def clear_stale(out: str | Path, resume: bool = False) -> None:
 
 
 __all__ = [
-    "ProgressBar", "RunState", "append_record", "claim_staging", "clear_stale", "drop_records_after",
-    "read_records", "refuse_occupied", "refuse_unloadable", "refuse_unresumable", "run_state",
-    "stale_staging", "write_curves", "write_summary",
+    "CHOICE_FILE", "CONFIGS_FILE", "ProgressBar", "RunState", "append_record", "claim_staging", "clear_stale",
+    "drop_records_after", "is_multi_configuration", "read_records", "refuse_occupied", "refuse_unloadable",
+    "refuse_unresumable", "run_state", "stale_staging", "write_curves", "write_summary",
 ]
