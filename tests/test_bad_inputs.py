@@ -1107,7 +1107,8 @@ def test_every_train_option_is_known_to_resume():
     """A new `useg train` option must say whether --resume applies it (else it would be dropped silently)."""
     import argparse
 
-    from useg.cli import NEW_RUN_ONLY, RESUME_APPLIES, build_parser
+    from useg.cli import NEW_RUN_ONLY, RESUME_APPLIES
+    from useg.cli_parser import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     dests = {a.dest for a in sub.choices["train"]._actions if a.dest != "help"}

@@ -1,6 +1,6 @@
 """A property of the whole command line, probed with values derived from its parser.
 
-For every option of every subcommand (found by walking ``useg.cli.build_parser()``: its subparsers,
+For every option of every subcommand (found by walking ``useg.cli_parser.build_parser()``: its subparsers,
 their actions, each action's type, choices, nargs and store_true), hypothesis draws hostile and
 boundary values (empty, zero, negative, huge, NaN, infinite, the wrong type, a missing file, a
 folder, a name with spaces or non-ASCII letters, comma lists with bad items, an input folder as
@@ -38,7 +38,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from useg import cli
+from useg import cli, cli_parser
 
 EXAMPLES = int(os.environ.get("USEG_PROPERTY_EXAMPLES", "2"))
 LIMIT_S = 60  # one command of the probe: every base command takes about a second
@@ -57,7 +57,7 @@ def _tiny(dims: int) -> list[str]:
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     """Subcommand name -> its parser, read from the parser's subparsers action."""
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
 
@@ -124,7 +124,7 @@ def values_of(sub: str, action: argparse.Action) -> list:
     if action.type is not None:  # a number or a list of numbers: the same hostile strings, bounded
         found = NUMBERS + (["1,2,3", "0,255", "255,0", "0,0", "0,0,255", "-1,255", "a,b", "1,,2", ",", "x",
                             "3x3", "0,16", "-16,16", "16,16", "8,8,8", "4096,4096", "4096,4096,4096"]
-                           if action.type is cli._ints else [])
+                           if action.type is cli_parser._ints else [])
         bound = BOUNDED.get(action.dest)
         if bound is not None:
             found = [v for v in found if not _beyond(v, bound)]

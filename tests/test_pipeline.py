@@ -80,3 +80,23 @@ def test_3d_nifti_round_trip_learns_the_blobs(tmp_path):
     pred, true = np.asarray(written.dataobj) > 0, np.asarray(truth.dataobj) > 0
     dice = 2 * (pred & true).sum() / (pred.sum() + true.sum())
     assert dice > 0.9, (dice, result.best_dice)
+
+
+def test_an_overwrite_replaces_a_multi_configuration_run_whole(tmp_path, cells_dir):
+    """A multi-configuration run has no plan.json of its own (RUN/2d, RUN/3d, configs.json): an
+    --overwrite must still replace it whole, or its old configuration.json would send predict to
+    the old sub-runs."""
+    from useg.runlog import CHOICE_FILE, CONFIGS_FILE, is_multi_configuration, run_state
+
+    run = tmp_path / "run"
+    (run / "2d").mkdir(parents=True)
+    (run / "2d" / "plan.json").write_text("{}")
+    (run / CONFIGS_FILE).write_text(json.dumps({"configurations": ["2d", "3d"]}))
+    (run / CHOICE_FILE).write_text(json.dumps({"chosen": ["2d"]}))
+    assert is_multi_configuration(run)
+    tiny = Overrides(model={"width": 4, "depth": 2}, patch_size=(32, 32),
+                     train={"epochs": 1, "iters_per_epoch": 1, "batch_size": 2, "precision": "fp32"})
+    train_folder(cells_dir, run, quiet=True, overwrite=True, overrides=tiny)
+    assert sorted(p.name for p in run.iterdir() if p.name in {"2d", CONFIGS_FILE, CHOICE_FILE}) == []
+    assert (run / "plan.json").is_file() and run_state(run).kind == "complete"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the old one removed

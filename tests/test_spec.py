@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from useg.cli import build_parser
+from useg.cli_parser import build_parser
 from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.plan import DataConfig, ModelConfig, Plan, TrainConfig

@@ -189,7 +189,7 @@ class ConfigEnsemble:
         return writing.predict_files(self, inputs, out_dir, **kwargs)
 
 
-def data_dims(report) -> int:
+def report_dims(report) -> int:
     """A checked data folder's spatial dimensions (a :class:`useg.dataset.CheckReport`), from its first
     case's record; 3 when no image was readable (the check has refused that already)."""
     return len(report.records[0].shape) if report.records else 3
@@ -211,5 +211,5 @@ def refuse_unfit(dims: int, configurations: Sequence[str | None], data: str | Pa
                         "--configs (2D images train the 2d configuration)")
 
 
-__all__ = ["ENSEMBLE", "ConfigEnsemble", "chosen_runs", "data_dims", "describe_choice", "read_choice",
+__all__ = ["ENSEMBLE", "ConfigEnsemble", "chosen_runs", "report_dims", "describe_choice", "read_choice",
            "refuse_unfit"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import runlog
 from .check import check_dataset
-from .configrun import ENSEMBLE, ConfigEnsemble, data_dims, refuse_unfit
+from .configrun import ENSEMBLE, ConfigEnsemble, refuse_unfit, report_dims
 from .crossval import CV_FILE, kfold_splits, score_case
 from .dataset import Case
 from .errors import UsegError
@@ -175,7 +175,7 @@ def _asked(out: Path, data, spec, overrides, configurations, val, exclude, folds
     report = check_dataset(data, spec)
     if not report.ok:
         raise UsegError("\n".join(report.problems))
-    refuse_unfit(data_dims(report), configurations, data)
+    refuse_unfit(report_dims(report), configurations, data)
     held = parse_names(exclude)
     cases = [c for c in report.cases if c.name not in set(held)]
     seed = overrides.train.get("seed", 0)

@@ -251,13 +251,15 @@ def _staging_folder(out: Path) -> Path:
 def _swap_in(staging: Path, out: Path) -> None:
     """Put the run built in ``staging`` at ``out``: a run already there is renamed aside, then removed.
 
-    A folder at ``out`` that holds no run (no plan.json) keeps its other files; the run's are moved in.
+    A folder at ``out`` that holds no run (no plan.json, not a multi-configuration run) keeps its other
+    files; the run's are moved in.
     """
     full = Path(os.path.abspath(out))
     (staging / runlog.OWNER_FILE).unlink(missing_ok=True)
     if not full.exists() and not full.is_symlink():
         os.replace(staging, full)
-    elif (full / "plan.json").exists():  # the old run goes whole, so none of its files (an export) linger
+    elif (full / "plan.json").exists() or runlog.is_multi_configuration(full):
+        # the old run goes whole, so none of its files (an export, a multi-configuration run's choice) linger
         old = full.with_name(f".{full.name}.old-{secrets.token_hex(4)}")
         os.replace(full, old)
         try:
