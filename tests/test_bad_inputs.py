@@ -1764,7 +1764,8 @@ def _fake_multi(tmp_path, untrained_run, chosen=None):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--configs", "2d,3d", "--resume"], "--configs cannot change a run on --resume"),
+    (["--configs", "2d,3d", "--resume"], "--configs cannot change a run on --resume, which continues the "
+                                         "configurations of"),
     (["--configs", "2d,3d", "--overwrite"], "--overwrite does not apply to a multi-configuration run"),
     (["--configs", "2d,3d", "--folds", "2", "--fold", "0"], "--fold does not apply to a multi-configuration"),
     (["--configs", "2d,3d"], "already holds a multi-configuration run; pass --resume"),

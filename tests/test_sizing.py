@@ -237,3 +237,22 @@ def test_a_fixed_configuration_walks_its_own_ladder(configuration, volumes, monk
     assert {r["configuration"] for r in sized.sizing["candidates"]} == {configuration}
     if configuration == "3d":  # the 3D ladder: a narrower network or a smaller patch
         assert sizing.candidate_of(sized).work() < sizing.candidate_of(plan).work()
+
+
+def test_2d_slices_that_gain_no_steps_leave_the_3d_ladder_the_choice(volumes, monkeypatch):
+    """Slices far larger than the 3D patch: 2D at its cheapest still makes fewer steps than 3D, so the
+    3D network is sized (narrower or a smaller patch), not swapped for a slower 2D one."""
+    first = {}
+
+    def measure(plan, device):
+        c = sizing.candidate_of(plan)
+        first.setdefault(plan.model.dims, c.work())
+        base = 5.0 if plan.model.dims == 3 else 2000.0  # 18 steps of 3D; 2D even at its cheapest: 1-2
+        return base * c.work() / first[plan.model.dims]
+    monkeypatch.setattr(sizing, "measure_step", measure)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    deep = _configured(volumes)(None)
+    sized = sizing.size_for_budget(deep, Overrides(), 2.0, "cpu", plan_config=_configured(volumes))
+    assert sized.model.dims == 3 and sized.data.slice_axis is None
+    assert sizing.candidate_of(sized).work() < sizing.candidate_of(deep).work()
+    assert sized.sizing["reason"].startswith("2D on slices would make")

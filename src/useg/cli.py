@@ -159,7 +159,13 @@ def _refuse_resume_overrides(a: argparse.Namespace) -> None:
         raise UsegError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     given = [f"--{k.replace('_', '-')}" for k in NEW_RUN_ONLY if getattr(a, k) not in (None, False)]
     if given:
+        from .runlog import CONFIGS_FILE, is_multi_configuration
+
         them = "them" if len(given) > 1 else "it"
+        if is_multi_configuration(Path(a.out)):  # no plan.json of its own, and never overwritten whole
+            raise UsegError(f"{', '.join(given)} cannot change a run on --resume, which continues the "
+                            f"configurations of {Path(a.out) / CONFIGS_FILE} as they are; drop {them}, or "
+                            "start a new run in another --out")
         raise UsegError(f"{', '.join(given)} cannot change a run on --resume, which continues "
                         f"{Path(a.out) / 'plan.json'} and its split as they are; drop {them}, or start a new "
                         "run with --overwrite (or another --out)")

@@ -146,8 +146,8 @@ def _plan_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--regions", help="train on nested regions (mask values, outer to inner): 'brats' or "
                    "WT=1,2,3,4;TC=1,3,4;ET=4")
     t.add_argument("--configs", type=_configs, help="2d (a 2D network, on the slices of volumes), 3d, or "
-                   "2d,3d: train both, each in --out/2d and --out/3d, and choose the best or their ensemble "
-                   "by the validation Dice (--out/configuration.json)")
+                   "2d,3d (train: both, each in --out/2d and --out/3d, then the best or their ensemble by "
+                   "the validation Dice, in --out/configuration.json; plan: both plans)")
     _layout_args(t)
 
 

@@ -12,8 +12,8 @@ the best one, or the ensemble of two, by the cross-validated Dice. ``useg train 
 3. each configuration and the ensemble of the two (the mean of their probabilities per case,
    :class:`useg.configrun.ConfigEnsemble`) are scored on the validation cases (with folds every case
    out-of-fold, predicted by the fold that did not train on it) by the mean foreground Dice
-   (:func:`useg.crossval.score_case`, :func:`useg.evaluate.summarize`), and :func:`choose_configuration`
-   picks; ``RUN/configuration.json`` is written last, atomically.
+   (:func:`useg.crossval.score_case`, :func:`useg.evaluate_summary.summarize`), and
+   :func:`choose_configuration` picks; ``RUN/configuration.json`` is written last, atomically.
 
 The time budget: each configuration still to train gets the budget left divided by the
 configurations left (and shares it among its folds as :func:`useg.crossval.train_folds` does);

@@ -237,6 +237,8 @@ def size_configuration(plan: Plan, plan_config: Callable[[str], Plan], budget_mi
     Returns:
         The 3D plan, or the 2D plan on slices at its chosen rung; ``sizing`` records every rung with its
         configuration and the reason ("3D would make N steps in the budget; 2D on axial slices makes M").
+        Where the chosen 2D rung would make no more steps than the planned 3D network (slices far larger
+        than the 3D patch), the 3D ladder of :func:`size_plan` is walked instead.
     """
     from .slices import describe
 
@@ -258,6 +260,13 @@ def size_configuration(plan: Plan, plan_config: Callable[[str], Plan], budget_mi
     record = _record(rungs, seconds, chosen, budget_s, time.perf_counter() - started, "2d")
     rows = _record(deep, first, 0, budget_s, 0.0, "3d")["candidates"] + record["candidates"]
     got = rows[1 + chosen]["steps_in_budget"]
+    if got <= steps:  # slices too large to gain anything here: the 3D ladder (width, patch) instead
+        sized = size_plan(plan, budget_min, fixed, device, measure)
+        kept = dict(sized.sizing or {})
+        kept["reason"] = (f"2D on slices would make {got} steps, no more than 3D's {steps}, so the 3D "
+                          f"network is sized instead: {kept.get('reason', '')}")
+        logger.info("sizing: %s", kept["reason"])
+        return dataclasses.replace(sized, sizing=kept)
     record.update(candidates=rows, chosen=1 + chosen, reason=(
         f"3D would make {steps} steps in the {budget_min:g}-minute budget ({deep[0].describe()}, "
         f"{first[0]:.2f} s a step; wanted {MIN_STEPS}); {describe(flat).replace('2D U-Net ', '2D ')} makes "
