@@ -37,7 +37,7 @@ from pathlib import Path
 from . import runlog
 from .check import check_dataset
 from .configrun import ENSEMBLE, ConfigEnsemble, refuse_unfit, report_dims
-from .crossval import CV_FILE, kfold_splits, score_case
+from .crossval import CV_FILE, kfold_splits, score_case, share_of_budget
 from .dataset import Case
 from .errors import UsegError
 from .evaluate_summary import summarize
@@ -134,10 +134,7 @@ def train_configurations(
     trained = {}
     pending = [c for c in asked["configurations"] if not _complete(out / c, asked["folds"])]
     for n, name in enumerate(pending):
-        budget = None
-        if time_budget_min:  # what is left of the budget, shared by the configurations left
-            left = time_budget_min - (time.perf_counter() - t0) / 60.0
-            budget = max(left, 1e-3) / (len(pending) - n)
+        budget = share_of_budget(time_budget_min, t0, len(pending) - n)
         trained[name] = _train_one(data, out, name, asked, spec, overrides, budget, device, quiet)
     record = _choose(out, data, spec, asked, device)
     return ConfigsResult(out, trained, record)

@@ -210,10 +210,7 @@ def train_folds(
         (out / CV_FILE).unlink(missing_ok=True)
     trained = {}
     for n, i in enumerate(pending):
-        budget = None
-        if time_budget_min:  # what is left of the budget, shared by the folds left
-            left = time_budget_min - (time.perf_counter() - t0) / 60.0
-            budget = max(left, 1e-3) / (len(pending) - n)
+        budget = share_of_budget(time_budget_min, t0, len(pending) - n)
         trained[i] = _train_fold(out, i, splits, by_name, plan, budget, resume, device, quiet)
     summary = None
     if all(fold_complete(fold_folder(out, i)) for i in range(len(splits))) and runtime.main_process():
@@ -225,6 +222,21 @@ def train_folds(
         waiting = [i for i in range(len(splits)) if not fold_complete(fold_folder(out, i))]
         logger.info("%s waits for fold(s) %s; it is written when they are complete", out / CV_FILE, waiting)
     return CVResult(out, len(splits), trained, summary)
+
+
+def share_of_budget(budget_min: float | None, started: float, parts_left: int) -> float | None:
+    """Minutes for the next of ``parts_left`` parts (folds, configurations): what is left of
+    ``budget_min`` since ``started`` (a ``time.perf_counter()`` time), shared evenly; None without a budget.
+
+    >>> round(share_of_budget(30.0, time.perf_counter(), 3), 1)
+    10.0
+    >>> share_of_budget(None, 0.0, 2) is None
+    True
+    """
+    if not budget_min:
+        return None
+    left = budget_min - (time.perf_counter() - started) / 60.0
+    return max(left, 1e-3) / parts_left
 
 
 def _choose_postprocessing(out: Path, cv: Mapping, roi: str | Path | None) -> None:
@@ -368,5 +380,5 @@ def score_case(case: Case, prediction: Path, plan: Plan) -> list[dict]:
     return evaluate_case(pred[keep], labels[keep], lm.num_classes, names, case=case.name)
 
 
-__all__ = ["CV_FILE", "PREDICTIONS_DIR", "CVResult", "check_splits", "cross_validate", "folds_of",
+__all__ = ["CV_FILE", "PREDICTIONS_DIR", "CVResult", "check_splits", "cross_validate", "folds_of", "share_of_budget",
            "kfold_splits", "score_case", "train_folds"]
