@@ -380,5 +380,5 @@ def score_case(case: Case, prediction: Path, plan: Plan) -> list[dict]:
     return evaluate_case(pred[keep], labels[keep], lm.num_classes, names, case=case.name)
 
 
-__all__ = ["CV_FILE", "PREDICTIONS_DIR", "CVResult", "check_splits", "cross_validate", "folds_of", "share_of_budget",
-           "kfold_splits", "score_case", "train_folds"]
+__all__ = ["CV_FILE", "PREDICTIONS_DIR", "CVResult", "check_splits", "cross_validate", "folds_of",
+           "kfold_splits", "score_case", "share_of_budget", "train_folds"]
