@@ -107,3 +107,62 @@ def _write_blob_volumes(root, shape=(20, 18, 9), zooms=(1.0, 1.0, 2.0), n=4):
 def write_blob_volumes():
     """:func:`_write_blob_volumes`: NIfTI blob volumes of a given shape and voxel size."""
     return _write_blob_volumes
+
+
+def _write_png(path, arr):
+    """``arr`` as a PNG at ``path``, its folders made."""
+    from PIL import Image as PILImage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(arr).save(path)
+
+
+def _png_pairs(root, names=("2", "10", "1"), shape=(12, 10)):
+    """``root/images/NAME.png`` (constant 100) and ``root/masks/NAME.png`` (a 0/255 square) per name."""
+    for n in names:
+        _write_png(root / "images" / f"{n}.png", np.full(shape, 100, np.uint8))
+        m = np.zeros(shape, np.uint8)
+        m[2:6, 3:7] = 255
+        _write_png(root / "masks" / f"{n}.png", m)
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_png():
+    """:func:`_write_png`: one PNG written, its folders made."""
+    return _write_png
+
+
+@pytest.fixture(scope="session")
+def png_pairs():
+    """:func:`_png_pairs`: a plain images/ + masks/ folder of tiny PNGs, names and shape chosen."""
+    return _png_pairs
+
+
+def _save_nifti(path, arr):
+    """``arr`` as a NIfTI with the identity affine at ``path``, its folders made."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+
+
+def _volume_case(rng, shape=(9, 10, 7)):
+    """(image float32 noise, labels uint8 with classes 1 and 2 nested) of one tiny volume."""
+    img = rng.normal(size=shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[2:6, 3:7, 2:5] = 1
+    lab[3:4, 4:5, 3:4] = 2
+    return img, lab
+
+
+@pytest.fixture(scope="session")
+def save_nifti():
+    """:func:`_save_nifti`: one NIfTI written, its folders made."""
+    return _save_nifti
+
+
+@pytest.fixture(scope="session")
+def volume_case():
+    """:func:`_volume_case`: a tiny volume and its two-class labels from a generator."""
+    return _volume_case

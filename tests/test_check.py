@@ -14,22 +14,8 @@ from useg.errors import UsegError
 from useg.spec import DataSpec
 
 
-def _write(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(arr).save(path)
-
-
-def _data(root, names=("2", "10", "1"), shape=(12, 10)):
-    for n in names:
-        _write(root / "images" / f"{n}.png", np.full(shape, 100, np.uint8))
-        m = np.zeros(shape, np.uint8)
-        m[2:6, 3:7] = 255
-        _write(root / "masks" / f"{n}.png", m)
-    return root
-
-
-def test_check_ok(tmp_path):
-    report = check_dataset(_data(tmp_path))
+def test_check_ok(tmp_path, png_pairs):
+    report = check_dataset(png_pairs(tmp_path))
     assert report.ok, report.problems
     assert report.label_map.values == (0, 255) and report.num_channels == 1
     assert report.records[0] == CaseRecord(  # a constant image: all background
@@ -39,16 +25,16 @@ def test_check_ok(tmp_path):
     assert report.stats["pixel share per mask value"]["255"] == pytest.approx(16 / 120, abs=1e-3)
 
 
-def test_check_lists_every_problem_with_the_file(tmp_path):
-    root = _data(tmp_path, names=("a", "b", "c", "d", "e", "f", "g", "h"))
+def test_check_lists_every_problem_with_the_file(tmp_path, png_pairs, write_png):
+    root = png_pairs(tmp_path, names=("a", "b", "c", "d", "e", "f", "g", "h"))
     (root / "masks" / "a.png").unlink()  # image without mask
-    _write(root / "masks" / "zz.png", np.zeros((12, 10), np.uint8))  # mask without image
-    _write(root / "masks" / "b.png", np.zeros((12, 11), np.uint8))  # size mismatch
+    write_png(root / "masks" / "zz.png", np.zeros((12, 10), np.uint8))  # mask without image
+    write_png(root / "masks" / "b.png", np.zeros((12, 11), np.uint8))  # size mismatch
     shutil.copy(root / "images" / "c.png", root / "images" / "c.tif")  # duplicate stem
     m = np.array(PILImage.open(root / "masks" / "d.png"))
     m[0, 0] = 7
-    _write(root / "masks" / "d.png", m)  # unknown value
-    _write(root / "images" / "e.png", np.zeros((12, 10, 3), np.uint8))  # channels differ
+    write_png(root / "masks" / "d.png", m)  # unknown value
+    write_png(root / "images" / "e.png", np.zeros((12, 10, 3), np.uint8))  # channels differ
     (root / "masks" / "f.png").rename(root / "masks" / "f.jpg")  # JPEG mask
     (root / "images" / "g.png").write_bytes(b"\x89PNG broken")  # unreadable image
     (root / "masks" / "h.png").write_bytes(b"\x89PNG broken")  # unreadable mask
@@ -62,12 +48,12 @@ def test_check_lists_every_problem_with_the_file(tmp_path):
     assert not report.ok and report.label_map.values == (0, 255)
 
 
-def test_check_empty_missing_and_single_class(tmp_path):
+def test_check_empty_missing_and_single_class(tmp_path, write_png):
     assert "holds no images" in check_dataset(tmp_path).problems[0]
     assert "not a folder" in check_dataset(tmp_path / "nope").problems[0]
     with pytest.raises(UsegError, match="holds no images"):
         discover(tmp_path)
-    _write(tmp_path / "noimg" / "images" / "a.png", np.zeros((5, 5), np.uint8))
+    write_png(tmp_path / "noimg" / "images" / "a.png", np.zeros((5, 5), np.uint8))
     (tmp_path / "noimg" / "masks").mkdir()
     expected = (f"{tmp_path / 'noimg' / 'masks'} holds no masks; "
                 "put one mask per image there, named like its image")
@@ -75,22 +61,22 @@ def test_check_empty_missing_and_single_class(tmp_path):
     shutil.rmtree(tmp_path / "noimg" / "masks")
     assert "has no masks/ folder" in check_dataset(tmp_path / "noimg").problems[0]
     root = tmp_path / "one"
-    _write(root / "images" / "a.png", np.zeros((5, 5), np.uint8))
-    _write(root / "masks" / "a.png", np.zeros((5, 5), np.uint8))
+    write_png(root / "images" / "a.png", np.zeros((5, 5), np.uint8))
+    write_png(root / "masks" / "a.png", np.zeros((5, 5), np.uint8))
     assert any("at least two classes" in p for p in check_dataset(root).problems)
 
 
-def test_check_mixed_dims_and_palettes(tmp_path):
+def test_check_mixed_dims_and_palettes(tmp_path, png_pairs, write_png):
     import tifffile
 
-    root = _data(tmp_path, names=("a", "b", "c"))
+    root = png_pairs(tmp_path, names=("a", "b", "c"))
     tifffile.imwrite(root / "images" / "c.png.tif", np.zeros((6, 12, 10), np.uint8))  # a volume among images
     report = check_dataset(root)
     assert any("c.png.tif has 3 spatial dimensions" in p for p in report.problems)
     root = tmp_path / "pal"
     red, green = [0, 0, 0, 255, 0, 0], [0, 0, 0, 0, 255, 0]
     for name, colours in (("a", red), ("b", red), ("c", green)):
-        _write(root / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
+        write_png(root / "images" / f"{name}.png", np.zeros((4, 4), np.uint8))
         im = PILImage.fromarray(np.eye(4, dtype=np.uint8))
         im.putpalette(colours + [0] * 762)
         (root / "masks").mkdir(exist_ok=True)
@@ -100,7 +86,7 @@ def test_check_mixed_dims_and_palettes(tmp_path):
     assert len(report.problems) == 1 and "c.png gives palette indices [1]" in report.problems[0]
 
 
-def test_explicit_mask_values(tmp_path):
-    root = _data(tmp_path, names=("a",))
+def test_explicit_mask_values(tmp_path, png_pairs):
+    root = png_pairs(tmp_path, names=("a",))
     report = check_dataset(root, DataSpec(mask_values=[0, 1]))
     assert report.label_map.values == (0, 1) and "not in --labels" in report.problems[0]

@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 
 from useg.check import check_dataset
 from useg.dataset import discover, format_axes, natural_key
 from useg.spec import DataSpec
 
 
-def _write(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(arr).save(path)
-
-
-def _data(root, names=("2", "10", "1"), shape=(12, 10)):
-    for n in names:
-        _write(root / "images" / f"{n}.png", np.full(shape, 100, np.uint8))
-        m = np.zeros(shape, np.uint8)
-        m[2:6, 3:7] = 255
-        _write(root / "masks" / f"{n}.png", m)
-    return root
-
-
-def test_pairing_natural_order_suffixes_and_missing_partners(tmp_path):
-    root = _data(tmp_path, names=("2", "10", "1", "img3"))
+def test_pairing_natural_order_suffixes_and_missing_partners(tmp_path, png_pairs, write_png):
+    root = png_pairs(tmp_path, names=("2", "10", "1", "img3"))
     (root / "masks" / "10.png").rename(root / "masks" / "10_mask.png")
     (root / "masks" / "img3.png").rename(root / "masks" / "img3_label.png")
     (root / "masks" / "2.png").unlink()
-    _write(root / "masks" / "7.png", np.zeros((4, 4), np.uint8))
+    write_png(root / "masks" / "7.png", np.zeros((4, 4), np.uint8))
     (root / "images" / "notes.txt").write_text("not an image")
     cases = discover(root)
     assert [c.name for c in cases] == ["1", "2", "10", "img3"]
@@ -42,9 +27,9 @@ def test_pairing_natural_order_suffixes_and_missing_partners(tmp_path):
     assert sorted(["a10", "a2", "a1", "B3"], key=natural_key) == ["a1", "a2", "a10", "B3"]
 
 
-def test_folder_without_images_subfolder_is_for_prediction(tmp_path):
-    _write(tmp_path / "x10.png", np.zeros((4, 4), np.uint8))
-    _write(tmp_path / "x9.tif", np.zeros((4, 4), np.uint8))
+def test_folder_without_images_subfolder_is_for_prediction(tmp_path, write_png):
+    write_png(tmp_path / "x10.png", np.zeros((4, 4), np.uint8))
+    write_png(tmp_path / "x9.tif", np.zeros((4, 4), np.uint8))
     cases = discover(tmp_path)
     assert [(c.name, c.mask) for c in cases] == [("x9", None), ("x10", None)]
 

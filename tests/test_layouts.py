@@ -15,25 +15,12 @@ from useg.preprocess import load_case
 from useg.spec import DataSpec
 
 
-def _save(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
-
-
-def _case(rng, shape=(9, 10, 7)):
-    img = rng.normal(size=shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[2:6, 3:7, 2:5] = 1
-    lab[3:4, 4:5, 3:4] = 2
-    return img, lab
-
-
-def test_case_folders_need_and_use_channel_prefixes(tmp_path, rng):
+def test_case_folders_need_and_use_channel_prefixes(tmp_path, rng, save_nifti, volume_case):
     for name in ("p1", "p2"):
-        img, lab = _case(rng)
-        _save(tmp_path / name / "Flair_norm.nii.gz", img)
-        _save(tmp_path / name / "T1c_norm.nii.gz", img * 2)
-        _save(tmp_path / name / "seg.nii.gz", lab.astype(np.float32))
+        img, lab = volume_case(rng)
+        save_nifti(tmp_path / name / "Flair_norm.nii.gz", img)
+        save_nifti(tmp_path / name / "T1c_norm.nii.gz", img * 2)
+        save_nifti(tmp_path / name / "seg.nii.gz", lab.astype(np.float32))
     report = check_dataset(tmp_path)
     assert not report.ok and "--channels" in report.problems[0]
     report = check_dataset(tmp_path, DataSpec(channel_names=("Flair", "T1c"), label_name="seg"))
@@ -45,24 +32,28 @@ def test_case_folders_need_and_use_channel_prefixes(tmp_path, rng):
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".tif"])
-def test_plain_layout_groups_channel_files(tmp_path, rng, suffix):
+def test_plain_layout_groups_channel_files(tmp_path, rng, suffix, save_nifti, volume_case):
     import tifffile
 
     for k in range(2):
-        img, lab = _case(rng)
+        img, lab = volume_case(rng)
         for c in range(2):
             p = tmp_path / "images" / f"case{k}_{c:04d}{suffix}"
             p.parent.mkdir(exist_ok=True)
-            _save(p, img + c) if suffix == ".nii.gz" else tifffile.imwrite(p, img + c)
+            save_nifti(p, img + c) if suffix == ".nii.gz" else tifffile.imwrite(p, img + c)
         m = tmp_path / "masks" / f"case{k}{suffix}"
-        _save(m, lab) if suffix == ".nii.gz" else (m.parent.mkdir(exist_ok=True), tifffile.imwrite(m, lab))
+        if suffix == ".nii.gz":
+            save_nifti(m, lab)
+        else:
+            m.parent.mkdir(exist_ok=True)
+            tifffile.imwrite(m, lab)
     report = check_dataset(tmp_path)
     assert report.ok, report.problems
     assert [c.name for c in report.cases] == ["case0", "case1"] and report.num_channels == 2
 
 
-def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng):
-    img, lab = _case(rng)
+def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng, volume_case):
+    img, lab = volume_case(rng)
     nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "images" / "a.nii.gz")) if (
         tmp_path / "images").mkdir() is None else None
     (tmp_path / "masks").mkdir()
@@ -71,11 +62,11 @@ def test_spacing_mismatch_between_image_and_mask_is_named(tmp_path, rng):
     assert any("a.nii.gz has spacing 1x1x1 but its image has 1x1x3" in p for p in report.problems)
 
 
-def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng):
+def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng, save_nifti, volume_case):
     for k, offset in enumerate((0.0, 0.0, 1000.0)):  # the third case is much brighter
-        img, lab = _case(rng)
-        _save(tmp_path / "images" / f"c{k}.nii.gz", img + offset)
-        _save(tmp_path / "masks" / f"c{k}.nii.gz", lab)
+        img, lab = volume_case(rng)
+        save_nifti(tmp_path / "images" / f"c{k}.nii.gz", img + offset)
+        save_nifti(tmp_path / "masks" / f"c{k}.nii.gz", lab)
     report = check_dataset(tmp_path)
     assert report.ok, report.problems
     kept = report.without({"c2"})
@@ -84,8 +75,8 @@ def test_held_out_cases_stay_out_of_the_fingerprint(tmp_path, rng):
     assert report.without(set()) is report
 
 
-def test_cases_are_resampled_to_the_plans_spacing(tmp_path, rng):
-    img, lab = _case(rng, shape=(9, 10, 7))
+def test_cases_are_resampled_to_the_plans_spacing(tmp_path, rng, volume_case):
+    img, lab = volume_case(rng, shape=(9, 10, 7))
     nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 2.0, 1.0])), str(_mk(tmp_path / "images" / "a.nii.gz")))
     nib.save(nib.Nifti1Image(lab, np.diag([1.0, 1.0, 2.0, 1.0])), str(_mk(tmp_path / "masks" / "a.nii.gz")))
     report = check_dataset(tmp_path)
@@ -113,13 +104,13 @@ def _dataset_json(root, channels, file_ending, labels=None, cases=3):
 # nnU-Net's Tiff3DIO writes volumes without axes metadata; a stack of up to 4 planes then reads as
 # channels (tifffile's own reading), so few-slice volumes carry axes="ZYX" as ImageJ and tifffile write it
 @pytest.mark.parametrize("shape,md", [((6, 10, 9), None), ((5, 8, 11), None), ((3, 8, 11), {"axes": "ZYX"})])
-def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape, md):
+def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape, md, volume_case):
     import tifffile
 
     root = tmp_path / "Dataset004_EM"
     _dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
-        img, lab = _case(rng, shape)
+        img, lab = volume_case(rng, shape)
         (root / "imagesTr").mkdir(exist_ok=True)
         (root / "labelsTr").mkdir(exist_ok=True)
         # the sidecar wins over the TIFF's own resolution, as in nnU-Net

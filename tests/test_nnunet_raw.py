@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -12,30 +11,17 @@ from useg.check import check_dataset
 from useg.preprocess import load_case
 
 
-def _save(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
-
-
-def _case(rng, shape=(9, 10, 7)):
-    img = rng.normal(size=shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[2:6, 3:7, 2:5] = 1
-    lab[3:4, 4:5, 3:4] = 2
-    return img, lab
-
-
-def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng):
+def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng, save_nifti, volume_case):
     root = tmp_path / "Dataset001"
     (root / "dataset.json").parent.mkdir(parents=True)
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2},
         "numTraining": 3, "file_ending": ".nii.gz"}))
     for k in range(3):
-        img, lab = _case(rng)
-        _save(root / "imagesTr" / f"c{k}_0000.nii.gz", img)
-        _save(root / "imagesTr" / f"c{k}_0001.nii.gz", -img)
-        _save(root / "labelsTr" / f"c{k}.nii.gz", lab)
+        img, lab = volume_case(rng)
+        save_nifti(root / "imagesTr" / f"c{k}_0000.nii.gz", img)
+        save_nifti(root / "imagesTr" / f"c{k}_0001.nii.gz", -img)
+        save_nifti(root / "labelsTr" / f"c{k}.nii.gz", lab)
     report = check_dataset(root)
     assert report.ok, report.problems
     assert report.num_channels == 2 and report.label_map.values == (0, 1, 2)
@@ -98,12 +84,12 @@ def test_nnunet_one_file_with_too_few_channels_is_named(tmp_path, rng):
 
 
 @pytest.mark.parametrize("ending", [".mha", ".nrrd"])
-def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending):
+def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending, volume_case):
     sitk = pytest.importorskip("SimpleITK")
     root = tmp_path / "Dataset005_GC"
     _dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
-        img, lab = _case(rng, (5, 7, 9))  # SimpleITK's (z, y, x)
+        img, lab = volume_case(rng, (5, 7, 9))  # SimpleITK's (z, y, x)
         for c, arr in enumerate((img, img * 2)):
             (root / "imagesTr").mkdir(exist_ok=True)
             im = sitk.GetImageFromArray(arr)
