@@ -8,9 +8,10 @@ the coarsest target spacing, the last one on ties (Z, so isotropic RAS volumes g
 
 This module holds the slice rules the planner applies (:func:`slice_axis_of`, :func:`in_plane_shapes`,
 :func:`sliced`), the 2D plan of the network alone (:func:`network_plan`) and prediction over slices
-(:func:`predict_volume`), which :mod:`useg.predict` dispatches to: each slice goes through the 2D tile
-path (:mod:`useg.sliding_window`, :mod:`useg.overlap_tile`) and the results are stacked back, so a volume's probabilities are exactly
-the stack of its slices' 2D predictions. Training draws its 2D patches in :mod:`useg.patches`.
+(:func:`predict_volume`), which :mod:`useg.predict` dispatches to: each slice goes through the 2D
+tile path (:mod:`useg.sliding_window`, :mod:`useg.overlap_tile`) and the results are stacked back, so
+a volume's probabilities are exactly the stack of its slices' 2D predictions. Training draws its 2D
+patches in :mod:`useg.patches`.
 """
 
 from __future__ import annotations
