@@ -1809,3 +1809,13 @@ def test_predict_and_export_of_a_multi_configuration_run_are_refused_where_they_
     assert main(["export", str(run)]) == 2
     assert f"export one of its configurations instead: 'useg export {run / '2d'}'" in capsys.readouterr().err
     assert not list(run.rglob("*.onnx"))
+
+
+def test_predict_configs_on_a_missing_run_names_the_missing_run(tmp_path, write_squares, capsys):
+    """--configs on a folder that holds no run at all: the missing run is the cause, not --configs."""
+    data = write_squares(tmp_path / "data")
+    assert main(["predict", str(tmp_path / "nope"), str(data / "images"), "--out", str(tmp_path / "p"),
+                 "--configs", "3d", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run folder" in err and "--configs" not in err
+    assert not (tmp_path / "p").exists()

@@ -28,7 +28,7 @@ from . import writing
 from .errors import UsegError
 from .files import Image
 from .labels import regions_to_labels
-from .runlog import CHOICE_FILE, CONFIGS_FILE, is_multi_configuration
+from .runlog import CHOICE_FILE, CONFIGS_FILE, is_multi_configuration, refuse_unloadable
 from .spec import CONFIGURATIONS
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def chosen_runs(run: str | Path, configuration: str | None = None) -> list[Path]
     run = Path(run)
     if not is_multi_configuration(run):
         if configuration is not None:
+            refuse_unloadable(run)  # a missing folder or no run at all is the real cause, said first
             raise UsegError(f"{run} is not a multi-configuration run (it has no {CONFIGS_FILE} of "
                             "'useg train --configs 2d,3d'); drop --configs")
         return None
