@@ -166,3 +166,20 @@ def save_nifti():
 def volume_case():
     """:func:`_volume_case`: a tiny volume and its two-class labels from a generator."""
     return _volume_case
+
+
+def _write_dataset_json(root, channels, file_ending, labels=None, cases=3):
+    """An nnU-Net ``dataset.json`` in ``root`` (made): channel names in order, labels, the file ending."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(channels)},
+        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": cases,
+        "file_ending": file_ending}))
+
+
+@pytest.fixture(scope="session")
+def write_dataset_json():
+    """:func:`_write_dataset_json`: an nnU-Net raw folder's dataset.json."""
+    return _write_dataset_json

@@ -93,22 +93,15 @@ def _mk(path):
     return path
 
 
-def _dataset_json(root, channels, file_ending, labels=None, cases=3):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {str(i): n for i, n in enumerate(channels)},
-        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": cases,
-        "file_ending": file_ending}))
-
-
 # nnU-Net's Tiff3DIO writes volumes without axes metadata; a stack of up to 4 planes then reads as
 # channels (tifffile's own reading), so few-slice volumes carry axes="ZYX" as ImageJ and tifffile write it
 @pytest.mark.parametrize("shape,md", [((6, 10, 9), None), ((5, 8, 11), None), ((3, 8, 11), {"axes": "ZYX"})])
-def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape, md, volume_case):
+def test_nnunet_tiff3d_spacing_comes_from_the_json_sidecar(tmp_path, rng, shape, md, volume_case,
+                                                           write_dataset_json):
     import tifffile
 
     root = tmp_path / "Dataset004_EM"
-    _dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2}, cases=2)
+    write_dataset_json(root, ("EM",), ".tif", {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
         img, lab = volume_case(rng, shape)
         (root / "imagesTr").mkdir(exist_ok=True)

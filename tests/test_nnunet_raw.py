@@ -35,14 +35,6 @@ def test_nnunet_raw_layout_is_read_as_is(tmp_path, rng, save_nifti, volume_case)
 
 # --- nnU-Net's 2D conventions and its other readers (NaturalImage2DIO, SimpleITKIO) ---
 
-def _dataset_json(root, channels, file_ending, labels=None, cases=3):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {str(i): n for i, n in enumerate(channels)},
-        "labels": labels or {"background": 0, "vessel": 1}, "numTraining": cases,
-        "file_ending": file_ending}))
-
-
 def _write_2d(path, arr):
     import tifffile
     from PIL import Image as PILImage
@@ -57,9 +49,10 @@ def _write_2d(path, arr):
 @pytest.mark.parametrize("ending", [".png", ".tif", ".bmp"])
 @pytest.mark.parametrize("channels", [("R", "G", "B"), ("red", "green", "blue")])
 @pytest.mark.parametrize("shape", [(20, 24), (17, 9)])
-def test_nnunet_natural_images_hold_all_channels_in_one_file(tmp_path, rng, ending, channels, shape):
+def test_nnunet_natural_images_hold_all_channels_in_one_file(tmp_path, rng, ending, channels, shape,
+                                                             write_dataset_json):
     root = tmp_path / "Dataset002_Fundus"
-    _dataset_json(root, channels, ending)
+    write_dataset_json(root, channels, ending)
     for k in range(3):
         rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         _write_2d(root / "imagesTr" / f"case{k}_0000{ending}", rgb)
@@ -71,9 +64,9 @@ def test_nnunet_natural_images_hold_all_channels_in_one_file(tmp_path, rng, endi
     assert image.shape == (3, *shape) and labels.shape == shape
 
 
-def test_nnunet_one_file_with_too_few_channels_is_named(tmp_path, rng):
+def test_nnunet_one_file_with_too_few_channels_is_named(tmp_path, rng, write_dataset_json):
     root = tmp_path / "Dataset003"
-    _dataset_json(root, ("R", "G", "B"), ".png")
+    write_dataset_json(root, ("R", "G", "B"), ".png")
     for k in range(2):
         grey = rng.integers(0, 256, (12, 14), dtype=np.uint8)
         _write_2d(root / "imagesTr" / f"case{k}_0000.png", grey if k == 1 else np.stack([grey] * 3, -1))
@@ -84,10 +77,10 @@ def test_nnunet_one_file_with_too_few_channels_is_named(tmp_path, rng):
 
 
 @pytest.mark.parametrize("ending", [".mha", ".nrrd"])
-def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending, volume_case):
+def test_nnunet_itk_files_through_simpleitk(tmp_path, rng, ending, volume_case, write_dataset_json):
     sitk = pytest.importorskip("SimpleITK")
     root = tmp_path / "Dataset005_GC"
-    _dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2}, cases=2)
+    write_dataset_json(root, ("CT", "PET"), ending, {"background": 0, "a": 1, "b": 2}, cases=2)
     for k in range(2):
         img, lab = volume_case(rng, (5, 7, 9))  # SimpleITK's (z, y, x)
         for c, arr in enumerate((img, img * 2)):
