@@ -183,3 +183,21 @@ def _write_dataset_json(root, channels, file_ending, labels=None, cases=3):
 def write_dataset_json():
     """:func:`_write_dataset_json`: an nnU-Net raw folder's dataset.json."""
     return _write_dataset_json
+
+
+def _traced_peak(run):
+    """The peak of Python-traced memory (bytes) while ``run()`` runs: numpy buffers included."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="session")
+def traced_peak():
+    """:func:`_traced_peak`: the peak traced memory of a call."""
+    return _traced_peak

@@ -142,23 +142,14 @@ def test_overlap_tile_labels_rejects_bad_arguments():
         overlap_tile_labels(identity, np.zeros((1, 20, 20), np.float32), (11, 10), (8, 10), 1)
 
 
-def test_overlap_tile_labels_memory_is_labels_plus_a_batch():
-    import tracemalloc
-
+def test_overlap_tile_labels_memory_is_labels_plus_a_batch(traced_peak):
     image = np.random.default_rng(0).normal(size=(1, 512, 384)).astype(np.float32)
     in_tile, out_tile, k = (72, 72), (64, 64), 8
     def fn(batch):  # K copies of the centre
         return centre_crop(in_tile, out_tile)(batch).repeat(1, k, 1, 1)
 
-    def peak(run):
-        tracemalloc.start()
-        run()
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        return top
-
-    streamed = peak(lambda: overlap_tile_labels(fn, image, in_tile, out_tile, k, batch_size=2))
+    streamed = traced_peak(lambda: overlap_tile_labels(fn, image, in_tile, out_tile, k, batch_size=2))
     buffer = k * 512 * 384 * 4  # the (K, H, W) float32 result of overlap_tile
-    full = peak(lambda: overlap_tile(fn, image, in_tile, out_tile, k, batch_size=2).argmax(0))
+    full = traced_peak(lambda: overlap_tile(fn, image, in_tile, out_tile, k, batch_size=2).argmax(0))
     assert full > buffer
     assert streamed < buffer / 3, (streamed, buffer)

@@ -170,21 +170,12 @@ def test_streamed_labels_equal_argmax_of_the_full_blend(shape, tile, overlap):
     assert calls[-1][0] == calls[-1][1]
 
 
-def test_streamed_labels_memory_is_bounded_by_a_slab():
-    import tracemalloc
-
+def test_streamed_labels_memory_is_bounded_by_a_slab(traced_peak):
     image = np.random.default_rng(0).normal(size=(1, 1024, 512)).astype(np.float32)
     fn = lambda b: b.repeat(1, 4, 1, 1)  # noqa: E731  K=4 copies of the input
 
-    def peak(run):
-        tracemalloc.start()
-        run()
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        return top
-
-    streamed = peak(lambda: sliding_window_labels(fn, image, (64, 64), 4, overlap=0.5, batch_size=4))
-    full = peak(lambda: sliding_window(fn, image, (64, 64), 4, overlap=0.5, batch_size=4).argmax(0))
+    streamed = traced_peak(lambda: sliding_window_labels(fn, image, (64, 64), 4, overlap=0.5, batch_size=4))
+    full = traced_peak(lambda: sliding_window(fn, image, (64, 64), 4, overlap=0.5, batch_size=4).argmax(0))
     assert full > 4 * 1024 * 512 * 4  # the full path holds at least a (K, H, W) float32 buffer
     assert streamed < full / 4, (streamed, full)
 
