@@ -35,7 +35,10 @@ end-to-end and 3-D predictions: median of ``--heavy-repeats`` runs, default min(
    timed apart, as a user's later predictions read it from the cache) vs PIL + z-score +
    ``monai.inferers.sliding_window_inference`` (gaussian, overlap 0.25, 4 tiles a batch) with the
    SAME network in fp32 and, where native, under bf16 autocast with channels_last. The run is width
-   16, depth 4, tile 512, overlap 0.25: 121 tiles.
+   16, depth 4, tile 512, overlap 0.25: 121 tiles. Where bf16 is native, useg also runs with its
+   bf16 backend named (``openvino-bf16`` where installed, else ``torch-bf16``): ``auto`` refuses a
+   bf16 path that disagrees with fp32, as it does on this random network, so that row is the pipeline
+   against MONAI's at equal precision (``predict_low_vs_monai_low``).
 5. Training images/s, batch 4 x 256^2, width 32, depth 4, Dice + CE, AdamW: useg's step (what
    :func:`useg.train.fit` runs per step: autocast, memory format, grad scaler, clipping, its
    optimizer) vs a plain fp32 NCHW loop.
@@ -397,7 +400,8 @@ def child(spec: dict) -> dict:
     if spec["side"] == "useg":
         from useg.autotune import load_segmenter
 
-        seg = load_segmenter(run, device=spec["device"], backend="auto")  # the CLI's default
+        # auto: the CLI's default
+        seg = load_segmenter(run, device=spec["device"], backend=spec.get("backend", "auto"))
         seg.predict_files([png], out, overwrite=True)
         backend = seg.backend.name
     else:
@@ -449,10 +453,17 @@ def bench_predict(dev, work: Path, size, width, tile, repeats):
     sides = {"useg": {}, "monai": {"precision": "fp32"}}
     if low:
         sides["monai-low"] = {"precision": low.name}
+        # the same precision forced on useg: auto refuses a bf16 path that disagrees with fp32 (as on
+        # this random network), so this row is the pipeline against MONAI's at equal precision
+        sides["useg-low"] = {"backend": _low_backend(dev, low.name)}
+        if sides["useg-low"]["backend"].startswith("openvino"):
+            from useg.export import export_run
+
+            export_run(run)  # a named backend reads the run's own export
     got: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(repeats):  # interleaved, each in a fresh process
         for side, extra in sides.items():
-            got[side].append(run_child({"side": "useg" if side == "useg" else "monai", **extra,
+            got[side].append(run_child({"side": "useg" if side.startswith("useg") else "monai", **extra,
                                         "device": str(dev), "png": str(png), "run": str(run),
                                         "out": str(work / f"out_{side}")}))
     res = {side: {"seconds": statistics.median(g["seconds"] for g in gs),
@@ -483,7 +494,21 @@ def bench_predict(dev, work: Path, size, width, tile, repeats):
                      "seconds": m, **rss("monai-low"), "ratio": m / u,
                      "label_agreement": float((c == b).mean())})
         ratios["predict_vs_monai_best"] = m / u
+        ul = res["useg-low"]["seconds"]
+        d = np.asarray(PILImage.open(work / "out_useg-low" / "image.png"))
+        rows.append({"section": "predict", "name": f"useg predict_files {size}^2, backend of {low.name}",
+                     "backend": res["useg-low"]["backend"], "seconds": ul, **rss("useg-low"), "ratio": m / ul,
+                     "label_agreement": float((d == b).mean())})
+        ratios["predict_low_vs_monai_low"] = m / ul
     return rows, ratios
+
+
+def _low_backend(dev, mode: str) -> str:
+    """useg's backend of precision ``mode``: OpenVINO's bf16 on the CPU where installed, else torch's."""
+    from useg import autotune
+
+    name = f"openvino-{mode}"
+    return name if dev.type == "cpu" and name in autotune.candidates(dev) else f"torch-{mode}"
 
 
 def bench_train(dev, batch, size, width, repeats):

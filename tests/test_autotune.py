@@ -87,7 +87,8 @@ def test_an_ineligible_or_untimed_candidate_is_never_chosen():
 
 def test_bf16_is_no_candidate_without_native_support(no_bf16):
     names = autotune.candidates(CPU)
-    assert names[0] == REFERENCE and "torch-channels-last" in names and "torch-bf16" not in names
+    assert names[0] == REFERENCE and "torch-channels-last" in names
+    assert "torch-bf16" not in names and "openvino-bf16" not in names
     assert ("onnxruntime" in names) == (autotune.importlib.util.find_spec("onnxruntime") is not None)
 
 
@@ -95,7 +96,9 @@ def test_bf16_is_a_candidate_where_native(monkeypatch):
     monkeypatch.setenv("USEG_CPU_BF16", "1")
     runtime.cpu_has_bf16.cache_clear()
     try:
-        assert "torch-bf16" in autotune.candidates(CPU)
+        names = autotune.candidates(CPU)
+        assert "torch-bf16" in names
+        assert ("openvino-bf16" in names) == ("openvino" in names)  # where OpenVINO is installed
     finally:
         runtime.cpu_has_bf16.cache_clear()
 
@@ -267,6 +270,33 @@ def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch, user_cache, no
     record.write_text('{"backends": [1, 2')
     assert not _choose(run)["cached"] and calls == [1, 1]
     assert autotune_cache.CACHE_KEY in json.loads(record.read_text())
+
+
+@pytest.mark.parametrize("batch_ms, expected", [(1e-6, 2), (1e9, 1)])
+def test_prediction_takes_the_plan_batch_only_where_it_pays(tmp_path, monkeypatch, user_cache, no_bf16,
+                                                             batch_ms, expected):
+    run = _run(tmp_path / "run")  # the plan's inference batch is 2
+    monkeypatch.setattr(autotune, "_batch_ms", lambda backend, tile, batch, budget: batch_ms)
+    record = _choose(run)
+    assert (record["batch"], record["batch_ms"], record["tiles_per_call"]) == (2, batch_ms, expected)
+    seg = autotune.load_segmenter(run, device="cpu")
+    assert seg.plan.infer.batch_size == expected and seg.backend.name == record["chosen"]
+    assert f"tiles a call: {expected}" in autotune.format_table(record)
+
+
+def test_the_batch_timing_is_real_and_a_record_without_it_measures_again(tmp_path, monkeypatch,
+                                                                        user_cache, no_bf16):
+    run = _run(tmp_path / "run")
+    first = _choose(run)
+    assert first["batch_ms"] > 0 and first["tiles_per_call"] in (1, 2)
+    (path,) = user_cache.glob("inference-*.json")
+    data = json.loads(path.read_text())
+    for entry in data[autotune_cache.CACHE_KEY].values():
+        del entry["tiles_per_call"]  # a record written before tiles were timed in a batch
+    path.write_text(json.dumps(data))
+    calls = _count_measures(monkeypatch)
+    assert not _choose(run)["cached"] and calls == [1]
+    assert _choose(run)["cached"] and calls == [1]
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -125,7 +125,7 @@ def test_region_plans_get_a_sigmoid_per_region():
 
 def test_the_backend_table_names_every_backend(tmp_path):
     assert set(BACKENDS) == {"torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
-                             "onnxruntime", "openvino"}
+                             "onnxruntime", "openvino", "openvino-bf16"}
     run = _run(tmp_path / "run")
     with pytest.raises(ValueError, match="backend must be one of torch, torch-fp32, .*openvino"):
         Segmenter.load(run, backend="tflite")
@@ -134,12 +134,13 @@ def test_the_backend_table_names_every_backend(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["torch-fp32", "torch-channels-last", "torch-bf16", "onnxruntime",
-                                  "openvino"])
+                                  "openvino", "openvino-bf16"])
 def test_every_backend_agrees_with_fp32_torch(tmp_path, name):
-    if name in ("onnxruntime", "openvino"):
-        pytest.importorskip(name)
+    exported = name.split("-")[0] in ("onnxruntime", "openvino")
+    if exported:
+        pytest.importorskip(name.split("-")[0])
     run = _run(tmp_path / "run")
-    if name in ("onnxruntime", "openvino"):
+    if exported:
         from useg.export import export_run
 
         export_run(run, dynamo=False)
@@ -148,8 +149,9 @@ def test_every_backend_agrees_with_fp32_torch(tmp_path, name):
     seg = Segmenter.load(run, device="cpu", backend=name)
     assert seg.backend.name == name and seg.backend.device == CPU and seg.plan == fp32.plan
     want, got = fp32.predict_proba(image), seg.predict_proba(image)
-    np.testing.assert_allclose(got, want, atol=3e-2 if name == "torch-bf16" else 1e-4)
-    assert (got.argmax(0) == want.argmax(0)).mean() >= (0.99 if name == "torch-bf16" else 0.999)
+    bf16 = name.endswith("bf16")
+    np.testing.assert_allclose(got, want, atol=3e-2 if bf16 else 1e-4)
+    assert (got.argmax(0) == want.argmax(0)).mean() >= (0.99 if bf16 else 0.999)
 
 
 def test_fixed_precision_variants_have_their_memory_format(tmp_path):

@@ -7,13 +7,20 @@ So, once per machine and run:
 
 1. the candidates (:func:`candidates`): torch fp32 NCHW (the reference), torch fp32 channels_last,
    bf16 autocast (only where the CPU runs it natively, :func:`useg.runtime.cpu_has_bf16`), ONNX
-   Runtime and OpenVINO (exported on the fly into a cache, :func:`useg.autotune_cache.onnx_file`);
+   Runtime and OpenVINO (exported on the fly into a cache, :func:`useg.autotune_cache.onnx_file`),
+   and OpenVINO in bf16 where native (2.0x its fp32 on a 512^2 tile of an AVX512-BF16 EPYC);
    on CUDA fp32, bf16 and fp16 autocast with channels_last;
 2. each runs one tile of the plan's shape (the validation tile training left in the run, else a
    seeded random one); its labels must agree with fp32's on :data:`useg.predict.AGREEMENT_MIN` of
    the pixels, or it is ineligible (:func:`measure`);
 3. the eligible ones are timed for a bounded time (:data:`BUDGET_S` seconds in all, at most
    :data:`MAX_REPS` passes each, the median kept) and the fastest wins (:func:`decide`);
+   the winner is timed once more on the plan's batch of tiles, which prediction then uses only
+   where it is at least :data:`BATCH_GAIN` faster a tile than one tile a call (:func:`tiles_per_call`):
+   a CPU runtime's memory grows with the batch, its speed often not (a 4096^2 predict at 512^2 tiles,
+   batch 4 against 1: ONNX Runtime 10.2 s / 1530 MB against 10.2 s / 910 MB, OpenVINO 9.4 / 1150
+   against 9.4 / 800, torch fp32 32 / 1120 against 23 / 790, though the forward alone ran 6-11%
+   faster a tile in the batch; at 128^2 tiles the batch ran 37-60% faster a tile);
 4. the measurement is cached in the user's cache folder (:mod:`useg.autotune_cache`, one file per weights
    hash; never in the run folder, which predict leaves unchanged) under a key of the machine
    (:func:`machine_key`: CPU model, ISA flags, threads, torch and runtime versions, device) with
@@ -56,6 +63,7 @@ REFERENCE = "torch-fp32"  # plain fp32 PyTorch (NCHW on the CPU): what every can
 REFERENCE_ENSEMBLE = "torch"  # a fold ensemble's members: each in the precision its training checked
 BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first passes and exports not counted)
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
+BATCH_GAIN = 0.25  # a batch of tiles per call must be this much faster a tile to be used (it costs memory)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 
 
@@ -83,6 +91,18 @@ def decide(timings: Sequence[Timing], threshold: float = AGREEMENT_MIN) -> str:
     """
     eligible = [t for t in timings if t.ms is not None and (t.agreement or 0.0) >= threshold]
     return min(eligible, key=lambda t: t.ms).name if eligible else REFERENCE
+
+
+def tiles_per_call(ms_one: float | None, ms_batch: float | None, batch: int,
+                   gain: float = BATCH_GAIN) -> int:
+    """Tiles per network call: the plan's ``batch`` where it is ``gain`` faster a tile than one, else 1.
+
+    >>> tiles_per_call(100.0, 60.0, 4), tiles_per_call(100.0, 90.0, 4), tiles_per_call(100.0, None, 4)
+    (4, 1, 1)
+    """
+    if batch <= 1 or ms_one is None or ms_batch is None:
+        return 1
+    return batch if ms_batch * (1.0 + gain) <= ms_one else 1
 
 
 def machine_key(facts: Mapping[str, str]) -> str:
@@ -133,15 +153,18 @@ def machine_facts(device: torch.device) -> dict[str, str]:
 def candidates(device: torch.device) -> list[str]:
     """The backends worth timing on ``device``, the reference first.
 
-    bf16 only where it is native (emulated bf16 is tens of times slower than fp32 on AVX2);
-    ONNX Runtime and OpenVINO where installed; on CUDA the autocast precisions with channels_last.
+    bf16 (torch's autocast, OpenVINO's) only where it is native (emulated bf16 is tens of times slower
+    than fp32 on AVX2); ONNX Runtime and OpenVINO where installed; on CUDA the autocast precisions
+    with channels_last.
     """
     if device.type == "cuda":
         return [REFERENCE, *(["torch-bf16"] if torch.cuda.is_bf16_supported() else []), "torch-fp16"]
     if device.type != "cpu":
         return [REFERENCE]
-    names = [REFERENCE, "torch-channels-last", *(["torch-bf16"] if runtime.cpu_has_bf16() else [])]
-    return names + [n for n in ("onnxruntime", "openvino") if importlib.util.find_spec(n) is not None]
+    bf16 = runtime.cpu_has_bf16()
+    names = [REFERENCE, "torch-channels-last", *(["torch-bf16"] if bf16 else [])]
+    names += [n for n in ("onnxruntime", "openvino") if importlib.util.find_spec(n) is not None]
+    return names + (["openvino-bf16"] if bf16 and "openvino" in names else [])
 
 
 def _labels(probs: torch.Tensor, regions: bool) -> np.ndarray:
@@ -222,11 +245,19 @@ def builders(run: Path, plan: Plan, device: torch.device, digest: str,
             return lambda: reference
         if name == "onnxruntime":
             return lambda: OnnxBackend(onnx_session(onnx_path()), plan)
-        if name == "openvino":
-            return lambda: OpenVinoBackend.compile(onnx_path(), plan)
+        if name.startswith("openvino"):
+            precision = name.partition("-")[2] or "fp32"
+            return lambda: OpenVinoBackend.compile(onnx_path(), plan, precision=precision)
         return lambda: BACKENDS[name](run, str(device), "auto")[1]
 
     return {name: build(name) for name in candidates(device)}
+
+
+def _batch_ms(backend: Backend, tile: torch.Tensor, batch: int, budget_s: float) -> float:
+    """Median ms a tile of ``backend`` on ``batch`` copies of ``tile`` in one call (after a warm-up call)."""
+    tiles = tile.expand(batch, *tile.shape[1:]).contiguous()
+    backend(tiles)  # a new shape: sessions and oneDNN primitives are prepared on the first call
+    return _median_ms(backend, tiles, budget_s / 2, MAX_REPS, time.perf_counter)
 
 
 def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S,
@@ -242,20 +273,28 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     Returns:
         The record: ``machine`` facts, ``weights_sha256``, ``tile`` (the timed input's shape),
         ``timings`` (one :class:`Timing` dict per candidate), ``chosen`` (a BACKENDS name),
-        ``cached`` (whether it was read rather than measured).
+        ``batch`` (the plan's tiles per call) and ``batch_ms`` (the chosen backend's ms a tile at
+        it), ``tiles_per_call`` (:func:`tiles_per_call`), ``cached`` (whether it was read rather
+        than measured).
     """
     device = reference.device
     facts = machine_facts(device)
     key, digest = machine_key(facts), weights_digest(run / WEIGHTS_FILE)
     tile = agreement_tile(run, plan)
     cached = None if refresh else read_cached(key, digest, list(tile.shape))
-    if cached is not None:
+    if cached is not None and "tiles_per_call" in cached:  # records before the batch timing: measure
         return {**cached, "cached": True}
     t0 = time.perf_counter()
+    kept = {} if keep is None else keep
     timings = measure(builders(run, plan, device, digest, reference), tile, bool(plan.data.regions),
-                      budget_s, keep=keep)
+                      budget_s, keep=kept)
+    chosen = decide(timings)
+    ms_one = next(t.ms for t in timings if t.name == chosen) if chosen in kept else None
+    batch = plan.infer.batch_size
+    ms_batch = _batch_ms(kept[chosen], tile, batch, budget_s) if ms_one is not None and batch > 1 else None
     record = {"machine": facts, "weights_sha256": digest, "tile": list(tile.shape),
-              "timings": [dataclasses.asdict(t) for t in timings], "chosen": decide(timings),
+              "timings": [dataclasses.asdict(t) for t in timings], "chosen": chosen,
+              "batch": batch, "batch_ms": ms_batch, "tiles_per_call": tiles_per_call(ms_one, ms_batch, batch),
               "seconds": round(time.perf_counter() - t0, 2)}
     write_cached(key, record)
     logger.info("backend %s, measured on this machine in %.1f s:\n%s", record["chosen"], record["seconds"],
@@ -285,13 +324,13 @@ def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
     seg = Segmenter.load(run, device=device, backend=REFERENCE, postprocessing=postprocessing)
     kept: dict[str, Backend] = {}
     record = choose(Path(run), seg.plan, seg.backend, budget_s, keep=kept)
-    name = record["chosen"]
-    if name == REFERENCE:
-        return seg
-    chosen = kept.get(name) or builders(Path(run), seg.plan, seg.backend.device,
-                                        record["weights_sha256"])[name]()
-    logger.info("prediction backend: %s (%s)", name, "cached measurement" if record["cached"] else "measured")
-    return Segmenter(seg.plan, chosen, seg.postprocessing)
+    name, n = record["chosen"], int(record["tiles_per_call"])
+    plan = dataclasses.replace(seg.plan, infer=dataclasses.replace(seg.plan.infer, batch_size=n))
+    chosen = seg.backend if name == REFERENCE else (
+        kept.get(name) or builders(Path(run), seg.plan, seg.backend.device, record["weights_sha256"])[name]())
+    logger.info("prediction backend: %s, %d tile(s) a call (%s)", name, n,
+                "cached measurement" if record["cached"] else "measured")
+    return Segmenter(plan, chosen, seg.postprocessing)
 
 
 def format_table(record: Mapping) -> str:
@@ -315,6 +354,9 @@ def format_table(record: Mapping) -> str:
         agree = f"{r['agreement']:.6f}" if r["agreement"] is not None else "-"
         mark = "*" if r["name"] == record.get("chosen") else r.get("note", "")
         lines.append(f"{r['name']:<20}{ms:>8}{ratio:>10}{agree:>11}  {mark}".rstrip())
+    if record.get("batch_ms") is not None:
+        lines.append(f"tiles a call: {record['tiles_per_call']} (the plan's batch of {record['batch']}: "
+                     f"{record['batch_ms']:.1f} ms a tile)")
     return "\n".join(lines)
 
 

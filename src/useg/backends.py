@@ -130,19 +130,19 @@ class OnnxBackend:
 
 
 class OpenVinoBackend:
-    """An OpenVINO model compiled from a ``useg export`` ONNX file, CPU, fp32 (extra ``useg[openvino]``).
+    """An OpenVINO model compiled from a ``useg export`` ONNX file, on the CPU (extra ``useg[openvino]``).
 
     Args:
         compiled: an ``openvino.CompiledModel``; its first input takes (B, C, *S) float32, its
             first output is the logits.
         plan: the run's plan (regions for the activation).
+        name: "openvino" (fp32) or "openvino-bf16" (bf16 inside, fp32 in and out).
     """
 
-    name = "openvino"
     device = CPU
 
-    def __init__(self, compiled: Any, plan: Plan):
-        self.compiled = compiled
+    def __init__(self, compiled: Any, plan: Plan, name: str = "openvino"):
+        self.compiled, self.name = compiled, name
         self._activate = output_activation(bool(plan.data.regions))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -151,31 +151,43 @@ class OpenVinoBackend:
         return self._activate(torch.from_numpy(np.array(out, np.float32)))
 
     @classmethod
-    def compile(cls, path: Path, plan: Plan, threads: int | None = None) -> OpenVinoBackend:
-        """Compile the ONNX file ``path`` for OpenVINO's CPU plugin, fp32 (no silent bf16), latency hint."""
+    def compile(cls, path: Path, plan: Plan, threads: int | None = None,
+                precision: str = "fp32") -> OpenVinoBackend:
+        """Compile the ONNX file ``path`` for OpenVINO's CPU plugin, latency hint, in ``precision``.
+
+        ``precision`` is "fp32" (set explicitly: the plugin would silently pick bf16 on a bf16 CPU)
+        or "bf16", which useg offers only where the CPU runs it natively.
+        """
         try:
             import openvino
         except ImportError:
             raise UsegError(f"{path} needs openvino, which is not installed; "
                             "pip install 'useg[openvino]'") from None
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": int(threads or runtime.cpu_count())}
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads or runtime.cpu_count())}
+        name = "openvino" if precision == "fp32" else f"openvino-{precision}"
         try:
-            return cls(openvino.Core().compile_model(str(path), "CPU", config), plan)
+            return cls(openvino.Core().compile_model(str(path), "CPU", config), plan, name)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types for damaged files
             raise UsegError(f"cannot load {path} with openvino ({str(e).splitlines()[0]}); "
                             "export it again") from None
 
-    @classmethod
-    def load(cls, run: Path, device: str = "auto", precision: str = "auto") -> tuple[Plan, Backend]:
-        """``run/model.onnx`` and its sidecar from ``useg export``; ``device``, ``precision`` unused."""
+
+def openvino_variant(precision: str) -> Loader:
+    """A loader of ``run/model.onnx`` (and its sidecar, from ``useg export``) on OpenVINO in ``precision``."""
+
+    def load(run: Path, device: str = "auto", prec: str = "auto") -> tuple[Plan, Backend]:
         path = run / "model.onnx"
         if not path.exists():
             raise UsegError(f"{path} is missing; run 'useg export {run}' first")
         plan, side = read_sidecar(path)  # the sidecar and the weights hash, as for onnxruntime
         if side["format"] != "onnx":
             raise UsegError(f"{path} is not an ONNX export; run 'useg export {run}' again")
-        return plan, cls.compile(path, plan)
+        if precision == "bf16" and not runtime.cpu_has_bf16():
+            logger.warning("this CPU has no native bf16: openvino-bf16 runs as OpenVINO decides (fp32 here)")
+        return plan, OpenVinoBackend.compile(path, plan, precision=precision)
+
+    return load
 
 
 def torch_variant(mode: str, channels_last: bool | None = None) -> Loader:
@@ -248,7 +260,8 @@ BACKENDS: dict[str, Loader] = {
     "torch-bf16": torch_variant("bf16", channels_last=True),
     "torch-fp16": torch_variant("fp16", channels_last=True),  # CUDA only
     "onnxruntime": OnnxBackend.load,
-    "openvino": OpenVinoBackend.load,
+    "openvino": openvino_variant("fp32"),
+    "openvino-bf16": openvino_variant("bf16"),  # offered by auto only where bf16 is native
 }
 """``--backend`` name -> loader(run folder, device, precision) -> (the run's plan, the backend).
 ``useg predict --backend auto`` (:mod:`useg.autotune`) measures these on the machine and picks one."""

@@ -201,7 +201,7 @@ def _add_predict(sub) -> None:
                     "the mask values)")
     pr.add_argument("--backend", default="auto",
                     choices=["auto", "torch", "torch-fp32", "torch-channels-last", "torch-bf16", "torch-fp16",
-                             "onnxruntime", "openvino"],
+                             "onnxruntime", "openvino", "openvino-bf16"],
                     help="auto (default): the fastest that agrees with fp32, timed once on this machine "
                     "(see 'useg info RUN'); torch: the run's precision; onnxruntime and openvino run the "
                     "model.onnx of 'useg export'")
