@@ -547,7 +547,7 @@ def machine(device: str) -> dict:
 
 
 def run_tool(tool: str, a: argparse.Namespace, true, spacing) -> dict:
-    work = a.work / a.dataset / tool
+    work = a.work / a.dataset / (a.label or tool)  # a second setting keeps its own folder
     work.mkdir(parents=True, exist_ok=True)
     print(f"[{a.dataset}/{tool}] {a.budget_min:g} min on {a.device} in {work}", flush=True)
     got = {"useg": run_useg, "nnunet": run_nnunet, "monai": run_monai}[tool](a, work)

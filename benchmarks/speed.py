@@ -512,7 +512,7 @@ def _low_backend(dev, mode: str) -> str:
 
 
 def bench_train(dev, batch, size, width, repeats):
-    from useg import train
+    from useg import step
 
     prec = runtime.pick_precision(dev, "auto")
     fmt = runtime.memory_format(2, prec)
@@ -524,12 +524,12 @@ def bench_train(dev, batch, size, width, repeats):
     base = UNet(1, 2, width=width, depth=4)
 
     net = copy.deepcopy(base).to(dev, memory_format=fmt).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)  # as train.make_optimizer: torch's default, foreach
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)  # as step.make_optimizer: torch's default, foreach
     scaler = torch.amp.GradScaler(dev.type, enabled=prec.scaler)
     xf = x.contiguous(memory_format=fmt)
 
     def useg_step():  # the step useg.train.fit takes
-        train.train_step(net, xf, y, None, loss_fn, opt, scaler, dev, prec)
+        step.train_step(net, xf, y, None, loss_fn, opt, scaler, dev, prec)
 
     plain = copy.deepcopy(base).to(dev).train()
     popt = torch.optim.AdamW(plain.parameters(), lr=1e-4)

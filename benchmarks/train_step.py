@@ -4,7 +4,7 @@
                                               [--variants foreach,fused] [--out FILE]
     ONEDNN_MAX_CPU_ISA=AVX2 USEG_CPU_BF16=0 .venv/bin/python benchmarks/train_step.py   # as an AVX2-only CPU
 
-Times useg's own ``train.train_step`` (the one step training runs) with the default network and
+Times useg's own ``step.train_step`` (the one step training runs) with the default network and
 loss on random data, for each variant, interleaved (variant A, B, C, A, B, C, ...) so that the load
 of a shared machine falls on all of them alike; prints medians and ratios against fp32 NCHW with
 AdamW's default (foreach) implementation, and writes benchmarks/results/train_step.json. Only the
@@ -28,7 +28,7 @@ import torch
 
 from useg import UNet, runtime
 from useg.losses import SegLoss
-from useg.train import train_step
+from useg.step import train_step
 
 BASE = "fp32 NCHW, AdamW foreach"
 VARIANTS = {  # name: (memory format, AdamW implementation, bf16 autocast)

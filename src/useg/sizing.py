@@ -4,7 +4,7 @@ The planner (:mod:`useg.planner`) sizes the network to the data and the memory, 
 its patch to a GPU's memory. On a CPU, or a busy machine, compute is the limit instead: a plan
 that takes 14 optimizer steps in a 2-minute budget cannot converge (held-out Dice 0.76 where 65
 steps reach 0.95, BENCHMARKS.md). So, when training has a time budget, this module times a
-training step of the planned network on this machine (the real :func:`useg.train.train_step`
+training step of the planned network on this machine (the real :func:`useg.step.train_step`
 on random data, a warm-up step first) and, when fewer than :data:`MIN_STEPS` steps would fit,
 walks down a ladder of cheaper configurations: a smaller 2D batch, then a smaller width (2D and
 3D), then a smaller 3D patch. Each rung's time is predicted from the measured one by its
@@ -321,7 +321,7 @@ def _record(rungs: Sequence[Candidate], seconds: dict[int, float], chosen: int, 
 
 
 def measure_step(plan: Plan, device: str = "auto", repeats: int = 2) -> float:
-    """Median seconds of :func:`useg.train.train_step` for ``plan`` on this machine, after a warm-up.
+    """Median seconds of :func:`useg.step.train_step` for ``plan`` on this machine, after a warm-up.
 
     Random images and labels of the plan's batch and patch, the plan's loss, optimizer,
     precision and memory format: what training will run, minus the data loading.
@@ -331,7 +331,7 @@ def measure_step(plan: Plan, device: str = "auto", repeats: int = 2) -> float:
     from . import runtime
     from .losses import SegLoss
     from .model import UNet
-    from .train import make_optimizer, train_step
+    from .step import make_optimizer, train_step
 
     dev = runtime.pick_device(device)
     prec = runtime.pick_precision(dev, plan.train.precision)
