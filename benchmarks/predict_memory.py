@@ -10,9 +10,11 @@ mark (``VmHWM``) and seconds, the variants interleaved ``--repeats`` times. Vari
 (``torch-fp32``, ``onnxruntime``, ``openvino``) with the plan's batch of 4 tiles a call or one tile a
 call (``/1``), ONNX Runtime with its CPU memory arena or memory pattern off (``ort-noarena``,
 ``ort-nopattern``), ``auto`` (``useg.autotune.load_segmenter``, the CLI's default, which times the
-batch and picks the tiles a call), and MONAI's ``sliding_window_inference`` fp32 (``speed.py``'s own
-child). Also the peak of the imports alone. Writes ``benchmarks/results/predict_memory-<isa>.json``
-atomically; backend timings go to a temporary cache.
+batch and picks the tiles a call; its measurement read from the cache, as every prediction after a
+machine's first reads it; ``auto-fresh`` measures in the run, as the first does), and MONAI's
+``sliding_window_inference`` fp32 (``speed.py``'s own child). Also the peak of the imports alone.
+Writes ``benchmarks/results/predict_memory-<isa>.json`` atomically; backend timings go to a temporary
+cache.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 
-VARIANTS = ("monai", "auto", "torch-fp32", "torch-fp32/1", "onnxruntime", "onnxruntime/1",
+VARIANTS = ("monai", "auto-fresh", "auto", "torch-fp32", "torch-fp32/1", "onnxruntime", "onnxruntime/1",
             "ort-noarena", "ort-nopattern", "openvino", "openvino/1")
 IMPORTS = ("torch", "torch, onnxruntime", "torch, openvino", "torch, monai.inferers")
 
@@ -68,6 +70,9 @@ def child(variant: str, run: Path, png: Path, out: Path) -> dict:
 
     runtime.set_threads()
     name, _, per = variant.partition("/")
+    if name == "auto-fresh":  # a first prediction on this machine: measured (and exported) now
+        os.environ["USEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="useg-cache-", dir=out.parent)
+        name = "auto"
     if name.startswith("ort-"):
         backends.onnx_session = _session_without({"ort-noarena": "enable_cpu_mem_arena",
                                                   "ort-nopattern": "enable_mem_pattern"}[name])

@@ -170,7 +170,7 @@ def test_measure_checks_agreement_first_and_times_within_the_budget():
     assert fakes["torch-bf16"].calls == 1  # never timed
     assert got["onnxruntime"].agreement == 0.999 and got["onnxruntime"].ms == 200.0
     assert got["openvino"] == Timing("openvino", None, None, "unavailable: no such runtime")
-    assert set(kept) == {REFERENCE, "torch-channels-last", "onnxruntime"}
+    assert list(kept) == ["torch-channels-last"]  # the fastest agreeing one only: the others are let go
     assert decide(list(got.values())) == "torch-channels-last"
 
 
@@ -282,6 +282,15 @@ def test_prediction_takes_the_plan_batch_only_where_it_pays(tmp_path, monkeypatc
     seg = autotune.load_segmenter(run, device="cpu")
     assert seg.plan.infer.batch_size == expected and seg.backend.name == record["chosen"]
     assert f"tiles a call: {expected}" in autotune.format_table(record)
+
+
+def test_a_batch_bigger_than_the_cpu_cap_is_not_timed(tmp_path, monkeypatch, user_cache, no_bf16):
+    run = _run(tmp_path / "run")  # 2 tiles of 32x32: 2048 voxels a call
+    monkeypatch.setattr(autotune, "BATCH_VOXELS_CPU", 2047)
+    monkeypatch.setattr(autotune, "_batch_ms", lambda *a: pytest.fail("a batch over the cap was timed"))
+    record = _choose(run)
+    assert (record["batch_ms"], record["tiles_per_call"]) == (None, 1)
+    assert "tiles a call: 1 (the plan's batch of 2 is not timed" in autotune.format_table(record)
 
 
 def test_the_batch_timing_is_real_and_a_record_without_it_measures_again(tmp_path, monkeypatch,

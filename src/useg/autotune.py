@@ -15,8 +15,9 @@ So, once per machine and run:
    the pixels, or it is ineligible (:func:`measure`);
 3. the eligible ones are timed for a bounded time (:data:`BUDGET_S` seconds in all, at most
    :data:`MAX_REPS` passes each, the median kept) and the fastest wins (:func:`decide`);
-   the winner is timed once more on the plan's batch of tiles, which prediction then uses only
-   where it is at least :data:`BATCH_GAIN` faster a tile than one tile a call (:func:`tiles_per_call`):
+   the winner is timed once more on the plan's batch of tiles (on the CPU only where the batch holds
+   at most :data:`BATCH_VOXELS_CPU` voxels), which prediction then uses only where it is at least
+   :data:`BATCH_GAIN` faster a tile than one tile a call (:func:`tiles_per_call`):
    a CPU runtime's memory grows with the batch, its speed often not (a 4096^2 predict at 512^2 tiles,
    batch 4 against 1: ONNX Runtime 10.2 s / 1530 MB against 10.2 s / 910 MB, OpenVINO 9.4 / 1150
    against 9.4 / 800, torch fp32 32 / 1120 against 23 / 790, though the forward alone ran 6-11%
@@ -37,6 +38,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -64,6 +66,9 @@ REFERENCE_ENSEMBLE = "torch"  # a fold ensemble's members: each in the precision
 BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first passes and exports not counted)
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
 BATCH_GAIN = 0.25  # a batch of tiles per call must be this much faster a tile to be used (it costs memory)
+# On the CPU a batch is timed only up to this many voxels a call (one 512^2 tile): timing a bigger one
+# costs a first prediction the batch's memory, for a gain of 6-11% a tile in the forward alone
+BATCH_VOXELS_CPU = 512 * 512
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 
 
@@ -201,7 +206,8 @@ def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, r
         regions: sigmoid outputs (labels are each region's mask) instead of softmax (argmax).
         budget_s: seconds of timed passes in all; reps: timed passes per candidate at most.
         timer: the clock (tests pass a fake one); threshold: the agreement needed.
-        keep: if given, filled with name -> the built backend of every agreeing candidate.
+        keep: if given, filled with name -> the built backend of the fastest agreeing candidate (the
+            others are let go as soon as a faster one is timed: each holds its runtime's memory).
 
     Returns:
         One :class:`Timing` per candidate, in order.
@@ -209,6 +215,7 @@ def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, r
     share = budget_s / max(len(builders), 1)
     reference, out = None, []
     for name, build in builders.items():
+        backend = None  # the previous candidate, unless kept, is freed before the next is built
         try:
             backend = build()
             labels = _labels(backend(tile), regions)
@@ -225,7 +232,8 @@ def measure(builders: Mapping[str, Callable[[], Backend]], tile: torch.Tensor, r
             out.append(Timing(name, None, agree, "disagrees with fp32"))
             continue
         out.append(Timing(name, _median_ms(backend, tile, share, reps, timer), agree))
-        if keep is not None:
+        if keep is not None and decide(out, threshold) == name:
+            keep.clear()
             keep[name] = backend
     return out
 
@@ -291,7 +299,9 @@ def choose(run: Path, plan: Plan, reference: Backend, budget_s: float = BUDGET_S
     chosen = decide(timings)
     ms_one = next(t.ms for t in timings if t.name == chosen) if chosen in kept else None
     batch = plan.infer.batch_size
-    ms_batch = _batch_ms(kept[chosen], tile, batch, budget_s) if ms_one is not None and batch > 1 else None
+    timed = ms_one is not None and batch > 1 and (
+        device.type != "cpu" or batch * math.prod(tile.shape[2:]) <= BATCH_VOXELS_CPU)
+    ms_batch = _batch_ms(kept[chosen], tile, batch, budget_s) if timed else None
     record = {"machine": facts, "weights_sha256": digest, "tile": list(tile.shape),
               "timings": [dataclasses.asdict(t) for t in timings], "chosen": chosen,
               "batch": batch, "batch_ms": ms_batch, "tiles_per_call": tiles_per_call(ms_one, ms_batch, batch),
@@ -357,6 +367,10 @@ def format_table(record: Mapping) -> str:
     if record.get("batch_ms") is not None:
         lines.append(f"tiles a call: {record['tiles_per_call']} (the plan's batch of {record['batch']}: "
                      f"{record['batch_ms']:.1f} ms a tile)")
+    elif record.get("batch", 1) > 1 and "tiles_per_call" in record:
+        lines.append(f"tiles a call: {record['tiles_per_call']} (the plan's batch of {record['batch']} is "
+                     f"not timed: over {BATCH_VOXELS_CPU} voxels a call, a CPU batch costs memory, "
+                     "not time)")
     return "\n".join(lines)
 
 
