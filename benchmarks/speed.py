@@ -43,7 +43,10 @@ end-to-end and 3-D predictions: median of ``--heavy-repeats`` runs, default min(
    :func:`useg.train.fit` runs per step: autocast, memory format, grad scaler, clipping, its
    optimizer) vs a plain fp32 NCHW loop.
 6. 3-D: a 128x256x256 (D, H, W) volume, 3-D U-Net width 16 depth 3, tile 64x128x128, overlap
-   0.25: :func:`useg.predict.predict_labels` vs MONAI's sliding window with the same model in fp32.
+   0.25: :func:`useg.predict.predict_labels` with the backend ``--backend auto`` picks (measured
+   before the timing; ``predict3d_auto_vs_monai``) and with the torch backend in useg's precision
+   (``predict3d_vs_monai``, the GPU goal's row: the device accumulator) vs MONAI's sliding window
+   with the same model in fp32.
 
 Backend timings and the on-the-fly ONNX export go to a temporary cache (``USEG_CACHE_DIR``), so every
 run measures afresh and the user's cache is left alone. ONNX Runtime's own kernels (MLAS) do not read
@@ -552,9 +555,10 @@ def bench_train(dev, batch, size, width, repeats):
     return rows, {"train_vs_fp32": t["plain"] / t["useg"]}
 
 
-def bench_3d(dev, volume, tile, width, depth, repeats):
+def bench_3d(dev, work: Path, volume, tile, width, depth, repeats):
     from monai.inferers import sliding_window_inference
 
+    from useg.autotune import load_segmenter
     from useg.backends import TorchBackend
     from useg.predict import predict_labels
     from useg.preprocess import normalize
@@ -565,12 +569,20 @@ def bench_3d(dev, volume, tile, width, depth, repeats):
         infer={"overlap": 0.25, "batch_size": 2}, patch_size=tuple(tile)))
     torch.manual_seed(0)
     base = UNet.from_config(plan.model).eval()
+    run = work / "run3d"
+    run.mkdir(parents=True, exist_ok=True)
+    plan.save(run / "plan.json")
+    save_model(base, run / "model.safetensors")
     x = normalize(np.random.default_rng(0).standard_normal((1, *volume)).astype(np.float32))
     net = copy.deepcopy(base).to(dev, memory_format=runtime.memory_format(3, prec))
     plain = base.to(dev)
+    auto = load_segmenter(run, device=str(dev))  # measured now, before the timing, as a cache would hold it
 
     def useg_pred():
         return predict_labels(TorchBackend(net, plan, dev, prec), x, plan)
+
+    def auto_pred():
+        return predict_labels(auto.backend, x, auto.plan)
 
     def monai_pred():
         with torch.inference_mode():
@@ -580,14 +592,19 @@ def bench_3d(dev, volume, tile, width, depth, repeats):
                                            overlap=plan.infer.overlap, mode="gaussian")
             return out.argmax(1)[0].cpu().numpy()
 
+    t_auto = median_time(auto_pred, repeats, dev, warmup=False)
     t_useg = median_time(useg_pred, repeats, dev, warmup=False)
     t_mon = median_time(monai_pred, repeats, dev, warmup=False)
     label = f"{'x'.join(map(str, volume))} w{width} d{depth} tile {'x'.join(map(str, plan.infer.tile))}"
-    rows = [{"section": "3d", "name": f"useg predict_labels {prec.name} {label}",
+    rows = [{"section": "3d", "name": f"useg predict_labels, --backend auto, {label}",
+             "backend": auto.backend.name, "tiles_a_call": auto.plan.infer.batch_size, "seconds": t_auto,
+             "ratio_monai": t_mon / t_auto},
+            {"section": "3d", "name": f"useg predict_labels, torch backend {prec.name}, {label}",
              "backend": torch_backend_name(prec), "seconds": t_useg},
             {"section": "3d", "name": f"MONAI sliding_window fp32 {label}", "seconds": t_mon,
              "ratio": t_mon / t_useg}]
-    return rows, {"predict3d_vs_monai": t_mon / t_useg}
+    return rows, {"predict3d_vs_monai": t_mon / t_useg, "predict3d_auto_vs_monai": t_mon / t_auto,
+                  "predict3d_auto_backend": auto.backend.name}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -676,7 +693,7 @@ def run_sections(dev, args, work: Path) -> tuple[list[dict], dict]:
         rows += r
         stage("3-D predict")
         vol, tile = ((16, 32, 32), (16, 16, 16)) if tiny else ((128, 256, 256), (64, 128, 128))
-        r, p3 = bench_3d(dev, vol, tile, 4 if tiny else 16, 3 if not tiny else 2, heavy)
+        r, p3 = bench_3d(dev, work, vol, tile, 4 if tiny else 16, 3 if not tiny else 2, heavy)
         rows += r
         figures = {**figures, **fwd, **pred, **tr, **p3}
     stage("done")
