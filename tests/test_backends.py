@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from useg import runtime
 from useg.backends import BACKENDS, Backend, OnnxBackend, TorchBackend, exported_backend
 from useg.checkpoint import save_model
 from useg.errors import UsegError
@@ -139,6 +140,8 @@ def test_every_backend_agrees_with_fp32_torch(tmp_path, name):
     exported = name.split("-")[0] in ("onnxruntime", "openvino")
     if exported:
         pytest.importorskip(name.split("-")[0])
+    if name == "openvino-bf16" and not runtime.cpu_has_bf16():
+        pytest.skip("openvino-bf16 needs a CPU with native bf16")
     run = _run(tmp_path / "run")
     if exported:
         from useg.export import export_run
@@ -154,7 +157,7 @@ def test_every_backend_agrees_with_fp32_torch(tmp_path, name):
     assert (got.argmax(0) == want.argmax(0)).mean() >= (0.99 if bf16 else 0.999)
 
 
-def test_fixed_precision_variants_have_their_memory_format(tmp_path):
+def test_fixed_precision_variants_have_their_memory_format(tmp_path, monkeypatch):
     run = _run(tmp_path / "run")
     cl = BACKENDS["torch-channels-last"](run, "cpu", "auto")[1]
     nchw = BACKENDS["torch-fp32"](run, "cpu", "auto")[1]
@@ -167,6 +170,13 @@ def test_fixed_precision_variants_have_their_memory_format(tmp_path):
         BACKENDS["torch-fp16"](run, "cpu", "auto")
     with pytest.raises(UsegError, match="useg export"):
         BACKENDS["openvino"](run, "cpu", "auto")
+    monkeypatch.setenv("USEG_CPU_BF16", "0")  # an AVX2-like CPU: OpenVINO could not compile bf16
+    runtime.cpu_has_bf16.cache_clear()
+    try:
+        with pytest.raises(UsegError, match="openvino-bf16 needs a CPU with native bf16"):
+            BACKENDS["openvino-bf16"](run, "cpu", "auto")
+    finally:
+        runtime.cpu_has_bf16.cache_clear()
 # --- fold ensembles (issue 13) ----------------------------------------------------------------------
 
 

@@ -1452,6 +1452,22 @@ def test_a_backend_the_machine_cannot_run_is_refused(trained, cells_dir, tmp_pat
     err = capsys.readouterr().err
     assert f"{trained / 'model.onnx'} is missing; run 'useg export {trained}' first" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_openvino_bf16_without_native_bf16_is_refused(trained, cells_dir, tmp_path, capsys, monkeypatch):
+    from useg import runtime
+
+    monkeypatch.setenv("USEG_CPU_BF16", "0")  # an AVX2-only CPU, where OpenVINO cannot compile bf16
+    runtime.cpu_has_bf16.cache_clear()
+    out = tmp_path / "o"
+    try:
+        assert main(["predict", str(trained), str(cells_dir / "images"), "--out", str(out),
+                     "--backend", "openvino-bf16", "--quiet"]) == 2
+    finally:
+        runtime.cpu_has_bf16.cache_clear()
+    assert (f"--backend openvino-bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX) to run {trained}, "
+            "and this one has none; use --backend openvino or auto") in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 # ------------------------- h14-property: what the property test of the command line found (issue 14)
 
 

@@ -20,8 +20,8 @@ So, once per machine and run:
    :data:`BATCH_GAIN` faster a tile than one tile a call (:func:`tiles_per_call`):
    a CPU runtime's memory grows with the batch, its speed often not (a 4096^2 predict at 512^2 tiles,
    batch 4 against 1: ONNX Runtime 10.2 s / 1530 MB against 10.2 s / 910 MB, OpenVINO 9.4 / 1150
-   against 9.4 / 800, torch fp32 32 / 1120 against 23 / 790, though the forward alone ran 6-11%
-   faster a tile in the batch; at 128^2 tiles the batch ran 37-60% faster a tile);
+   against 9.4 / 800, torch fp32 32 / 1120 against 23 / 790, though the forward alone took 6-11%
+   less time a tile in the batch; at 128^2 tiles the batch took 29-37% less, BENCHMARKS.md);
 4. the measurement is cached in the user's cache folder (:mod:`useg.autotune_cache`, one file per weights
    hash; never in the run folder, which predict leaves unchanged) under a key of the machine
    (:func:`machine_key`: CPU model, ISA flags, threads, torch and runtime versions, device) with
@@ -67,7 +67,7 @@ BUDGET_S = 3.0  # seconds of timed passes for all candidates together (first pas
 MAX_REPS = 5  # timed passes per candidate at most; the median is kept
 BATCH_GAIN = 0.25  # a batch of tiles per call must be this much faster a tile to be used (it costs memory)
 # On the CPU a batch is timed only up to this many voxels a call (one 512^2 tile): timing a bigger one
-# costs a first prediction the batch's memory, for a gain of 6-11% a tile in the forward alone
+# costs a first prediction the batch's memory, to save 6-11% of the forward's time a tile
 BATCH_VOXELS_CPU = 512 * 512
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 

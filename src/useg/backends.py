@@ -177,14 +177,15 @@ def openvino_variant(precision: str) -> Loader:
     """A loader of ``run/model.onnx`` (and its sidecar, from ``useg export``) on OpenVINO in ``precision``."""
 
     def load(run: Path, device: str = "auto", prec: str = "auto") -> tuple[Plan, Backend]:
+        if precision == "bf16" and not runtime.cpu_has_bf16():  # OpenVINO cannot compile it then
+            raise UsegError(f"--backend openvino-bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX) to "
+                            f"run {run}, and this one has none; use --backend openvino or auto")
         path = run / "model.onnx"
         if not path.exists():
             raise UsegError(f"{path} is missing; run 'useg export {run}' first")
         plan, side = read_sidecar(path)  # the sidecar and the weights hash, as for onnxruntime
         if side["format"] != "onnx":
             raise UsegError(f"{path} is not an ONNX export; run 'useg export {run}' again")
-        if precision == "bf16" and not runtime.cpu_has_bf16():
-            logger.warning("this CPU has no native bf16: openvino-bf16 runs as OpenVINO decides (fp32 here)")
         return plan, OpenVinoBackend.compile(path, plan, precision=precision)
 
     return load
