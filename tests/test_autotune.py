@@ -322,6 +322,24 @@ def test_auto_predicts_like_fp32_and_caches_the_onnx_export(tmp_path, user_cache
     assert autotune.load_segmenter(run, backend="torch-channels-last").backend.name == "torch-channels-last"
 
 
+def test_a_cached_exported_choice_skips_the_torch_model(tmp_path, monkeypatch, user_cache, no_bf16):
+    pytest.importorskip("onnxruntime")
+    run = _run(tmp_path / "run")
+    image = np.random.default_rng(3).integers(0, 255, (45, 61)).astype(np.uint8)
+    fp32 = Segmenter.load(run, device="cpu", backend=REFERENCE).predict(image)
+    monkeypatch.setattr(autotune, "decide", lambda timings, threshold=0.999: "onnxruntime")
+    first = _choose(run)
+    assert first["chosen"] == "onnxruntime" and not first["cached"]
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference PyTorch model was built for a cached exported choice")
+
+    monkeypatch.setattr(Segmenter, "load", no_reference)
+    seg = autotune.load_segmenter(run, device="cpu")
+    assert seg.backend.name == "onnxruntime" and seg.plan.infer.batch_size == first["tiles_per_call"]
+    assert (seg.predict(image) == fp32).mean() >= 0.999
+
+
 def test_cli_backend_override_and_info_table(tmp_path, cells_dir, user_cache, no_bf16, capsys):
     run = _run(tmp_path / "run", tile=(64, 64))
     image = str(cells_dir / "images" / "cell_000.png")

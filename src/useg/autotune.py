@@ -49,13 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runtime
+from . import runlog, runtime
 from .autotune_cache import agreement_tile, onnx_file, read_cached, write_cached
 from .backends import BACKENDS, WEIGHTS_FILE, Backend, OnnxBackend, OpenVinoBackend, onnx_session
 from .checkpoint import weights_digest
 from .configrun import chosen_runs
 from .folds import fold_runs
 from .plan import Plan
+from .postprocess_run import read_postprocessing
 from .predict import AGREEMENT_MIN, Segmenter, label_agreement
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ BATCH_GAIN = 0.25  # a batch of tiles per call must be this much faster a tile t
 # On the CPU a batch is timed only up to this many voxels a call (one 512^2 tile): timing a bigger one
 # costs a first prediction the batch's memory, to save 6-11% of the forward's time a tile
 BATCH_VOXELS_CPU = 512 * 512
+EXPORTED = ("onnxruntime", "openvino")  # the candidates that run the ONNX export, not the PyTorch model
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # from cpuinfo
 
 
@@ -168,7 +170,7 @@ def candidates(device: torch.device) -> list[str]:
         return [REFERENCE]
     bf16 = runtime.cpu_has_bf16()
     names = [REFERENCE, "torch-channels-last", *(["torch-bf16"] if bf16 else [])]
-    names += [n for n in ("onnxruntime", "openvino") if importlib.util.find_spec(n) is not None]
+    names += [n for n in EXPORTED if importlib.util.find_spec(n) is not None]
     return names + (["openvino-bf16"] if bf16 and "openvino" in names else [])
 
 
@@ -330,6 +332,9 @@ def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
     if backend != AUTO or fold_runs(run, folds):
         return Segmenter.load(run, device=device, backend=REFERENCE_ENSEMBLE if backend == AUTO else backend,
                               postprocessing=postprocessing, folds=folds)
+    fast = _from_cache(Path(run), device, postprocessing)
+    if fast is not None:
+        return fast
     # checks the folder; the reference
     seg = Segmenter.load(run, device=device, backend=REFERENCE, postprocessing=postprocessing)
     kept: dict[str, Backend] = {}
@@ -341,6 +346,28 @@ def load_segmenter(run: str | Path, device: str = "auto", backend: str = AUTO,
     logger.info("prediction backend: %s, %d tile(s) a call (%s)", name, n,
                 "cached measurement" if record["cached"] else "measured")
     return Segmenter(plan, chosen, seg.postprocessing)
+
+
+def _from_cache(run: Path, device: str, postprocessing: bool) -> Segmenter | None:
+    """The cached choice of an exported runtime, built without the reference PyTorch model.
+
+    Building that model only to learn the plan and the device cost 1.5 s of a 10 s predict (torch's
+    first parameter initialisation imports much of torch), and its memory; the record is keyed by the
+    weights' hash, so its export is of these weights. None where nothing fits: measure as usual.
+    """
+    runlog.refuse_unloadable(run)
+    plan = Plan.load(run / "plan.json")
+    dev = runtime.pick_device(device)
+    digest = weights_digest(run / WEIGHTS_FILE)
+    record = read_cached(machine_key(machine_facts(dev)), digest, list(agreement_tile(run, plan).shape))
+    if record is None or "tiles_per_call" not in record or not record["chosen"].startswith(EXPORTED):
+        return None
+    name, n = record["chosen"], int(record["tiles_per_call"])
+    backend = builders(run, plan, dev, digest)[name]()
+    logger.info("prediction backend: %s, %d tile(s) a call (cached measurement)", name, n)
+    pp = read_postprocessing(run, plan.data.label_map.num_classes) if postprocessing else None
+    return Segmenter(dataclasses.replace(plan, infer=dataclasses.replace(plan.infer, batch_size=n)),
+                     backend, pp)
 
 
 def format_table(record: Mapping) -> str:
