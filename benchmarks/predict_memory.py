@@ -113,7 +113,6 @@ def main(argv=None) -> dict:
     from PIL import Image
 
     from useg import runtime
-    from useg.files import atomic_path
 
     load_before = os.getloadavg()
     peak = ("from pathlib import Path; import json; print(json.dumps(int([l for l in Path('/proc/self/"
@@ -149,13 +148,9 @@ def main(argv=None) -> dict:
             r["rss_vs_monai"] = r["rss_mb"] / monai["rss_mb"]
             r["monai_s_over_s"] = monai["seconds"] / r["seconds"]
     result = {"machine": speed.machine_record(torch.device("cpu"), runtime.set_threads(), args.note),
-              "load_average": {"before": [round(v, 2) for v in load_before],
-                               "after": [round(v, 2) for v in os.getloadavg()]},
-              "import_peak_mb": imports, "repeats": args.repeats, "rows": rows}
-    out = args.out or HERE / "results" / f"predict_memory-{runtime.isa_level()}.json"
-    with atomic_path(out) as tmp_out:
-        Path(tmp_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+              "load_average": speed.load_average(load_before), "import_peak_mb": imports,
+              "repeats": args.repeats, "rows": rows}
+    speed.write_json(args.out or HERE / "results" / f"predict_memory-{runtime.isa_level()}.json", result)
     return result
 
 

@@ -752,17 +752,26 @@ def main(argv=None) -> dict:
         os.environ["USEG_CACHE_DIR"] = str(Path(tmp) / "cache")
         rows, figures = run_sections(dev, args, Path(tmp))
     machine = machine_record(dev, threads, args.note)
-    machine["load_average"] = {"before": [round(v, 2) for v in load_before],
-                               "after": [round(v, 2) for v in os.getloadavg()]}
+    machine["load_average"] = load_average(load_before)
     result = {"machine": machine, "quick": args.quick, "tiny": args.tiny, **figures, "rows": rows}
     print_table(rows)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "auto")}, indent=1))
+    write_json(out, result)
+    return result
+
+
+def load_average(before: tuple[float, ...]) -> dict:
+    """The 1, 5 and 15-minute load averages before a run (given) and now: how shared the machine was."""
+    return {"before": [round(v, 2) for v in before], "after": [round(v, 2) for v in os.getloadavg()]}
+
+
+def write_json(out: Path, result: dict) -> None:
+    """``result`` as indented JSON in ``out``, atomically (a temporary name, renamed when complete)."""
     from useg.files import atomic_path
 
     with atomic_path(out) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
-    return result
 
 
 if __name__ == "__main__":
