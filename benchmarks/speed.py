@@ -490,8 +490,8 @@ def bench_predict(dev, work: Path, size, width, tile, repeats):
     sides = {"useg": {}, "monai": {"precision": "fp32"}}
     if low:
         sides["monai-low"] = {"precision": low.name}
-        # the same precision forced on useg: auto refuses a bf16 path that disagrees with fp32 (as on
-        # this random network), so this row is the pipeline against MONAI's at equal precision
+        # the same precision named for useg: auto refuses a bf16 path that disagrees with fp32, so
+        # this row is the pipeline against MONAI's at equal precision whatever the gate decided
         sides["useg-low"] = {"backend": _low_backend(dev, low.name)}
         if sides["useg-low"]["backend"].startswith("openvino"):
             from useg.export import export_run

@@ -12,6 +12,7 @@ from useg import autotune, autotune_cache, runtime
 from useg.autotune import REFERENCE, Timing, decide, measure
 from useg.checkpoint import save_model
 from useg.cli import main
+from useg.errors import UsegError
 from useg.labels import LabelMap
 from useg.model import UNet
 from useg.planner import make_plan
@@ -338,6 +339,18 @@ def test_a_cached_exported_choice_skips_the_torch_model(tmp_path, monkeypatch, u
     seg = autotune.load_segmenter(run, device="cpu")
     assert seg.backend.name == "onnxruntime" and seg.plan.infer.batch_size == first["tiles_per_call"]
     assert (seg.predict(image) == fp32).mean() >= 0.999
+
+
+def test_a_cached_exported_choice_still_refuses_an_edited_plan(tmp_path, monkeypatch, user_cache, no_bf16):
+    pytest.importorskip("onnxruntime")
+    run = _run(tmp_path / "run")
+    monkeypatch.setattr(autotune, "decide", lambda timings, threshold=0.999: "onnxruntime")
+    assert _choose(run)["chosen"] == "onnxruntime"
+    plan = json.loads((run / "plan.json").read_text())
+    plan["model"]["width"] = 8  # the weights are of width 4: the cached record and export still match them
+    (run / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UsegError, match="does not match its plan.json"):
+        autotune.load_segmenter(run, device="cpu")
 
 
 def test_cli_backend_override_and_info_table(tmp_path, cells_dir, user_cache, no_bf16, capsys):

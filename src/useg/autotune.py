@@ -51,7 +51,15 @@ import torch
 
 from . import runlog, runtime
 from .autotune_cache import agreement_tile, onnx_file, read_cached, write_cached
-from .backends import BACKENDS, WEIGHTS_FILE, Backend, OnnxBackend, OpenVinoBackend, onnx_session
+from .backends import (
+    BACKENDS,
+    WEIGHTS_FILE,
+    Backend,
+    OnnxBackend,
+    OpenVinoBackend,
+    onnx_session,
+    read_sidecar,
+)
 from .checkpoint import weights_digest
 from .configrun import chosen_runs
 from .folds import fold_runs
@@ -353,7 +361,8 @@ def _from_cache(run: Path, device: str, postprocessing: bool) -> Segmenter | Non
 
     Building that model only to learn the plan and the device cost 1.5 s of a 10 s predict (torch's
     first parameter initialisation imports much of torch), and its memory; the record is keyed by the
-    weights' hash, so its export is of these weights. None where nothing fits: measure as usual.
+    weights' hash, so its export is of these weights, and the export's sidecar must hold this very
+    plan. None where anything does not fit (no export yet, an edited plan.json): the full load.
     """
     runlog.refuse_unloadable(run)
     plan = Plan.load(run / "plan.json")
@@ -361,6 +370,9 @@ def _from_cache(run: Path, device: str, postprocessing: bool) -> Segmenter | Non
     digest = weights_digest(run / WEIGHTS_FILE)
     record = read_cached(machine_key(machine_facts(dev)), digest, list(agreement_tile(run, plan).shape))
     if record is None or "tiles_per_call" not in record or not record["chosen"].startswith(EXPORTED):
+        return None
+    export = onnx_file(run, digest, export=False)
+    if export is None or read_sidecar(export)[0] != plan:  # an edited plan.json: the full load refuses it
         return None
     name, n = record["chosen"], int(record["tiles_per_call"])
     backend = builders(run, plan, dev, digest)[name]()

@@ -77,9 +77,10 @@ def write_cached(key: str, entry: dict) -> Path | None:
     return None
 
 
-def onnx_file(run: Path, digest: str) -> Path:
+def onnx_file(run: Path, digest: str, export: bool = True) -> Path | None:
     """An ONNX export of the run's current weights: ``RUN/model.onnx`` when it is one, else one
-    exported now (legacy exporter, verified by :func:`useg.export.export_run`) into a cache folder.
+    exported now (legacy exporter, verified by :func:`useg.export.export_run`) into a cache folder;
+    without ``export``, None where none exists yet.
 
     Raises:
         UsegError: no cache folder is writable.
@@ -96,6 +97,8 @@ def onnx_file(run: Path, digest: str) -> Path:
     for path in (f / name for f in folders):
         if path.exists() and sidecar_path(path).exists():
             return path
+    if not export:
+        return None
     from .export import export_run  # imports onnx and the exporter: only when an export is needed
 
     for path in (f / name for f in folders):
